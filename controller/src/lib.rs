@@ -1,1 +1,4 @@
-pub fn _x() {}
+//! The twosite controller: the kube-rs shell around the pure core in `node_health`.
+
+pub mod run;
+pub mod simulate;

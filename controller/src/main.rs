@@ -1,1 +1,30 @@
-fn main() {}
+//! The `twosite` command: run the controller, or simulate a two-room cluster.
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser, Debug)]
+#[command(name = "twosite", version, about = "High availability for Kubernetes clusters that span two server rooms")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the controller against the cluster in the current kubeconfig or service account.
+    Controller(controller::run::RunArgs),
+    /// Print the TwoSite CustomResourceDefinition as YAML.
+    Crd,
+    /// Run the simulated two-room cluster and check the safety invariants.
+    Simulate(controller::simulate::SimulateArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Simulate(args) => controller::simulate::main(args),
+        Command::Crd => controller::run::print_crd(),
+        Command::Controller(args) => controller::run::main(args),
+    }
+}

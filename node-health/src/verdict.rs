@@ -1,0 +1,282 @@
+//! Who decides that a node is dead: heartbeats judged on the observer's own clock.
+//!
+//! The observer (the controller) never compares a remote `renewTime` with its own clock. It
+//! notes the moment *it* saw a heartbeat record change and counts from there, stretched by the
+//! drift bound, so a Dead verdict means at least the lease duration of real time passed since
+//! the node's last renewal reached the API server.
+
+use crate::time::{MonoTime, stretch};
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// The timing the verdicts use. Defaults are the brief's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthTiming {
+    /// How often the node agent renews its heartbeat Lease.
+    pub agent_renew: Duration,
+    /// The agent heartbeat Lease's duration: a node whose agent lease has not changed for this
+    /// long (stretched by drift) is dead.
+    pub agent_lease: Duration,
+    /// The agent's watchdog timeout: the node reboots this long after the agent stops feeding.
+    pub watchdog: Duration,
+    /// Extra safety margin added to the fence deadline.
+    pub fence_margin: Duration,
+    /// The kubelet node Lease's duration (kubelet's default 40 s), used for nodes without agent.
+    pub kubelet_lease: Duration,
+    /// Clock-rate drift bound, parts per million.
+    pub drift_ppm: u64,
+}
+
+impl Default for HealthTiming {
+    fn default() -> Self {
+        HealthTiming {
+            agent_renew: Duration::from_secs(2),
+            agent_lease: Duration::from_secs(8),
+            watchdog: Duration::from_secs(5),
+            fence_margin: Duration::from_secs(2),
+            kubelet_lease: Duration::from_secs(40),
+            drift_ppm: crate::time::DEFAULT_DRIFT_PPM,
+        }
+    }
+}
+
+impl HealthTiming {
+    /// A node is suspect after missing two renewals of its agent lease.
+    pub fn agent_suspect_after(&self) -> Duration {
+        self.agent_renew * 2
+    }
+}
+
+/// When the observer last saw one heartbeat record change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// What identifies a renewal (the Lease's `resourceVersion` or `renewTime` as a string).
+    pub fingerprint: String,
+    /// The observer's clock when it first saw this fingerprint.
+    pub seen_at: MonoTime,
+}
+
+impl Heartbeat {
+    /// Records an observation: the clock restarts only when the record really changed.
+    pub fn observe(slot: &mut Option<Heartbeat>, fingerprint: &str, now: MonoTime) {
+        match slot {
+            Some(h) if h.fingerprint == fingerprint => {}
+            _ => {
+                *slot = Some(Heartbeat {
+                    fingerprint: fingerprint.to_string(),
+                    seen_at: now,
+                })
+            }
+        }
+    }
+}
+
+/// The node's Ready condition as last observed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Readiness {
+    True,
+    False,
+    Unknown,
+}
+
+/// Everything the observer knows of one node's health.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct NodeObservation {
+    /// The twosite agent's heartbeat Lease; `None` if the node has never had one.
+    pub agent: Option<Heartbeat>,
+    /// The kubelet's node Lease in `kube-node-lease`.
+    pub kubelet: Option<Heartbeat>,
+    /// The Ready condition; `None` if the node has no such condition yet.
+    pub ready: Option<Readiness>,
+}
+
+/// Why a node is suspect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SuspectReason {
+    /// The agent lease missed renewals but has not yet expired.
+    AgentLate,
+    /// The Ready condition is False or Unknown.
+    NotReady,
+    /// No agent heartbeat; the kubelet lease is late.
+    KubeletLate,
+}
+
+/// The verdict on one node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeVerdict {
+    Healthy,
+    Suspect(SuspectReason),
+    /// The node's heartbeats have expired. `fence_deadline` is when, on the observer's clock,
+    /// the node is sure to have stopped (its watchdog fired); `None` when the node has no agent
+    /// and so nothing makes it stop by itself: it is never treated as fenced by time.
+    Dead { fence_deadline: Option<MonoTime> },
+}
+
+impl NodeVerdict {
+    pub fn is_dead(&self) -> bool {
+        matches!(self, NodeVerdict::Dead { .. })
+    }
+
+    /// A short name for status, metrics and timelines.
+    pub fn name(&self) -> &'static str {
+        match self {
+            NodeVerdict::Healthy => "Healthy",
+            NodeVerdict::Suspect(_) => "Suspect",
+            NodeVerdict::Dead {
+                fence_deadline: Some(_),
+            } => "Dead",
+            NodeVerdict::Dead {
+                fence_deadline: None,
+            } => "DeadNoAgent",
+        }
+    }
+}
+
+/// Judges one node at `now` (the observer's clock).
+///
+/// With an agent, its lease alone decides death: the agent's watchdog guarantees that a node
+/// whose agent stopped renewing reboots, so a running kubelet does not keep it alive. Without an
+/// agent the kubelet lease is judged, but the node is never given a fence deadline.
+pub fn judge(obs: &NodeObservation, now: MonoTime, t: &HealthTiming) -> NodeVerdict {
+    let not_ready = matches!(obs.ready, Some(Readiness::False | Readiness::Unknown));
+    if let Some(agent) = &obs.agent {
+        let silent = now.since(agent.seen_at);
+        if silent > stretch(t.agent_lease, t.drift_ppm) {
+            let deadline = agent.seen_at
+                + stretch(t.agent_lease + t.watchdog + t.fence_margin, t.drift_ppm);
+            return NodeVerdict::Dead {
+                fence_deadline: Some(deadline),
+            };
+        }
+        if silent > t.agent_suspect_after() {
+            return NodeVerdict::Suspect(SuspectReason::AgentLate);
+        }
+        if not_ready {
+            return NodeVerdict::Suspect(SuspectReason::NotReady);
+        }
+        return NodeVerdict::Healthy;
+    }
+    match &obs.kubelet {
+        Some(k) if now.since(k.seen_at) > stretch(t.kubelet_lease, t.drift_ppm) => {
+            NodeVerdict::Dead {
+                fence_deadline: None,
+            }
+        }
+        _ if not_ready => NodeVerdict::Suspect(SuspectReason::NotReady),
+        Some(k) if now.since(k.seen_at) > t.kubelet_lease / 2 => {
+            NodeVerdict::Suspect(SuspectReason::KubeletLate)
+        }
+        _ => NodeVerdict::Healthy,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(ms: u64) -> MonoTime {
+        MonoTime(ms)
+    }
+
+    fn with_agent(seen_ms: u64) -> NodeObservation {
+        NodeObservation {
+            agent: Some(Heartbeat {
+                fingerprint: "1".into(),
+                seen_at: at(seen_ms),
+            }),
+            kubelet: Some(Heartbeat {
+                fingerprint: "k".into(),
+                seen_at: at(seen_ms),
+            }),
+            ready: Some(Readiness::True),
+        }
+    }
+
+    #[test]
+    fn agent_lease_decides_with_drift_margin() {
+        let t = HealthTiming::default();
+        let obs = with_agent(1_000);
+        assert_eq!(judge(&obs, at(3_000), &t), NodeVerdict::Healthy);
+        assert_eq!(
+            judge(&obs, at(5_001), &t),
+            NodeVerdict::Suspect(SuspectReason::AgentLate)
+        );
+        // 8 s lease stretched by 1% is 8.08 s: not dead at exactly 9.08 s after t=1 s.
+        assert!(!judge(&obs, at(9_080), &t).is_dead());
+        assert_eq!(
+            judge(&obs, at(9_081), &t),
+            NodeVerdict::Dead {
+                // 8 + 5 + 2 = 15 s, stretched: 15.15 s after the last change seen.
+                fence_deadline: Some(at(16_150))
+            }
+        );
+    }
+
+    #[test]
+    fn unchanged_fingerprint_does_not_restart_the_clock() {
+        let mut slot = None;
+        Heartbeat::observe(&mut slot, "rv1", at(10));
+        Heartbeat::observe(&mut slot, "rv1", at(500));
+        assert_eq!(slot.as_ref().map(|h| h.seen_at), Some(at(10)));
+        Heartbeat::observe(&mut slot, "rv2", at(600));
+        assert_eq!(slot.as_ref().map(|h| h.seen_at), Some(at(600)));
+    }
+
+    #[test]
+    fn a_running_kubelet_does_not_save_a_node_whose_agent_stopped() {
+        let t = HealthTiming::default();
+        let mut obs = with_agent(0);
+        obs.kubelet = Some(Heartbeat {
+            fingerprint: "k2".into(),
+            seen_at: at(20_000),
+        });
+        assert!(judge(&obs, at(20_000), &t).is_dead());
+    }
+
+    #[test]
+    fn not_ready_with_live_agent_is_suspect_not_dead() {
+        let t = HealthTiming::default();
+        let mut obs = with_agent(0);
+        obs.ready = Some(Readiness::Unknown);
+        assert_eq!(
+            judge(&obs, at(1_000), &t),
+            NodeVerdict::Suspect(SuspectReason::NotReady)
+        );
+    }
+
+    #[test]
+    fn a_node_without_agent_is_dead_but_never_fenced_by_time() {
+        let t = HealthTiming::default();
+        let obs = NodeObservation {
+            agent: None,
+            kubelet: Some(Heartbeat {
+                fingerprint: "k".into(),
+                seen_at: at(0),
+            }),
+            ready: Some(Readiness::True),
+        };
+        assert_eq!(judge(&obs, at(10_000), &t), NodeVerdict::Healthy);
+        assert_eq!(
+            judge(&obs, at(25_000), &t),
+            NodeVerdict::Suspect(SuspectReason::KubeletLate)
+        );
+        assert_eq!(
+            judge(&obs, at(40_401), &t),
+            NodeVerdict::Dead {
+                fence_deadline: None
+            }
+        );
+        assert_eq!(
+            judge(
+                &NodeObservation {
+                    agent: None,
+                    kubelet: None,
+                    ready: Some(Readiness::Unknown)
+                },
+                at(0),
+                &t
+            ),
+            NodeVerdict::Suspect(SuspectReason::NotReady)
+        );
+    }
+}
