@@ -56,7 +56,8 @@ impl LeaderConfig {
         }
         // The leader's slow clock may stretch its renew deadline; the challenger's fast clock
         // may shrink the lease. Shrinking twice covers both.
-        if self.renew_deadline >= shrink(shrink(self.lease_duration, self.drift_ppm), self.drift_ppm)
+        if self.renew_deadline
+            >= shrink(shrink(self.lease_duration, self.drift_ppm), self.drift_ppm)
         {
             return Err(LeaderConfigError::RenewDeadlineTooLong {
                 renew: self.renew_deadline,
@@ -259,7 +260,11 @@ mod tests {
     #[test]
     fn creates_a_missing_lease_and_leads_after_success() {
         let mut e = elector("a");
-        assert_eq!(e.decide(MonoTime(0)), LeaderAction::Wait, "nothing read yet");
+        assert_eq!(
+            e.decide(MonoTime(0)),
+            LeaderAction::Wait,
+            "nothing read yet"
+        );
         e.observe(None, MonoTime(0));
         let LeaderAction::Create(w) = e.decide(MonoTime(0)) else {
             panic!("expected create");
@@ -268,7 +273,10 @@ mod tests {
         assert!(!e.is_leader(MonoTime(1)));
         e.write_succeeded(rec(Some("a"), 0, "1"), MonoTime(0), MonoTime(50));
         assert!(e.is_leader(MonoTime(9_999)));
-        assert!(!e.is_leader(MonoTime(10_000)), "term ends at the renew deadline");
+        assert!(
+            !e.is_leader(MonoTime(10_000)),
+            "term ends at the renew deadline"
+        );
     }
 
     #[test]

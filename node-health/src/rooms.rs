@@ -384,7 +384,11 @@ mod tests {
             Case {
                 name: "ready nodes are paired first",
                 config: RoomConfig::Auto,
-                nodes: vec![not_ready.clone(), worker("a2", "east"), worker("b1", "west")],
+                nodes: vec![
+                    not_ready.clone(),
+                    worker("a2", "east"),
+                    worker("b1", "west"),
+                ],
                 previous: vec![],
                 pairs: vec![pair("a2", "b1")],
                 unpaired: vec![("a1", UnpairedReason::NoPartnerFree)],

@@ -99,6 +99,9 @@ pub enum SuspectReason {
     NotReady,
     /// No agent heartbeat; the kubelet lease is late.
     KubeletLate,
+    /// The observer's own watch is not synced (disconnected, or re-listing): it cannot tell a
+    /// silent node from a blind observer, so it never judges a node dead meanwhile.
+    ObserverStale,
 }
 
 /// The verdict on one node.
@@ -109,7 +112,9 @@ pub enum NodeVerdict {
     /// The node's heartbeats have expired. `fence_deadline` is when, on the observer's clock,
     /// the node is sure to have stopped (its watchdog fired); `None` when the node has no agent
     /// and so nothing makes it stop by itself: it is never treated as fenced by time.
-    Dead { fence_deadline: Option<MonoTime> },
+    Dead {
+        fence_deadline: Option<MonoTime>,
+    },
 }
 
 impl NodeVerdict {
@@ -132,18 +137,27 @@ impl NodeVerdict {
     }
 }
 
-/// Judges one node at `now` (the observer's clock).
+/// Judges one node at `now` (the observer's clock). `synced` says the observer's watch is live
+/// and has delivered a full list since it last broke: a silence seen through a broken watch
+/// proves nothing, so without it no node is judged dead.
 ///
 /// With an agent, its lease alone decides death: the agent's watchdog guarantees that a node
 /// whose agent stopped renewing reboots, so a running kubelet does not keep it alive. Without an
 /// agent the kubelet lease is judged, but the node is never given a fence deadline.
-pub fn judge(obs: &NodeObservation, now: MonoTime, t: &HealthTiming) -> NodeVerdict {
+pub fn judge(obs: &NodeObservation, now: MonoTime, t: &HealthTiming, synced: bool) -> NodeVerdict {
+    match judge_seen(obs, now, t) {
+        NodeVerdict::Dead { .. } if !synced => NodeVerdict::Suspect(SuspectReason::ObserverStale),
+        v => v,
+    }
+}
+
+fn judge_seen(obs: &NodeObservation, now: MonoTime, t: &HealthTiming) -> NodeVerdict {
     let not_ready = matches!(obs.ready, Some(Readiness::False | Readiness::Unknown));
     if let Some(agent) = &obs.agent {
         let silent = now.since(agent.seen_at);
         if silent > stretch(t.agent_lease, t.drift_ppm) {
-            let deadline = agent.seen_at
-                + stretch(t.agent_lease + t.watchdog + t.fence_margin, t.drift_ppm);
+            let deadline =
+                agent.seen_at + stretch(t.agent_lease + t.watchdog + t.fence_margin, t.drift_ppm);
             return NodeVerdict::Dead {
                 fence_deadline: Some(deadline),
             };
@@ -196,15 +210,15 @@ mod tests {
     fn agent_lease_decides_with_drift_margin() {
         let t = HealthTiming::default();
         let obs = with_agent(1_000);
-        assert_eq!(judge(&obs, at(3_000), &t), NodeVerdict::Healthy);
+        assert_eq!(judge(&obs, at(3_000), &t, true), NodeVerdict::Healthy);
         assert_eq!(
-            judge(&obs, at(5_001), &t),
+            judge(&obs, at(5_001), &t, true),
             NodeVerdict::Suspect(SuspectReason::AgentLate)
         );
         // 8 s lease stretched by 1% is 8.08 s: not dead at exactly 9.08 s after t=1 s.
-        assert!(!judge(&obs, at(9_080), &t).is_dead());
+        assert!(!judge(&obs, at(9_080), &t, true).is_dead());
         assert_eq!(
-            judge(&obs, at(9_081), &t),
+            judge(&obs, at(9_081), &t, true),
             NodeVerdict::Dead {
                 // 8 + 5 + 2 = 15 s, stretched: 15.15 s after the last change seen.
                 fence_deadline: Some(at(16_150))
@@ -230,7 +244,18 @@ mod tests {
             fingerprint: "k2".into(),
             seen_at: at(20_000),
         });
-        assert!(judge(&obs, at(20_000), &t).is_dead());
+        assert!(judge(&obs, at(20_000), &t, true).is_dead());
+    }
+
+    #[test]
+    fn a_blind_observer_never_judges_dead() {
+        let t = HealthTiming::default();
+        let obs = with_agent(0);
+        assert_eq!(
+            judge(&obs, at(60_000), &t, false),
+            NodeVerdict::Suspect(SuspectReason::ObserverStale)
+        );
+        assert_eq!(judge(&obs, at(3_000), &t, false), NodeVerdict::Healthy);
     }
 
     #[test]
@@ -239,7 +264,7 @@ mod tests {
         let mut obs = with_agent(0);
         obs.ready = Some(Readiness::Unknown);
         assert_eq!(
-            judge(&obs, at(1_000), &t),
+            judge(&obs, at(1_000), &t, true),
             NodeVerdict::Suspect(SuspectReason::NotReady)
         );
     }
@@ -255,13 +280,13 @@ mod tests {
             }),
             ready: Some(Readiness::True),
         };
-        assert_eq!(judge(&obs, at(10_000), &t), NodeVerdict::Healthy);
+        assert_eq!(judge(&obs, at(10_000), &t, true), NodeVerdict::Healthy);
         assert_eq!(
-            judge(&obs, at(25_000), &t),
+            judge(&obs, at(25_000), &t, true),
             NodeVerdict::Suspect(SuspectReason::KubeletLate)
         );
         assert_eq!(
-            judge(&obs, at(40_401), &t),
+            judge(&obs, at(40_401), &t, true),
             NodeVerdict::Dead {
                 fence_deadline: None
             }
@@ -274,7 +299,8 @@ mod tests {
                     ready: Some(Readiness::Unknown)
                 },
                 at(0),
-                &t
+                &t,
+                true
             ),
             NodeVerdict::Suspect(SuspectReason::NotReady)
         );

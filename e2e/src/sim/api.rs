@@ -1,0 +1,190 @@
+//! A model of the Kubernetes API server: objects with a resourceVersion, conditional writes
+//! that answer 409 on a stale resourceVersion, and watches that deliver events late.
+
+use node_health::{Pair, Readiness};
+use std::collections::BTreeMap;
+
+/// The objects the simulation stores.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Key {
+    Node(String),
+    /// The kubelet's Lease in `kube-node-lease`.
+    KubeletLease(String),
+    /// The twosite agent's heartbeat Lease.
+    AgentLease(String),
+    /// The controller's leader Lease.
+    LeaderLease,
+    /// The `TwoSite` status the leader writes.
+    Status,
+}
+
+impl Key {
+    /// Objects the controller watches (the rest it reads when it needs them).
+    pub fn watched(&self) -> bool {
+        matches!(
+            self,
+            Key::Node(_) | Key::KubeletLease(_) | Key::AgentLease(_)
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeObj {
+    pub zone: Option<String>,
+    pub control_plane: bool,
+    pub ready: Readiness,
+    pub boot_id: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseObj {
+    pub holder: Option<String>,
+    pub transitions: u64,
+    pub duration_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StatusObj {
+    pub pairs: Vec<Pair>,
+    pub verdicts: BTreeMap<String, &'static str>,
+    pub leader: String,
+    pub epoch: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Obj {
+    Node(NodeObj),
+    Lease(LeaseObj),
+    Status(StatusObj),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    pub rv: u64,
+    pub obj: Obj,
+}
+
+/// A write's precondition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precondition {
+    /// Last writer wins (kubelet heartbeats).
+    None,
+    /// Create: 409 if the object exists.
+    Create,
+    /// Replace: 409 unless the stored resourceVersion is this one.
+    ResourceVersion(u64),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conflict;
+
+#[derive(Debug, Default)]
+pub struct ApiServer {
+    rv: u64,
+    objects: BTreeMap<Key, Stored>,
+    /// Real time of the last accepted write of each key (for the invariant checks only: the
+    /// actors never read it).
+    last_write: BTreeMap<Key, u64>,
+    /// Every accepted write of a Lease: (resourceVersion, real time). For the checks only.
+    lease_history: BTreeMap<Key, Vec<(u64, u64)>>,
+}
+
+impl ApiServer {
+    pub fn get(&self, key: &Key) -> Option<&Stored> {
+        self.objects.get(key)
+    }
+
+    pub fn last_write(&self, key: &Key) -> Option<u64> {
+        self.last_write.get(key).copied()
+    }
+
+    /// The real time of the write that produced `rv` of `key`, and of the next write after it.
+    pub fn write_and_next(&self, key: &Key, rv: u64) -> Option<(u64, Option<u64>)> {
+        let h = self.lease_history.get(key)?;
+        let i = h.iter().position(|(r, _)| *r == rv)?;
+        Some((h[i].1, h.get(i + 1).map(|(_, t)| *t)))
+    }
+
+    pub fn objects(&self) -> impl Iterator<Item = (&Key, &Stored)> {
+        self.objects.iter()
+    }
+
+    /// Stores `obj` under `key` if the precondition holds, returning the stored record.
+    pub fn write(
+        &mut self,
+        key: Key,
+        pre: Precondition,
+        obj: Obj,
+        now: u64,
+    ) -> Result<Stored, Conflict> {
+        let current = self.objects.get(&key).map(|s| s.rv);
+        match (pre, current) {
+            (Precondition::Create, Some(_)) => return Err(Conflict),
+            (Precondition::ResourceVersion(_), None) => return Err(Conflict),
+            (Precondition::ResourceVersion(want), Some(have)) if want != have => {
+                return Err(Conflict);
+            }
+            _ => {}
+        }
+        self.rv += 1;
+        let stored = Stored { rv: self.rv, obj };
+        if matches!(stored.obj, Obj::Lease(_)) {
+            self.lease_history
+                .entry(key.clone())
+                .or_default()
+                .push((stored.rv, now));
+        }
+        self.objects.insert(key.clone(), stored.clone());
+        self.last_write.insert(key, now);
+        Ok(stored)
+    }
+
+    pub fn delete(&mut self, key: &Key) -> bool {
+        self.objects.remove(key).is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(holder: &str) -> Obj {
+        Obj::Lease(LeaseObj {
+            holder: Some(holder.into()),
+            transitions: 0,
+            duration_ms: 15_000,
+        })
+    }
+
+    #[test]
+    fn stale_resource_version_conflicts() {
+        let mut api = ApiServer::default();
+        let first = api
+            .write(Key::LeaderLease, Precondition::Create, lease("a"), 0)
+            .expect("create");
+        assert_eq!(
+            api.write(Key::LeaderLease, Precondition::Create, lease("b"), 1),
+            Err(Conflict)
+        );
+        let second = api
+            .write(
+                Key::LeaderLease,
+                Precondition::ResourceVersion(first.rv),
+                lease("b"),
+                2,
+            )
+            .expect("replace");
+        assert!(second.rv > first.rv);
+        assert_eq!(
+            api.write(
+                Key::LeaderLease,
+                Precondition::ResourceVersion(first.rv),
+                lease("c"),
+                3
+            ),
+            Err(Conflict),
+            "a writer holding the old resourceVersion loses"
+        );
+        assert_eq!(api.last_write(&Key::LeaderLease), Some(2));
+    }
+}

@@ -1,0 +1,367 @@
+//! Fault schedules: the named scenarios, and random ones drawn from a seed.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// Where an actor stands. Rooms A and B hold the workers; the API server and the witness are
+/// reached over links that can be cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Site {
+    RoomA,
+    RoomB,
+    Api,
+    Witness,
+}
+
+impl Site {
+    pub fn name(self) -> &'static str {
+        match self {
+            Site::RoomA => "room-a",
+            Site::RoomB => "room-b",
+            Site::Api => "apiserver",
+            Site::Witness => "witness",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    PowerOff(String),
+    /// Power back on: a new boot ID, a fresh clock.
+    PowerOn(String),
+    Cut(Site, Site),
+    Heal(Site, Site),
+    /// A new worker joins a room.
+    AddNode {
+        name: String,
+        room: Site,
+    },
+    /// An operator deletes a Node object.
+    DeleteNode(String),
+}
+
+impl std::fmt::Display for Fault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Fault::PowerOff(n) => write!(f, "power off {n}"),
+            Fault::PowerOn(n) => write!(f, "power on {n}"),
+            Fault::Cut(a, b) => write!(f, "cut link {} <-> {}", a.name(), b.name()),
+            Fault::Heal(a, b) => write!(f, "heal link {} <-> {}", a.name(), b.name()),
+            Fault::AddNode { name, room } => write!(f, "add node {name} in {}", room.name()),
+            Fault::DeleteNode(n) => write!(f, "delete Node object {n}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScheduledFault {
+    pub at_ms: u64,
+    pub fault: Fault,
+}
+
+/// What a scripted scenario promises beyond the invariants; unmet, it is reported as a violation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expectation {
+    /// `node` gets a Dead verdict within `within_ms` of `after_ms`.
+    DeadVerdictWithin {
+        node: String,
+        after_ms: u64,
+        within_ms: u64,
+    },
+    /// `node`'s verdict is Healthy again within `within_ms` of `after_ms`.
+    HealthyWithin {
+        node: String,
+        after_ms: u64,
+        within_ms: u64,
+    },
+    /// No node ever gets a Dead verdict.
+    NoDeadVerdict,
+    /// The final status holds this many pairs.
+    PairsAtEnd(usize),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scenario {
+    pub name: String,
+    pub description: String,
+    pub nodes_per_room: (usize, usize),
+    pub duration_ms: u64,
+    pub faults: Vec<ScheduledFault>,
+    pub expectations: Vec<Expectation>,
+    /// The node whose failure the figures measure.
+    pub target: Option<String>,
+}
+
+fn at(s: u64, fault: Fault) -> ScheduledFault {
+    ScheduledFault {
+        at_ms: s * 1000,
+        fault,
+    }
+}
+
+/// Node names: `a-1`, `a-2`, … in room A; `b-1`, … in room B. The controller replicas run on
+/// `a-1` and `b-1`.
+pub fn node_name(room: Site, i: usize) -> String {
+    match room {
+        Site::RoomA => format!("a-{i}"),
+        _ => format!("b-{i}"),
+    }
+}
+
+/// The named scenarios, in the order `--list` shows them. The first is the default.
+pub const NAMES: &[(&str, &str)] = &[
+    (
+        "node-loss",
+        "2 rooms x 3 workers; worker a-2 loses power at 60 s and comes back at 150 s",
+    ),
+    (
+        "smallest",
+        "1 worker per room; b-1 (with its controller replica) loses power at 40 s",
+    ),
+    (
+        "leader-loss",
+        "the node running the leading controller replica (a-1) loses power at 60 s",
+    ),
+    (
+        "room-loss",
+        "every worker of room A loses power at 60 s; room B's replica takes over",
+    ),
+    (
+        "partition",
+        "the link between the rooms is cut for 60 s; both still reach the API server: nothing dies",
+    ),
+    (
+        "scale",
+        "a worker joins each room, then a Node is deleted: old pairs stay, new ones form",
+    ),
+    (
+        "random",
+        "a random fault schedule drawn from --seed (what --schedules runs)",
+    ),
+];
+
+/// Looks a scenario up by name; `None` for an unknown name.
+pub fn named(name: &str, seed: u64) -> Option<Scenario> {
+    let description = NAMES.iter().find(|(n, _)| *n == name)?.1.to_string();
+    let mut s = Scenario {
+        name: name.to_string(),
+        description,
+        nodes_per_room: (3, 3),
+        duration_ms: 200_000,
+        faults: Vec::new(),
+        expectations: Vec::new(),
+        target: None,
+    };
+    match name {
+        "node-loss" => {
+            s.faults = vec![
+                at(60, Fault::PowerOff("a-2".into())),
+                at(150, Fault::PowerOn("a-2".into())),
+            ];
+            s.target = Some("a-2".into());
+            s.expectations = vec![
+                Expectation::DeadVerdictWithin {
+                    node: "a-2".into(),
+                    after_ms: 60_000,
+                    within_ms: 15_000,
+                },
+                Expectation::HealthyWithin {
+                    node: "a-2".into(),
+                    after_ms: 150_000,
+                    within_ms: 10_000,
+                },
+                Expectation::PairsAtEnd(3),
+            ];
+        }
+        "smallest" => {
+            s.nodes_per_room = (1, 1);
+            s.duration_ms = 120_000;
+            s.faults = vec![at(40, Fault::PowerOff("b-1".into()))];
+            s.target = Some("b-1".into());
+            s.expectations = vec![
+                Expectation::DeadVerdictWithin {
+                    node: "b-1".into(),
+                    after_ms: 40_000,
+                    within_ms: 30_000,
+                },
+                Expectation::PairsAtEnd(1),
+            ];
+        }
+        "leader-loss" => {
+            s.faults = vec![at(60, Fault::PowerOff("a-1".into()))];
+            s.target = Some("a-1".into());
+            // The survivor first waits out the old leader's lease (15 s), then judges the node
+            // from scratch on its own clock.
+            s.expectations = vec![
+                Expectation::DeadVerdictWithin {
+                    node: "a-1".into(),
+                    after_ms: 60_000,
+                    within_ms: 40_000,
+                },
+                Expectation::PairsAtEnd(3),
+            ];
+        }
+        "room-loss" => {
+            s.faults = (1..=3)
+                .map(|i| at(60, Fault::PowerOff(node_name(Site::RoomA, i))))
+                .collect();
+            s.target = Some("a-2".into());
+            s.expectations = (1..=3)
+                .map(|i| Expectation::DeadVerdictWithin {
+                    node: node_name(Site::RoomA, i),
+                    after_ms: 60_000,
+                    within_ms: 40_000,
+                })
+                .collect();
+            s.expectations.push(Expectation::PairsAtEnd(3));
+        }
+        "partition" => {
+            s.faults = vec![
+                at(60, Fault::Cut(Site::RoomA, Site::RoomB)),
+                at(120, Fault::Heal(Site::RoomA, Site::RoomB)),
+            ];
+            s.expectations = vec![Expectation::NoDeadVerdict, Expectation::PairsAtEnd(3)];
+        }
+        "scale" => {
+            s.nodes_per_room = (2, 2);
+            s.faults = vec![
+                at(
+                    40,
+                    Fault::AddNode {
+                        name: "a-9".into(),
+                        room: Site::RoomA,
+                    },
+                ),
+                at(
+                    60,
+                    Fault::AddNode {
+                        name: "b-9".into(),
+                        room: Site::RoomB,
+                    },
+                ),
+                at(80, Fault::PowerOff("b-2".into())),
+                at(100, Fault::DeleteNode("b-2".into())),
+            ];
+            // a-2 loses its partner b-2 and stays unpaired: 2 pairs (a-1/b-1, a-9/b-9).
+            s.expectations = vec![Expectation::PairsAtEnd(2)];
+        }
+        "random" => return Some(random(seed)),
+        _ => return None,
+    }
+    Some(s)
+}
+
+/// A random fault schedule: 1–3 workers per room, 1–5 faults in the first four minutes of a
+/// five-minute run, each healed or not. Deterministic in `seed`.
+pub fn random(seed: u64) -> Scenario {
+    // A different stream from the simulation's own jitter, so the same seed can be replayed.
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x7477_6f73_6974_6521);
+    let na = rng.random_range(1..=3usize);
+    let nb = rng.random_range(1..=3usize);
+    let mut faults = Vec::new();
+    let mut added = 0;
+    for _ in 0..rng.random_range(1..=5) {
+        let t = rng.random_range(10_000..240_000u64);
+        let room = if rng.random_bool(0.5) {
+            Site::RoomA
+        } else {
+            Site::RoomB
+        };
+        let n = if room == Site::RoomA { na } else { nb };
+        let node = node_name(room, rng.random_range(1..=n));
+        let back = t + rng.random_range(5_000..120_000u64);
+        match rng.random_range(0..10) {
+            0..=3 => {
+                faults.push(ScheduledFault {
+                    at_ms: t,
+                    fault: Fault::PowerOff(node.clone()),
+                });
+                if rng.random_bool(0.7) {
+                    faults.push(ScheduledFault {
+                        at_ms: back,
+                        fault: Fault::PowerOn(node),
+                    });
+                } else if rng.random_bool(0.5) {
+                    faults.push(ScheduledFault {
+                        at_ms: back,
+                        fault: Fault::DeleteNode(node),
+                    });
+                }
+            }
+            4..=6 => {
+                let pairs = [
+                    (Site::RoomA, Site::RoomB),
+                    (Site::RoomA, Site::Api),
+                    (Site::RoomB, Site::Api),
+                ];
+                let (x, y) = pairs[rng.random_range(0..pairs.len())];
+                faults.push(ScheduledFault {
+                    at_ms: t,
+                    fault: Fault::Cut(x, y),
+                });
+                if rng.random_bool(0.8) {
+                    faults.push(ScheduledFault {
+                        at_ms: back,
+                        fault: Fault::Heal(x, y),
+                    });
+                }
+            }
+            7 => {
+                // A whole room loses power, and maybe comes back.
+                for i in 1..=n {
+                    faults.push(ScheduledFault {
+                        at_ms: t,
+                        fault: Fault::PowerOff(node_name(room, i)),
+                    });
+                    if rng.random_bool(0.5) {
+                        faults.push(ScheduledFault {
+                            at_ms: back,
+                            fault: Fault::PowerOn(node_name(room, i)),
+                        });
+                    }
+                }
+            }
+            _ => {
+                added += 1;
+                faults.push(ScheduledFault {
+                    at_ms: t,
+                    fault: Fault::AddNode {
+                        name: format!("{}-new{added}", &node[..1]),
+                        room,
+                    },
+                });
+            }
+        }
+    }
+    faults.sort_by_key(|f| f.at_ms);
+    Scenario {
+        name: "random".into(),
+        description: format!("random fault schedule from seed {seed}"),
+        nodes_per_room: (na, nb),
+        duration_ms: 300_000,
+        faults,
+        expectations: Vec::new(),
+        target: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_listed_name_resolves() {
+        for (name, _) in NAMES {
+            assert!(named(name, 1).is_some(), "{name}");
+        }
+        assert!(named("no-such", 1).is_none());
+    }
+
+    #[test]
+    fn random_schedules_are_deterministic_and_varied() {
+        assert_eq!(random(7), random(7));
+        let distinct: std::collections::BTreeSet<String> =
+            (0..20).map(|s| format!("{:?}", random(s).faults)).collect();
+        assert!(distinct.len() > 15);
+    }
+}

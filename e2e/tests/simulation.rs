@@ -1,0 +1,94 @@
+//! The simulated two-room cluster, through its real entry points.
+
+use e2e::sim::{self, scenario};
+
+fn run(name: &str, seed: u64) -> sim::Report {
+    let s = scenario::named(name, seed).expect("scenario exists");
+    sim::run(&s, seed)
+}
+
+#[test]
+fn default_scenario_judges_the_powered_off_node_dead() {
+    let r = run("node-loss", 1);
+    assert!(r.ok(), "{}", r.render_text());
+    let dead = r.figures["time_to_dead_verdict_ms"];
+    // The last renewal came up to 2 s before power-off; then the agent lease (8 s, stretched
+    // by 1% drift), a watch delay and a tick.
+    assert!((6_000..=11_000).contains(&dead), "dead after {dead} ms");
+    assert_eq!(r.figures["pairs"], 3);
+    assert!(
+        r.timeline
+            .iter()
+            .any(|e| e.event == "verdict a-2: Dead -> Healthy"
+                || e.event.starts_with("verdict a-2:") && e.event.ends_with("-> Healthy")),
+        "the node is healthy again after it returns:\n{}",
+        r.render_text()
+    );
+}
+
+#[test]
+fn every_named_scenario_passes() {
+    for (name, _) in scenario::NAMES {
+        for seed in [1, 2, 3] {
+            let r = run(name, seed);
+            assert!(r.ok(), "{name} seed {seed}:\n{}", r.render_text());
+        }
+    }
+}
+
+#[test]
+fn same_seed_same_timeline() {
+    assert_eq!(run("random", 42), run("random", 42));
+}
+
+#[test]
+fn random_schedules_hold_the_invariants() {
+    let r = sim::run_schedules(1, 200);
+    assert!(r.ok(), "{}", r.render_text());
+    assert!(
+        r.figures["dead_verdicts"] > 0,
+        "the schedules must kill nodes"
+    );
+}
+
+/// The checks are live: break an assumption of the core on purpose and they must say so.
+#[test]
+fn checks_catch_broken_assumptions() {
+    // A lease duration barely above the renew interval, judged through a laggy watch: live
+    // nodes are judged dead.
+    let mut cfg = sim::SimConfig::default();
+    cfg.timing.agent_lease = std::time::Duration::from_millis(2_500);
+    cfg.watch_delay_ms = (0, 3_000);
+    let s = scenario::named("node-loss", 1).expect("scenario");
+    let r = sim::run_with(&s, 1, cfg);
+    assert!(
+        r.violations
+            .iter()
+            .any(|v| v.invariant == "dead-verdict-sound"),
+        "{}",
+        r.render_text()
+    );
+
+    // Clocks drift far beyond the 1% bound the leader election assumes: two leaders.
+    let mut cfg = sim::SimConfig::default();
+    cfg.drift_ppm = 450_000;
+    let found = (0..20).any(|seed| {
+        let s = scenario::named("leader-loss", seed).expect("scenario");
+        let mut s2 = s.clone();
+        // The old leader's host stays up but is cut from the API server for a while.
+        s2.faults = vec![
+            sim::ScheduledFault {
+                at_ms: 30_000,
+                fault: sim::Fault::Cut(sim::Site::RoomA, sim::Site::Api),
+            },
+            sim::ScheduledFault {
+                at_ms: 55_000,
+                fault: sim::Fault::Heal(sim::Site::RoomA, sim::Site::Api),
+            },
+        ];
+        s2.expectations.clear();
+        let r = sim::run_with(&s2, seed, cfg.clone());
+        r.violations.iter().any(|v| v.invariant == "single-leader")
+    });
+    assert!(found, "excessive drift must show up as two leaders");
+}
