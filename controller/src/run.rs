@@ -1,13 +1,241 @@
-//! Placeholder until the controller shell lands.
+//! `twosite controller` and `twosite crd`: wiring the loops together.
+//!
+//! Five tasks run side by side: the leader election over the Lease, the Node watch, the
+//! TwoSite watch, the pairing loop and the admin HTTP port. If any of them ends or panics the
+//! process exits non-zero (Kubernetes restarts it); SIGTERM or Ctrl-C stops it cleanly and hands
+//! the Lease back.
+
+use crate::admin::{self, Health};
+use crate::crd::{self, TwoSite};
+use crate::error::{Error, Result, report};
+use crate::leader_lease::{LeaderLease, Leadership};
+use crate::metrics::Metrics;
+use crate::nodes::run_node_watch;
+use crate::pairing::{self, Context, FIELD_MANAGER, run_pairing_loop, run_twosite_watch};
+use k8s_openapi::api::core::v1::Node;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::{Api, Client};
+use node_health::LeaderConfig;
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinSet;
 
-#[derive(clap::Args, Debug)]
-pub struct RunArgs {}
+/// `twosite controller` flags.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Namespace of the leader Lease `twosite-controller`.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "twosite-system")]
+    pub namespace: String,
 
-pub fn main(_args: RunArgs) -> ExitCode {
-    ExitCode::FAILURE
+    /// This replica's identity in the leader Lease [default: POD_NAME, else the hostname].
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+
+    /// Address of the admin HTTP port (/livez, /readyz, /metrics).
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    pub admin_addr: SocketAddr,
+
+    /// Timeout of every Kubernetes API call, in seconds.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=60))]
+    pub api_timeout_secs: u64,
 }
 
+/// Runs the controller until SIGTERM/Ctrl-C (success) or until a main loop dies (failure).
+pub fn main(args: RunArgs) -> ExitCode {
+    init_tracing();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            let err = Error::Runtime(err);
+            tracing::error!(error = %report(&err), "controller could not start");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(error = %report(&err), "controller stopped");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Prints the TwoSite CustomResourceDefinition as YAML (what `deploy/crd.yaml` holds).
 pub fn print_crd() -> ExitCode {
-    ExitCode::FAILURE
+    match crd::crd_yaml() {
+        Ok(yaml) => {
+            print!("{yaml}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("error: {}", report(&Error::CrdYaml(err)));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // A subscriber may already be set (tests); keep it.
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
+}
+
+/// `--identity`, else POD_NAME (through clap), else the hostname.
+pub fn resolve_identity(flag: Option<String>) -> Result<String> {
+    if let Some(id) = flag.map(|s| s.trim().to_string()).filter(|s| !s.is_empty()) {
+        return Ok(id);
+    }
+    let host = hostname::get().map_err(Error::NoIdentity)?;
+    host.into_string()
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| {
+            Error::NoIdentity(std::io::Error::other("the hostname is empty or not UTF-8"))
+        })
+}
+
+async fn run(args: RunArgs) -> Result<()> {
+    let identity = resolve_identity(args.identity)?;
+    let api_timeout = Duration::from_secs(args.api_timeout_secs);
+    let leadership = Leadership::new(LeaderConfig::new(identity.clone()))?;
+    let client = Client::try_default().await.map_err(Error::ClientConfig)?;
+    let metrics = Arc::new(Metrics::new());
+    let health = Health::new();
+    let listener = admin::bind(args.admin_addr).await?;
+    tracing::info!(
+        identity,
+        namespace = args.namespace,
+        admin = %args.admin_addr,
+        "starting twosite controller"
+    );
+
+    let lease = LeaderLease::new(
+        client.clone(),
+        &args.namespace,
+        leadership.clone(),
+        Arc::clone(&metrics),
+        api_timeout,
+    );
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: FIELD_MANAGER.to_string(),
+            instance: Some(identity.clone()),
+        },
+    );
+    let ctx = Context {
+        twosites: Api::<TwoSite>::all(client.clone()),
+        recorder,
+        leadership: leadership.clone(),
+        metrics: Arc::clone(&metrics),
+        api_timeout,
+    };
+    let (leading_tx, leading_rx) = watch::channel(false);
+    let (facts_tx, facts_rx) = watch::channel(None);
+    let twosite_changed = Arc::new(Notify::new());
+
+    // A round takes at most two API calls; a pairing pass at most a handful plus RESYNC.
+    let lease_silence = Some(leadership.retry_period() + api_timeout * 2 + Duration::from_secs(30));
+    let pairing_silence = Some(pairing::RESYNC + api_timeout * 6 + Duration::from_secs(30));
+    let mut tasks = JoinSet::new();
+    let mut names = HashMap::new();
+    let mut spawn = |name: &'static str, task: futures::future::BoxFuture<'static, Result<()>>| {
+        let handle = tasks.spawn(task);
+        names.insert(handle.id(), name);
+    };
+    spawn(
+        "leader election",
+        Box::pin(lease.clone().run(
+            leading_tx,
+            health.register("leader election", lease_silence),
+        )),
+    );
+    spawn(
+        "node watch",
+        Box::pin(run_node_watch(
+            Api::<Node>::all(client.clone()),
+            facts_tx,
+            Arc::clone(&health),
+            health.register("node watch", None),
+        )),
+    );
+    spawn(
+        "TwoSite watch",
+        Box::pin(run_twosite_watch(
+            Api::<TwoSite>::all(client.clone()),
+            Arc::clone(&twosite_changed),
+            health.register("TwoSite watch", None),
+        )),
+    );
+    spawn(
+        "pairing",
+        Box::pin(run_pairing_loop(
+            ctx,
+            facts_rx,
+            twosite_changed,
+            leading_rx,
+            health.register("pairing", pairing_silence),
+        )),
+    );
+    spawn(
+        "admin server",
+        Box::pin(admin::serve(
+            listener,
+            Arc::clone(&health),
+            Arc::clone(&metrics),
+        )),
+    );
+
+    let outcome = tokio::select! {
+        joined = tasks.join_next_with_id() => Err(match joined {
+            Some(Ok((id, Ok(())))) => Error::LoopEnded(names.get(&id).copied().unwrap_or("unknown")),
+            Some(Ok((_, Err(err)))) => err,
+            Some(Err(source)) => Error::TaskDied {
+                name: names.get(&source.id()).copied().unwrap_or("unknown"),
+                source,
+            },
+            None => Error::LoopEnded("all"),
+        }),
+        () = shutdown_signal() => {
+            tracing::info!("shutting down");
+            Ok(())
+        }
+    };
+    // Stop every loop (the pairing loop first of all: no write after this), then hand the
+    // Lease back so the other replica takes over at once.
+    tasks.shutdown().await;
+    if let Err(err) = lease.release().await {
+        tracing::warn!(error = %report(&err), "could not release the leader Lease");
+    }
+    outcome
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {},
+                    _ = tokio::signal::ctrl_c() => {},
+                }
+                return;
+            }
+            Err(err) => tracing::warn!(error = %err, "cannot listen for SIGTERM; Ctrl-C only"),
+        }
+    }
+    if tokio::signal::ctrl_c().await.is_err() {
+        // No signal handling at all: run until a loop dies.
+        std::future::pending::<()>().await;
+    }
 }

@@ -1,0 +1,166 @@
+//! The `TwoSite` custom resource: the rooms an operator configures, and the pairing the
+//! controller reports.
+//!
+//! Cluster-scoped; the controller works on the object named [`DEFAULT_NAME`] and creates it
+//! (with an empty spec: automatic rooms) when it is missing.
+
+use kube::{CustomResource, CustomResourceExt};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The one `TwoSite` object the controller works on.
+pub const DEFAULT_NAME: &str = "default";
+
+/// Condition type: whether the two rooms are known.
+pub const ROOMS_RESOLVED: &str = "RoomsResolved";
+/// Condition type: whether the workers of the two rooms are paired.
+pub const PAIRED: &str = "Paired";
+
+/// How the rooms of a cluster spread over two server rooms are chosen.
+// Clippy reads the repeated `type_ = ...` of the printer columns as duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
+#[derive(
+    CustomResource, Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq, JsonSchema,
+)]
+#[kube(
+    group = "twosite.dev",
+    version = "v1alpha1",
+    kind = "TwoSite",
+    status = "TwoSiteStatus",
+    derive = "PartialEq",
+    derive = "Default",
+    doc = "The two server rooms of the cluster and how their workers are paired. The controller works on the object named `default`.",
+    printcolumn(name = "Room A", type_ = "string", json_path = ".status.rooms.a"),
+    printcolumn(name = "Room B", type_ = "string", json_path = ".status.rooms.b"),
+    printcolumn(name = "Pairs", type_ = "integer", json_path = ".status.pairCount"),
+    printcolumn(
+        name = "Unpaired",
+        type_ = "integer",
+        json_path = ".status.unpairedCount"
+    ),
+    printcolumn(
+        name = "Leader",
+        type_ = "string",
+        json_path = ".status.leader.identity"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct TwoSiteSpec {
+    /// Exactly two distinct `topology.kubernetes.io/zone` values: room A, then room B. Leave it
+    /// unset to use the two zone values the workers carry (room A is the first in sort order).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rooms: Option<Vec<String>>,
+}
+
+/// What the controller observed and decided.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TwoSiteStatus {
+    /// The `metadata.generation` of the spec this status was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// The two rooms, once they are known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rooms: Option<RoomsStatus>,
+    /// Each worker of room A with its partner in room B.
+    #[serde(default)]
+    pub pairs: Vec<PairStatus>,
+    /// The number of pairs.
+    #[serde(default)]
+    pub pair_count: i32,
+    /// Every node left out of the pairs, with the reason.
+    #[serde(default)]
+    pub unpaired: Vec<UnpairedStatus>,
+    /// The number of unpaired nodes.
+    #[serde(default)]
+    pub unpaired_count: i32,
+    /// The controller replica that wrote this status, and its leader term.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<LeaderStatus>,
+    /// `RoomsResolved` and `Paired`.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+}
+
+/// Where the rooms came from.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, JsonSchema)]
+pub enum RoomSource {
+    /// `spec.rooms`.
+    Configured,
+    /// The two zone values the workers carry.
+    Automatic,
+}
+
+/// The two rooms, by zone value.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RoomsStatus {
+    /// Room A's `topology.kubernetes.io/zone` value.
+    pub a: String,
+    /// Room B's `topology.kubernetes.io/zone` value.
+    pub b: String,
+    pub source: RoomSource,
+}
+
+/// A worker in room A and its partner in room B.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, PartialOrd, Ord, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PairStatus {
+    /// The node in room A.
+    pub a: String,
+    /// The node in room B.
+    pub b: String,
+}
+
+/// A node that is in no pair.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UnpairedStatus {
+    pub node: String,
+    /// Machine-readable: `NoZoneLabel`, `OtherZone`, `ControlPlane`, `NoPartnerFree`,
+    /// `RoomsUnknown`.
+    pub reason: String,
+    /// Human-readable.
+    pub message: String,
+}
+
+/// The controller replica that leads, and its term.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LeaderStatus {
+    /// The replica's identity (its Pod name), as written in the Lease's `holderIdentity`.
+    pub identity: String,
+    /// The Lease's `leaseTransitions` for this term: it grows with every change of leader.
+    pub epoch: i64,
+}
+
+/// A standard Kubernetes condition.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// `RoomsResolved` or `Paired`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    /// A CamelCase word saying why.
+    pub reason: String,
+    /// Human-readable.
+    pub message: String,
+    /// When `status` last changed (RFC 3339).
+    #[schemars(extend("format" = "date-time"))]
+    pub last_transition_time: String,
+    /// The `metadata.generation` this condition was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// The CustomResourceDefinition as YAML, as `twosite crd` prints it and `deploy/crd.yaml` holds.
+pub fn crd_yaml() -> Result<String, serde_norway::Error> {
+    serde_norway::to_string(&TwoSite::crd())
+}

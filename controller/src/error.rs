@@ -1,0 +1,123 @@
+//! The controller crate's one error type.
+
+use std::time::Duration;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum Error {
+    /// A Kubernetes API call answered with an error.
+    #[error("Kubernetes API call failed: {action}")]
+    Kube {
+        action: &'static str,
+        #[source]
+        source: kube::Error,
+    },
+
+    /// A Kubernetes API call did not answer in time.
+    #[error("Kubernetes API call timed out after {after:?}: {action}")]
+    Timeout {
+        action: &'static str,
+        after: Duration,
+    },
+
+    /// The in-cluster or kubeconfig client configuration could not be loaded.
+    #[error("could not configure the Kubernetes client")]
+    ClientConfig(#[source] kube::Error),
+
+    /// The leader election timing is unsafe or the identity is empty.
+    #[error("invalid leader election configuration")]
+    LeaderConfig(#[source] node_health::leader::LeaderConfigError),
+
+    /// No identity was given and the hostname is unusable.
+    #[error("no leader identity: pass --identity or set POD_NAME")]
+    NoIdentity(#[source] std::io::Error),
+
+    /// The CRD could not be rendered.
+    #[error("could not render the CustomResourceDefinition as YAML")]
+    CrdYaml(#[source] serde_norway::Error),
+
+    /// The admin HTTP port could not be opened or failed.
+    #[error("admin HTTP server on {addr} failed")]
+    Admin {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The tokio runtime could not be built.
+    #[error("could not start the async runtime")]
+    Runtime(#[source] std::io::Error),
+
+    /// A main loop ended; the process must not keep running without it.
+    #[error("the {0} loop ended")]
+    LoopEnded(&'static str),
+
+    /// A main loop panicked or was cancelled.
+    #[error("the {name} task died")]
+    TaskDied {
+        name: &'static str,
+        #[source]
+        source: tokio::task::JoinError,
+    },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// A short, bounded label for the `error` label of the error metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube { source, .. } => match source {
+                kube::Error::Api(s) if s.is_conflict() => "conflict",
+                kube::Error::Api(s) if s.is_not_found() => "not_found",
+                kube::Error::Api(s) if s.is_forbidden() => "forbidden",
+                kube::Error::Api(_) => "api",
+                _ => "transport",
+            },
+            Error::Timeout { .. } => "timeout",
+            Error::ClientConfig(_) => "client_config",
+            Error::LeaderConfig(_) => "leader_config",
+            Error::NoIdentity(_) => "no_identity",
+            Error::CrdYaml(_) => "crd_yaml",
+            Error::Admin { .. } => "admin",
+            Error::Runtime(_) => "runtime",
+            Error::LoopEnded(_) => "loop_ended",
+            Error::TaskDied { .. } => "task_died",
+        }
+    }
+
+    /// Whether the API server refused a write because the object changed (409 Conflict).
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Error::Kube { source: kube::Error::Api(s), .. } if s.is_conflict())
+    }
+
+    /// Whether the API server answered 409 AlreadyExists to a create.
+    pub fn is_already_exists(&self) -> bool {
+        matches!(self, Error::Kube { source: kube::Error::Api(s), .. } if s.is_already_exists() || s.is_conflict())
+    }
+}
+
+/// The error and all its sources, joined with `: `, for logs.
+pub fn report(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        cur = e.source();
+    }
+    out
+}
+
+/// Runs one Kubernetes API call with a deadline, naming it for errors and logs.
+pub async fn with_timeout<T>(
+    action: &'static str,
+    after: Duration,
+    call: impl std::future::Future<Output = Result<T, kube::Error>>,
+) -> Result<T> {
+    match tokio::time::timeout(after, call).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(source)) => Err(Error::Kube { action, source }),
+        Err(_) => Err(Error::Timeout { action, after }),
+    }
+}

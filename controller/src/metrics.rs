@@ -1,0 +1,122 @@
+//! Prometheus metrics of the controller.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// The `error` label of the error counters.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub error: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub pairs: Gauge,
+    pub unpaired_nodes: Gauge,
+    pub is_leader: Gauge,
+    pub leader_epoch: Gauge,
+    pub reconcile_errors: Family<ErrorLabels, Counter>,
+    pub status_writes: Counter,
+    pub leader_election_errors: Family<ErrorLabels, Counter>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("twosite");
+        let pairs = Gauge::default();
+        let unpaired_nodes = Gauge::default();
+        let is_leader = Gauge::default();
+        let leader_epoch = Gauge::default();
+        let reconcile_errors = Family::<ErrorLabels, Counter>::default();
+        let status_writes = Counter::default();
+        let leader_election_errors = Family::<ErrorLabels, Counter>::default();
+        registry.register(
+            "pairs",
+            "Pairs in the last status this replica computed",
+            pairs.clone(),
+        );
+        registry.register(
+            "unpaired_nodes",
+            "Unpaired nodes in the last status this replica computed",
+            unpaired_nodes.clone(),
+        );
+        registry.register(
+            "is_leader",
+            "1 while this replica holds the leader Lease",
+            is_leader.clone(),
+        );
+        registry.register(
+            "leader_epoch",
+            "The Lease's leaseTransitions of this replica's current or last term",
+            leader_epoch.clone(),
+        );
+        registry.register(
+            "reconcile_errors",
+            "Failed pairing reconciliations, by error",
+            reconcile_errors.clone(),
+        );
+        registry.register(
+            "status_writes",
+            "Status writes of the TwoSite object",
+            status_writes.clone(),
+        );
+        registry.register(
+            "leader_election_errors",
+            "Failed leader election rounds, by error",
+            leader_election_errors.clone(),
+        );
+        Metrics {
+            registry,
+            pairs,
+            unpaired_nodes,
+            is_leader,
+            leader_epoch,
+            reconcile_errors,
+            status_writes,
+            leader_election_errors,
+        }
+    }
+
+    pub fn reconcile_failed(&self, label: &str) {
+        self.reconcile_errors
+            .get_or_create(&ErrorLabels {
+                error: label.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn election_failed(&self, label: &str) {
+        self.leader_election_errors
+            .get_or_create(&ErrorLabels {
+                error: label.to_string(),
+            })
+            .inc();
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+/// Clamps a count to a gauge value.
+pub fn gauge_value(n: impl TryInto<i64>) -> i64 {
+    n.try_into().unwrap_or(i64::MAX)
+}

@@ -1,0 +1,268 @@
+//! The pairing reconciler: Node facts in, `TwoSite` status out.
+//!
+//! A pipeline of named stages: fetch the `default` TwoSite (create it when missing), build the
+//! desired status (pure, [`crate::status`]), apply it with server-side apply on `/status` only
+//! when it changed, then tell users about transitions with Events. Only the leader gets past
+//! the first stage, and leadership is asked again right before the write.
+
+use crate::admin::LoopGuard;
+use crate::crd::{DEFAULT_NAME, LeaderStatus, TwoSite, TwoSiteSpec, TwoSiteStatus};
+use crate::error::{Error, Result, report, with_timeout};
+use crate::leader_lease::Leadership;
+use crate::metrics::{Metrics, gauge_value};
+use crate::status::{StatusInput, desired_status, transitions};
+use backon::{BackoffBuilder, ExponentialBuilder};
+use futures::StreamExt;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Resource};
+use node_health::NodeFacts;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+
+/// The field manager of every write of the controller.
+pub const FIELD_MANAGER: &str = "twosite-controller";
+
+/// How often the pairing is recomputed even when nothing was seen to change.
+pub const RESYNC: Duration = Duration::from_secs(30);
+
+/// Everything a pairing reconciliation needs.
+#[derive(Clone)]
+pub struct Context {
+    pub twosites: Api<TwoSite>,
+    pub recorder: Recorder,
+    pub leadership: Leadership,
+    pub metrics: Arc<Metrics>,
+    pub api_timeout: Duration,
+}
+
+/// What a reconciliation did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// This replica does not lead: nothing was read or written.
+    NotLeader,
+    /// The status is already what it should be.
+    Unchanged,
+    /// The status was written.
+    Written,
+}
+
+/// The wall-clock time, to the second, RFC 3339 (as Kubernetes writes `metav1.Time`).
+pub fn now_rfc3339() -> String {
+    let now = jiff::Timestamp::now();
+    jiff::Timestamp::from_second(now.as_second())
+        .unwrap_or(now)
+        .to_string()
+}
+
+/// Brings the `default` TwoSite's status in line with `nodes`.
+pub async fn reconcile_pairing(ctx: &Context, nodes: &[NodeFacts]) -> Result<Outcome> {
+    if !ctx.leadership.is_leader() {
+        return Ok(Outcome::NotLeader);
+    }
+    let Some(obj) = fetch_or_create(ctx).await? else {
+        return Ok(Outcome::NotLeader);
+    };
+
+    let leader = LeaderStatus {
+        identity: ctx.leadership.identity().to_string(),
+        epoch: ctx
+            .leadership
+            .epoch()
+            .map_or(0, |e| i64::try_from(e).unwrap_or(i64::MAX)),
+    };
+    let now = now_rfc3339();
+    let desired = desired_status(&StatusInput::for_object(&obj, nodes, leader, &now));
+    ctx.metrics.pairs.set(gauge_value(desired.pairs.len()));
+    ctx.metrics
+        .unpaired_nodes
+        .set(gauge_value(desired.unpaired.len()));
+    if obj.status.as_ref() == Some(&desired) {
+        return Ok(Outcome::Unchanged);
+    }
+
+    if !ctx.leadership.is_leader() {
+        return Ok(Outcome::NotLeader);
+    }
+    apply_status(ctx, &desired).await?;
+    ctx.metrics.status_writes.inc();
+    tracing::info!(
+        pairs = desired.pairs.len(),
+        unpaired = desired.unpaired.len(),
+        "TwoSite status written"
+    );
+    publish_transitions(ctx, &obj, obj.status.as_ref(), &desired).await;
+    Ok(Outcome::Written)
+}
+
+/// Stage 1: the `default` TwoSite, created with an empty spec (automatic rooms) when missing.
+/// `None` when leadership was lost meanwhile.
+async fn fetch_or_create(ctx: &Context) -> Result<Option<TwoSite>> {
+    let t = ctx.api_timeout;
+    if let Some(obj) = with_timeout("get twosite", t, ctx.twosites.get_opt(DEFAULT_NAME)).await? {
+        return Ok(Some(obj));
+    }
+    if !ctx.leadership.is_leader() {
+        return Ok(None);
+    }
+    let fresh = TwoSite::new(DEFAULT_NAME, TwoSiteSpec::default());
+    match with_timeout(
+        "create twosite",
+        t,
+        ctx.twosites.create(&PostParams::default(), &fresh),
+    )
+    .await
+    {
+        Ok(created) => {
+            tracing::info!("created TwoSite {DEFAULT_NAME:?} with automatic rooms");
+            Ok(Some(created))
+        }
+        // Someone created it meanwhile: read theirs.
+        Err(err) if err.is_already_exists() => {
+            with_timeout("get twosite", t, ctx.twosites.get_opt(DEFAULT_NAME)).await
+        }
+        Err(err) => Err(err),
+    }
+}
+
+/// Stage 3: server-side apply of the whole status, as [`FIELD_MANAGER`].
+async fn apply_status(ctx: &Context, status: &TwoSiteStatus) -> Result<()> {
+    let patch = serde_json::json!({
+        "apiVersion": TwoSite::api_version(&()),
+        "kind": TwoSite::kind(&()),
+        "status": status,
+    });
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
+    with_timeout(
+        "apply twosite status",
+        ctx.api_timeout,
+        ctx.twosites
+            .patch_status(DEFAULT_NAME, &pp, &Patch::Apply(&patch)),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Stage 4: Events for user-visible transitions. Best effort: a lost Event is logged, never
+/// retried through the status write.
+async fn publish_transitions(
+    ctx: &Context,
+    obj: &TwoSite,
+    old: Option<&TwoSiteStatus>,
+    new: &TwoSiteStatus,
+) {
+    let reference = obj.object_ref(&());
+    for t in transitions(old, new) {
+        let event = Event {
+            type_: if t.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: t.reason.to_string(),
+            note: Some(t.note),
+            action: "Pair".to_string(),
+            secondary: None,
+        };
+        if let Err(err) = with_timeout(
+            "publish event",
+            ctx.api_timeout,
+            ctx.recorder.publish(&event, &reference),
+        )
+        .await
+        {
+            tracing::warn!(reason = t.reason, error = %report(&err), "could not publish event");
+        }
+    }
+}
+
+/// Per-object retry delays: exponential from 1 s to 30 s with jitter; reset on success.
+pub fn retry_backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_secs(1))
+        .with_max_delay(Duration::from_secs(30))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// Reconciles whenever the Node facts, the TwoSite object or the leadership change, at least
+/// every [`RESYNC`], and after a failure once its backoff has passed.
+pub async fn run_pairing_loop(
+    ctx: Context,
+    mut facts: watch::Receiver<Option<Vec<NodeFacts>>>,
+    twosite_changed: Arc<Notify>,
+    mut leading: watch::Receiver<bool>,
+    guard: LoopGuard,
+) -> Result<()> {
+    let mut backoff = retry_backoff();
+    let mut retry_at: Option<Instant> = None;
+    loop {
+        guard.beat();
+        if let Some(at) = retry_at.take() {
+            // Back off first: changes seen meanwhile stay pending in the channels.
+            tokio::time::sleep_until(at).await;
+        } else {
+            tokio::select! {
+                changed = facts.changed() => {
+                    if changed.is_err() {
+                        return Err(Error::LoopEnded("node watch"));
+                    }
+                }
+                () = twosite_changed.notified() => {},
+                changed = leading.changed() => {
+                    if changed.is_err() {
+                        return Err(Error::LoopEnded("leader election"));
+                    }
+                }
+                () = tokio::time::sleep(RESYNC) => {},
+            }
+        }
+        guard.beat();
+        leading.borrow_and_update();
+        // Never pair from a partial view: wait for the Node watch's first listing.
+        let Some(nodes) = facts.borrow_and_update().clone() else {
+            continue;
+        };
+        match reconcile_pairing(&ctx, &nodes).await {
+            Ok(outcome) => {
+                tracing::debug!(?outcome, "pairing reconciled");
+                backoff = retry_backoff();
+            }
+            Err(err) => {
+                ctx.metrics.reconcile_failed(err.metric_label());
+                let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+                tracing::warn!(error = %report(&err), retry_in = ?delay, "pairing reconcile failed");
+                retry_at = Some(Instant::now() + delay);
+            }
+        }
+    }
+}
+
+/// Watches the `default` TwoSite and signals every change (spec edits, deletion).
+pub async fn run_twosite_watch(
+    api: Api<TwoSite>,
+    changed: Arc<Notify>,
+    guard: LoopGuard,
+) -> Result<()> {
+    let config = watcher::Config::default().fields(&format!("metadata.name={DEFAULT_NAME}"));
+    let stream = watcher(api, config).default_backoff();
+    let mut stream = std::pin::pin!(stream);
+    while let Some(event) = stream.next().await {
+        guard.beat();
+        match event {
+            Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone) => {
+                changed.notify_one();
+            }
+            Ok(_) => {}
+            Err(err) => {
+                tracing::warn!(error = %report(&err), "TwoSite watch error; retrying with backoff");
+            }
+        }
+    }
+    Err(Error::LoopEnded("TwoSite watch"))
+}
