@@ -102,3 +102,87 @@ pub async fn run_node_watch(
     }
     Err(Error::LoopEnded("node watch"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use node_health::rooms::ZONE_LABEL;
+
+    fn node(name: &str, zone: &str) -> Node {
+        Node {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                labels: Some([(ZONE_LABEL.to_string(), zone.to_string())].into()),
+                ..ObjectMeta::default()
+            },
+            ..Node::default()
+        }
+    }
+
+    fn names(index: &NodeIndex) -> Option<Vec<(String, Option<String>)>> {
+        index
+            .facts()
+            .map(|fs| fs.into_iter().map(|f| (f.name, f.zone)).collect())
+    }
+
+    #[test]
+    fn nothing_is_visible_before_the_first_listing_completes() {
+        let mut index = NodeIndex::default();
+        assert!(!index.apply(watcher::Event::Init));
+        assert!(!index.apply(watcher::Event::InitApply(node("a1", "east"))));
+        assert_eq!(index.facts(), None);
+        assert!(!index.is_synced());
+        assert!(
+            index.apply(watcher::Event::InitDone),
+            "the first listing is a change"
+        );
+        assert_eq!(
+            names(&index),
+            Some(vec![("a1".into(), Some("east".into()))])
+        );
+    }
+
+    #[test]
+    fn only_changes_of_facts_are_changes() {
+        let mut index = NodeIndex::default();
+        index.apply(watcher::Event::Init);
+        index.apply(watcher::Event::InitDone);
+        assert_eq!(index.facts(), Some(vec![]), "an empty cluster is synced");
+        assert!(index.apply(watcher::Event::Apply(node("a1", "east"))));
+        assert!(
+            !index.apply(watcher::Event::Apply(node("a1", "east"))),
+            "a status heartbeat changes no fact"
+        );
+        assert!(index.apply(watcher::Event::Apply(node("a1", "west"))));
+        assert!(index.apply(watcher::Event::Delete(node("a1", "west"))));
+        assert!(!index.apply(watcher::Event::Delete(node("a1", "west"))));
+        assert_eq!(index.facts(), Some(vec![]));
+    }
+
+    #[test]
+    fn a_relisting_replaces_the_index() {
+        let mut index = NodeIndex::default();
+        index.apply(watcher::Event::Init);
+        index.apply(watcher::Event::InitApply(node("a1", "east")));
+        index.apply(watcher::Event::InitApply(node("gone", "east")));
+        index.apply(watcher::Event::InitDone);
+        // The watch reconnects; `gone` was deleted meanwhile.
+        index.apply(watcher::Event::Init);
+        index.apply(watcher::Event::InitApply(node("a1", "east")));
+        assert_eq!(
+            names(&index).map(|n| n.len()),
+            Some(2),
+            "old view until done"
+        );
+        assert!(index.apply(watcher::Event::InitDone));
+        assert_eq!(
+            names(&index),
+            Some(vec![("a1".into(), Some("east".into()))])
+        );
+        // The same listing again is no change.
+        index.apply(watcher::Event::Init);
+        index.apply(watcher::Event::InitApply(node("a1", "east")));
+        assert!(!index.apply(watcher::Event::InitDone));
+    }
+}
