@@ -1,0 +1,175 @@
+//! A scripted mock of the Kubernetes API server on `tower-test`: each test says which request
+//! comes next (method, path, query), inspects its body and answers as the API server would.
+#![allow(dead_code)]
+
+use http::{Method, Request, Response, StatusCode};
+use kube::Client;
+use kube::client::Body;
+use serde_json::{Value, json};
+use std::time::Duration;
+
+pub type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+pub type Responder = tower_test::mock::SendResponse<Response<Body>>;
+
+/// How long a test waits for the code under test to send its next request.
+const NEXT_REQUEST: Duration = Duration::from_secs(5);
+
+/// A client whose every request goes to the returned [`ApiServer`].
+pub fn mock_client() -> (Client, ApiServer) {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    (Client::new(service, "default"), ApiServer { handle })
+}
+
+pub struct ApiServer {
+    handle: Handle,
+}
+
+/// One request the code under test sent.
+pub struct Seen {
+    pub method: Method,
+    pub path: String,
+    pub query: String,
+    pub content_type: Option<String>,
+    /// The JSON body (`Value::Null` when empty).
+    pub body: Value,
+    responder: Responder,
+}
+
+impl Seen {
+    /// The value of query parameter `key`.
+    pub fn query_param(&self, key: &str) -> Option<String> {
+        self.query.split('&').find_map(|kv| {
+            let (k, v) = kv.split_once('=')?;
+            (k == key).then(|| v.to_string())
+        })
+    }
+
+    pub fn respond(self, status: u16, body: Value) {
+        let response = Response::builder()
+            .status(StatusCode::from_u16(status).expect("valid status"))
+            .header("content-type", "application/json")
+            .body(Body::from(serde_json::to_vec(&body).expect("json")))
+            .expect("response");
+        self.responder.send_response(response);
+    }
+
+    /// Answers with the API server's `Status` for an error.
+    pub fn respond_status(self, code: u16, reason: &str, message: &str) {
+        self.respond(
+            code,
+            json!({
+                "kind": "Status",
+                "apiVersion": "v1",
+                "metadata": {},
+                "status": "Failure",
+                "message": message,
+                "reason": reason,
+                "code": code,
+            }),
+        );
+    }
+}
+
+impl ApiServer {
+    /// The next request, which must be `method` on `path`.
+    pub async fn expect(&mut self, method: Method, path: &str) -> Seen {
+        let (request, responder) = tokio::time::timeout(NEXT_REQUEST, self.handle.next_request())
+            .await
+            .unwrap_or_else(|_| panic!("no request came; expected {method} {path}"))
+            .expect("the client is alive");
+        let uri = request.uri().clone();
+        let content_type = request
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let seen_method = request.method().clone();
+        let bytes = request
+            .into_body()
+            .collect_bytes()
+            .await
+            .expect("request body");
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).expect("the body is JSON")
+        };
+        assert_eq!(
+            (seen_method.clone(), uri.path()),
+            (method.clone(), path),
+            "unexpected request {seen_method} {uri}"
+        );
+        Seen {
+            method: seen_method,
+            path: uri.path().to_string(),
+            query: uri.query().unwrap_or_default().to_string(),
+            content_type,
+            body,
+            responder,
+        }
+    }
+
+    /// Asserts that no request comes for a little while.
+    pub async fn expect_nothing(&mut self) {
+        if let Ok(Some((request, _))) =
+            tokio::time::timeout(Duration::from_millis(300), self.handle.next_request()).await
+        {
+            panic!("unexpected request {} {}", request.method(), request.uri());
+        }
+    }
+}
+
+pub const NAMESPACE: &str = "twosite-system";
+pub const LEASE_PATH: &str =
+    "/apis/coordination.k8s.io/v1/namespaces/twosite-system/leases/twosite-controller";
+pub const LEASES_PATH: &str = "/apis/coordination.k8s.io/v1/namespaces/twosite-system/leases";
+pub const TWOSITE_PATH: &str = "/apis/twosite.dev/v1alpha1/twosites/default";
+pub const TWOSITES_PATH: &str = "/apis/twosite.dev/v1alpha1/twosites";
+pub const STATUS_PATH: &str = "/apis/twosite.dev/v1alpha1/twosites/default/status";
+pub const EVENTS_PATH: &str = "/apis/events.k8s.io/v1/namespaces/default/events";
+
+/// A Lease as the API server returns it.
+pub fn lease(holder: Option<&str>, transitions: i32, rv: &str) -> Value {
+    json!({
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {
+            "name": "twosite-controller",
+            "namespace": NAMESPACE,
+            "resourceVersion": rv,
+        },
+        "spec": {
+            "holderIdentity": holder,
+            "leaseDurationSeconds": 15,
+            "leaseTransitions": transitions,
+            "acquireTime": "2026-11-01T10:00:00.000000Z",
+            "renewTime": "2026-11-01T10:00:00.000000Z",
+        },
+    })
+}
+
+/// The object the API server stores for a sent Lease: the body with a new resourceVersion.
+pub fn stored(mut sent: Value, rv: &str) -> Value {
+    sent["metadata"]["resourceVersion"] = json!(rv);
+    sent
+}
+
+/// A TwoSite as the API server returns it.
+pub fn twosite(spec: Value, status: Option<Value>) -> Value {
+    let mut obj = json!({
+        "apiVersion": "twosite.dev/v1alpha1",
+        "kind": "TwoSite",
+        "metadata": {
+            "name": "default",
+            "uid": "2f7a4a2e-0000-4000-8000-000000000001",
+            "resourceVersion": "100",
+            "generation": 1,
+            "creationTimestamp": "2026-11-01T09:00:00Z",
+        },
+        "spec": spec,
+    });
+    if let Some(s) = status {
+        obj["status"] = s;
+    }
+    obj
+}

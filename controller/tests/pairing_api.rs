@@ -1,0 +1,315 @@
+//! The pairing reconciler against a mock API server: the status is server-side applied to
+//! `/status` with the expected pairs, only when it changed, and a missing `default` TwoSite is
+//! created first.
+
+mod common;
+
+use common::*;
+use controller::crd::TwoSite;
+use controller::leader_lease::{LeaderLease, Leadership, RoundOutcome};
+use controller::metrics::Metrics;
+use controller::pairing::{Context, Outcome, reconcile_pairing};
+use controller::status::{StatusInput, desired_status};
+use http::Method;
+use kube::runtime::events::{Recorder, Reporter};
+use node_health::{LeaderConfig, NodeFacts};
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::time::Duration;
+
+const ME: &str = "ctl-0";
+
+fn worker(name: &str, zone: &str) -> NodeFacts {
+    NodeFacts {
+        name: name.into(),
+        zone: Some(zone.into()),
+        control_plane: false,
+        ready: true,
+    }
+}
+
+/// A context whose replica has just created the Lease (epoch 0) and leads.
+async fn leading_context(client: kube::Client, api: &mut ApiServer) -> Context {
+    let metrics = Arc::new(Metrics::new());
+    let leadership = Leadership::new(LeaderConfig::new(ME)).expect("valid config");
+    let shell = LeaderLease::new(
+        client.clone(),
+        NAMESPACE,
+        leadership.clone(),
+        Arc::clone(&metrics),
+        Duration::from_secs(5),
+    );
+    let round = tokio::spawn(async move { shell.round().await });
+    api.expect(Method::GET, LEASE_PATH)
+        .await
+        .respond_status(404, "NotFound", "not found");
+    let create = api.expect(Method::POST, LEASES_PATH).await;
+    let body = create.body.clone();
+    create.respond(201, stored(body, "1"));
+    assert_eq!(
+        round.await.expect("joined").expect("round"),
+        RoundOutcome::Created
+    );
+    assert!(leadership.is_leader());
+    Context {
+        twosites: kube::Api::all(client.clone()),
+        recorder: Recorder::new(
+            client,
+            Reporter {
+                controller: "twosite-controller".into(),
+                instance: Some(ME.into()),
+            },
+        ),
+        leadership,
+        metrics,
+        api_timeout: Duration::from_secs(5),
+    }
+}
+
+/// Asserts the request is the controller's server-side apply of the status.
+fn assert_status_apply(seen: &Seen) {
+    assert_eq!(seen.method, Method::PATCH);
+    assert_eq!(seen.path, STATUS_PATH);
+    assert_eq!(
+        seen.query_param("fieldManager").as_deref(),
+        Some("twosite-controller")
+    );
+    assert_eq!(seen.query_param("force").as_deref(), Some("true"));
+    assert_eq!(
+        seen.content_type.as_deref(),
+        Some("application/apply-patch+yaml")
+    );
+    assert_eq!(seen.body["apiVersion"], "twosite.dev/v1alpha1");
+    assert_eq!(seen.body["kind"], "TwoSite");
+    assert!(
+        seen.body.get("spec").is_none(),
+        "only the status is applied"
+    );
+}
+
+fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
+    status["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == type_))
+        .unwrap_or_else(|| panic!("condition {type_} in {status}"))
+}
+
+#[tokio::test]
+async fn the_pairing_is_server_side_applied_to_the_status() {
+    let (client, mut api) = mock_client();
+    let ctx = leading_context(client, &mut api).await;
+    let nodes = vec![
+        worker("a2", "east"),
+        worker("a1", "east"),
+        worker("b1", "west"),
+        worker("b2", "west"),
+        NodeFacts {
+            control_plane: true,
+            ..worker("cp1", "east")
+        },
+    ];
+    let reconcile = tokio::spawn({
+        let ctx = ctx.clone();
+        async move { reconcile_pairing(&ctx, &nodes).await }
+    });
+
+    // Previous pair a1/b2 survives: pairs are stable across restarts.
+    let previous = json!({"pairs": [{"a": "a1", "b": "b2"}]});
+    api.expect(Method::GET, TWOSITE_PATH)
+        .await
+        .respond(200, twosite(json!({}), Some(previous)));
+    let apply = api.expect(Method::PATCH, STATUS_PATH).await;
+    assert_status_apply(&apply);
+    let status = apply.body["status"].clone();
+    assert_eq!(
+        status["pairs"],
+        json!([{"a": "a1", "b": "b2"}, {"a": "a2", "b": "b1"}])
+    );
+    assert_eq!(status["pairCount"], 2);
+    assert_eq!(
+        status["unpaired"],
+        json!([{"node": "cp1", "reason": "ControlPlane", "message": "control-plane node"}])
+    );
+    assert_eq!(status["unpairedCount"], 1);
+    assert_eq!(
+        status["rooms"],
+        json!({"a": "east", "b": "west", "source": "Automatic"})
+    );
+    assert_eq!(status["leader"], json!({"identity": ME, "epoch": 0}));
+    assert_eq!(status["observedGeneration"], 1);
+    assert_eq!(condition(&status, "RoomsResolved")["status"], "True");
+    assert_eq!(condition(&status, "Paired")["status"], "True");
+    assert_eq!(condition(&status, "Paired")["reason"], "AllWorkersPaired");
+    apply.respond(200, twosite(json!({}), Some(status)));
+
+    let event = api.expect(Method::POST, EVENTS_PATH).await;
+    assert_eq!(event.body["reason"], "PairingChanged");
+    assert_eq!(event.body["type"], "Normal");
+    assert_eq!(event.body["regarding"]["kind"], "TwoSite");
+    assert_eq!(event.body["regarding"]["name"], "default");
+    assert_eq!(event.body["reportingController"], "twosite-controller");
+    assert_eq!(event.body["reportingInstance"], ME);
+    assert_eq!(event.body["note"], "paired a2/b1; 2 pair(s) now");
+    let body = event.body.clone();
+    event.respond(201, body);
+
+    let outcome = reconcile.await.expect("joined").expect("reconcile");
+    assert_eq!(outcome, Outcome::Written);
+    let metrics = ctx.metrics.encode().expect("metrics");
+    assert!(metrics.contains("twosite_pairs 2"), "{metrics}");
+    assert!(metrics.contains("twosite_unpaired_nodes 1"), "{metrics}");
+    assert!(
+        metrics.contains("twosite_status_writes_total 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn an_unchanged_status_is_not_written() {
+    let (client, mut api) = mock_client();
+    let ctx = leading_context(client, &mut api).await;
+    let nodes = vec![worker("a1", "east"), worker("b1", "west")];
+
+    // What this leader wrote a while ago (with an older clock reading).
+    let obj: TwoSite = serde_json::from_value(twosite(json!({}), None)).expect("a TwoSite");
+    let leader = controller::crd::LeaderStatus {
+        identity: ME.into(),
+        epoch: 0,
+    };
+    let written = desired_status(&StatusInput::for_object(
+        &obj,
+        &nodes,
+        leader,
+        "2026-11-01T09:30:00Z",
+    ));
+
+    let reconcile = tokio::spawn({
+        let ctx = ctx.clone();
+        let nodes = nodes.clone();
+        async move { reconcile_pairing(&ctx, &nodes).await }
+    });
+    api.expect(Method::GET, TWOSITE_PATH).await.respond(
+        200,
+        twosite(
+            json!({}),
+            Some(serde_json::to_value(&written).expect("json")),
+        ),
+    );
+    assert_eq!(
+        reconcile.await.expect("joined").expect("reconcile"),
+        Outcome::Unchanged
+    );
+    api.expect_nothing().await;
+}
+
+#[tokio::test]
+async fn a_missing_twosite_is_created_with_automatic_rooms() {
+    let (client, mut api) = mock_client();
+    let ctx = leading_context(client, &mut api).await;
+    let nodes = vec![worker("a1", "east"), worker("b1", "west")];
+    let reconcile = tokio::spawn({
+        let ctx = ctx.clone();
+        async move { reconcile_pairing(&ctx, &nodes).await }
+    });
+
+    api.expect(Method::GET, TWOSITE_PATH).await.respond_status(
+        404,
+        "NotFound",
+        "twosites.twosite.dev \"default\" not found",
+    );
+    let create = api.expect(Method::POST, TWOSITES_PATH).await;
+    assert_eq!(create.body["apiVersion"], "twosite.dev/v1alpha1");
+    assert_eq!(create.body["kind"], "TwoSite");
+    assert_eq!(create.body["metadata"]["name"], "default");
+    assert_eq!(
+        create.body["spec"],
+        json!({}),
+        "an empty spec: automatic rooms"
+    );
+    create.respond(201, twosite(json!({}), None));
+
+    let apply = api.expect(Method::PATCH, STATUS_PATH).await;
+    assert_status_apply(&apply);
+    assert_eq!(
+        apply.body["status"]["pairs"],
+        json!([{"a": "a1", "b": "b1"}])
+    );
+    let status = apply.body["status"].clone();
+    apply.respond(200, twosite(json!({}), Some(status)));
+    let event = api.expect(Method::POST, EVENTS_PATH).await;
+    assert_eq!(event.body["reason"], "PairingChanged");
+    event.respond(201, json!({}));
+
+    assert_eq!(
+        reconcile.await.expect("joined").expect("reconcile"),
+        Outcome::Written
+    );
+}
+
+#[tokio::test]
+async fn an_invalid_spec_is_a_condition_and_an_event_not_pairs() {
+    let (client, mut api) = mock_client();
+    let ctx = leading_context(client, &mut api).await;
+    let nodes = vec![worker("a1", "east"), worker("b1", "west")];
+    let reconcile = tokio::spawn({
+        let ctx = ctx.clone();
+        async move { reconcile_pairing(&ctx, &nodes).await }
+    });
+
+    api.expect(Method::GET, TWOSITE_PATH)
+        .await
+        .respond(200, twosite(json!({"rooms": ["east", "east"]}), None));
+    let apply = api.expect(Method::PATCH, STATUS_PATH).await;
+    assert_status_apply(&apply);
+    let status = apply.body["status"].clone();
+    assert_eq!(status["pairs"], json!([]), "no pairs are written");
+    let rooms = condition(&status, "RoomsResolved");
+    assert_eq!(rooms["status"], "False");
+    assert_eq!(rooms["reason"], "InvalidSpec");
+    assert!(
+        rooms["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("\"east\" twice")),
+        "{rooms}"
+    );
+    assert_eq!(condition(&status, "Paired")["reason"], "InvalidSpec");
+    apply.respond(
+        200,
+        twosite(json!({"rooms": ["east", "east"]}), Some(status)),
+    );
+
+    let event = api.expect(Method::POST, EVENTS_PATH).await;
+    assert_eq!(event.body["reason"], "InvalidSpec");
+    assert_eq!(event.body["type"], "Warning");
+    event.respond(201, json!({}));
+    assert_eq!(
+        reconcile.await.expect("joined").expect("reconcile"),
+        Outcome::Written
+    );
+    api.expect_nothing().await;
+}
+
+#[tokio::test]
+async fn a_failed_status_write_is_an_error_for_the_backoff() {
+    let (client, mut api) = mock_client();
+    let ctx = leading_context(client, &mut api).await;
+    let nodes = vec![worker("a1", "east"), worker("b1", "west")];
+    let reconcile = tokio::spawn({
+        let ctx = ctx.clone();
+        async move { reconcile_pairing(&ctx, &nodes).await }
+    });
+    api.expect(Method::GET, TWOSITE_PATH)
+        .await
+        .respond(200, twosite(json!({}), None));
+    api.expect(Method::PATCH, STATUS_PATH).await.respond_status(
+        403,
+        "Forbidden",
+        "twosites/status is forbidden",
+    );
+    let err = reconcile
+        .await
+        .expect("joined")
+        .expect_err("a refused write is an error");
+    assert_eq!(err.metric_label(), "forbidden");
+    api.expect_nothing().await;
+}
