@@ -278,7 +278,8 @@ impl LeaderLease {
             if let Some(epoch) = self.leadership.epoch() {
                 self.metrics.leader_epoch.set(gauge_value(epoch));
             }
-            leading.send_replace(leader);
+            // Wake the pairing loop on a change only, not every round.
+            leading.send_if_modified(|was| std::mem::replace(was, leader) != leader);
             tokio::time::sleep(retry).await;
         }
     }

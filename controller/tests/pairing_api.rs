@@ -313,3 +313,51 @@ async fn a_failed_status_write_is_an_error_for_the_backoff() {
     assert_eq!(err.metric_label(), "forbidden");
     api.expect_nothing().await;
 }
+
+#[tokio::test]
+async fn the_loop_waits_for_the_first_node_listing_then_reconciles_on_change() {
+    let (client, mut api) = mock_client();
+    let ctx = leading_context(client, &mut api).await;
+    let health = controller::admin::Health::new();
+    let (facts_tx, facts_rx) = tokio::sync::watch::channel(None);
+    let (leading_tx, leading_rx) = tokio::sync::watch::channel(false);
+    let twosite_changed = Arc::new(tokio::sync::Notify::new());
+    let pairing = tokio::spawn(controller::pairing::run_pairing_loop(
+        ctx,
+        facts_rx,
+        Arc::clone(&twosite_changed),
+        leading_rx,
+        health.register("pairing", None),
+    ));
+
+    // Leadership and TwoSite changes before the Node watch synced: nothing is read or written
+    // (pairing from a partial view would break pairs).
+    leading_tx.send_replace(true);
+    twosite_changed.notify_one();
+    api.expect_nothing().await;
+
+    facts_tx.send_replace(Some(vec![worker("a1", "east"), worker("b1", "west")]));
+    api.expect(Method::GET, TWOSITE_PATH)
+        .await
+        .respond(200, twosite(json!({}), None));
+    let apply = api.expect(Method::PATCH, STATUS_PATH).await;
+    assert_status_apply(&apply);
+    assert_eq!(
+        apply.body["status"]["pairs"],
+        json!([{"a": "a1", "b": "b1"}])
+    );
+    let status = apply.body["status"].clone();
+    apply.respond(200, twosite(json!({}), Some(status.clone())));
+    api.expect(Method::POST, EVENTS_PATH)
+        .await
+        .respond(201, json!({}));
+
+    // A spec edit wakes it again; the status is already right: read, no write.
+    twosite_changed.notify_one();
+    api.expect(Method::GET, TWOSITE_PATH)
+        .await
+        .respond(200, twosite(json!({}), Some(status)));
+    api.expect_nothing().await;
+    assert!(!pairing.is_finished(), "the loop keeps running");
+    pairing.abort();
+}
