@@ -91,9 +91,9 @@ impl Error {
         matches!(self, Error::Kube { source: kube::Error::Api(s), .. } if s.is_conflict())
     }
 
-    /// Whether the API server answered 409 AlreadyExists to a create.
+    /// Whether the API server answered AlreadyExists to a create.
     pub fn is_already_exists(&self) -> bool {
-        matches!(self, Error::Kube { source: kube::Error::Api(s), .. } if s.is_already_exists() || s.is_conflict())
+        matches!(self, Error::Kube { source: kube::Error::Api(s), .. } if s.is_already_exists())
     }
 }
 
@@ -102,11 +102,46 @@ pub fn report(err: &(dyn std::error::Error + 'static)) -> String {
     let mut out = err.to_string();
     let mut cur = err.source();
     while let Some(e) = cur {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
+        // Some errors (kube's among them) already print their source: say it once.
+        let message = e.to_string();
+        if !out.contains(&message) {
+            out.push_str(": ");
+            out.push_str(&message);
+        }
         cur = e.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_names_every_cause_once() {
+        let inner = std::io::Error::other("disk on fire");
+        let err = Error::Admin {
+            addr: ([127, 0, 0, 1], 8080).into(),
+            source: inner,
+        };
+        assert_eq!(
+            report(&err),
+            "admin HTTP server on 127.0.0.1:8080 failed: disk on fire"
+        );
+        let status = kube::core::Status::failure("nope", "Conflict").with_code(409);
+        let err = Error::Kube {
+            action: "replace lease",
+            source: kube::Error::Api(status.boxed()),
+        };
+        assert!(err.is_conflict() && !err.is_already_exists());
+        assert_eq!(err.metric_label(), "conflict");
+        let text = report(&err);
+        assert!(
+            text.starts_with("Kubernetes API call failed: replace lease: ApiError: nope"),
+            "{text}"
+        );
+        assert_eq!(text.matches("nope: Conflict").count(), 1, "{text}");
+    }
 }
 
 /// Runs one Kubernetes API call with a deadline, naming it for errors and logs.

@@ -121,7 +121,7 @@ async fn fetch_or_create(ctx: &Context) -> Result<Option<TwoSite>> {
             Ok(Some(created))
         }
         // Someone created it meanwhile: read theirs.
-        Err(err) if err.is_already_exists() => {
+        Err(err) if err.is_already_exists() || err.is_conflict() => {
             with_timeout("get twosite", t, ctx.twosites.get_opt(DEFAULT_NAME)).await
         }
         Err(err) => Err(err),
