@@ -113,6 +113,19 @@ pub fn report(err: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
+/// Runs one Kubernetes API call with a deadline, naming it for errors and logs.
+pub async fn with_timeout<T>(
+    action: &'static str,
+    after: Duration,
+    call: impl std::future::Future<Output = Result<T, kube::Error>>,
+) -> Result<T> {
+    match tokio::time::timeout(after, call).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(source)) => Err(Error::Kube { action, source }),
+        Err(_) => Err(Error::Timeout { action, after }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,18 +154,5 @@ mod tests {
             "{text}"
         );
         assert_eq!(text.matches("nope: Conflict").count(), 1, "{text}");
-    }
-}
-
-/// Runs one Kubernetes API call with a deadline, naming it for errors and logs.
-pub async fn with_timeout<T>(
-    action: &'static str,
-    after: Duration,
-    call: impl std::future::Future<Output = Result<T, kube::Error>>,
-) -> Result<T> {
-    match tokio::time::timeout(after, call).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(source)) => Err(Error::Kube { action, source }),
-        Err(_) => Err(Error::Timeout { action, after }),
     }
 }
