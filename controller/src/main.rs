@@ -4,7 +4,11 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser, Debug)]
-#[command(name = "twosite", version, about = "High availability for Kubernetes clusters that span two server rooms")]
+#[command(
+    name = "twosite",
+    version,
+    about = "High availability for Kubernetes clusters that span two server rooms"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -70,8 +70,10 @@ fn checks_catch_broken_assumptions() {
     );
 
     // Clocks drift far beyond the 1% bound the leader election assumes: two leaders.
-    let mut cfg = sim::SimConfig::default();
-    cfg.drift_ppm = 450_000;
+    let cfg = sim::SimConfig {
+        drift_ppm: 450_000,
+        ..sim::SimConfig::default()
+    };
     let found = (0..20).any(|seed| {
         let s = scenario::named("leader-loss", seed).expect("scenario");
         let mut s2 = s.clone();
