@@ -2,12 +2,16 @@
 //! injected clock. No IO and no async: the controller, the node agent, the witness and the
 //! simulation all call this same code.
 
+pub mod agent;
 pub mod leader;
+pub mod remediation;
 pub mod rooms;
 pub mod time;
 pub mod verdict;
 
+pub use agent::{AgentCore, AgentStep, PeerReport, RunBasis};
 pub use leader::{LeaderAction, LeaderConfig, LeaderElector, LeaseRecord, LeaseWrite};
+pub use remediation::{Action, EventReason, NodeRemediation, Phase, RemediationInput};
 pub use rooms::{NodeFacts, Pair, Pairing, Room, RoomConfig, RoomError, pair_nodes};
 pub use time::{Clock, MonoTime, SystemClock};
 pub use verdict::{HealthTiming, Heartbeat, NodeObservation, NodeVerdict, Readiness, judge};

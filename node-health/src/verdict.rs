@@ -23,6 +23,20 @@ pub struct HealthTiming {
     pub fence_margin: Duration,
     /// The kubelet node Lease's duration (kubelet's default 40 s), used for nodes without agent.
     pub kubelet_lease: Duration,
+    /// How long the agent waits for the API server to answer a renewal before counting it failed.
+    pub request_timeout: Duration,
+    /// How often the agent feeds its watchdog while it has the right to run.
+    pub feed_interval: Duration,
+    /// How often the agent asks its partner in the other room how it is.
+    pub probe_interval: Duration,
+    /// A partner vouches ("the API server is gone for me too") only after it has not renewed its
+    /// own lease for this long.
+    pub vouch_after_silence: Duration,
+    /// How long one vouch lets an agent that cannot renew keep running.
+    pub vouch_validity: Duration,
+    /// A voucher counts as clear (it cannot be vouching) only while the observer sees its clean
+    /// renewals arrive at most this far apart.
+    pub clear_gap: Duration,
     /// Clock-rate drift bound, parts per million.
     pub drift_ppm: u64,
 }
@@ -35,12 +49,68 @@ impl Default for HealthTiming {
             watchdog: Duration::from_secs(5),
             fence_margin: Duration::from_secs(2),
             kubelet_lease: Duration::from_secs(40),
+            request_timeout: Duration::from_secs(2),
+            feed_interval: Duration::from_secs(1),
+            probe_interval: Duration::from_secs(1),
+            vouch_after_silence: Duration::from_secs(5),
+            vouch_validity: Duration::from_secs(3),
+            clear_gap: Duration::from_secs(3),
             drift_ppm: crate::time::DEFAULT_DRIFT_PPM,
         }
     }
 }
 
+/// A timing that would let the controller treat a running node as fenced.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TimingError {
+    #[error("the renewal timeout ({timeout:?}) must not exceed the renew interval ({renew:?})")]
+    TimeoutAboveRenew { timeout: Duration, renew: Duration },
+    #[error(
+        "a partner must stay silent ({silence:?}) longer than a renew interval plus the renewal timeout before it vouches"
+    )]
+    VouchTooEager { silence: Duration },
+    #[error(
+        "the clear gap ({gap:?}) must lie between the renew interval and the silence before a vouch"
+    )]
+    ClearGap { gap: Duration },
+    #[error("the agent lease ({lease:?}) must be longer than two renew intervals")]
+    LeaseTooShort { lease: Duration },
+    #[error("the watchdog ({watchdog:?}) must be fed at least twice per timeout")]
+    FeedTooSlow { watchdog: Duration },
+}
+
 impl HealthTiming {
+    /// Refuses timings under which the fencing argument in `docs/safety.md` does not hold.
+    pub fn validate(&self) -> Result<(), TimingError> {
+        if self.request_timeout > self.agent_renew {
+            return Err(TimingError::TimeoutAboveRenew {
+                timeout: self.request_timeout,
+                renew: self.agent_renew,
+            });
+        }
+        if self.vouch_after_silence <= self.agent_renew + self.request_timeout {
+            return Err(TimingError::VouchTooEager {
+                silence: self.vouch_after_silence,
+            });
+        }
+        if self.clear_gap <= self.agent_renew || self.clear_gap >= self.vouch_after_silence {
+            return Err(TimingError::ClearGap {
+                gap: self.clear_gap,
+            });
+        }
+        if self.agent_lease <= self.agent_renew * 2 {
+            return Err(TimingError::LeaseTooShort {
+                lease: self.agent_lease,
+            });
+        }
+        if self.feed_interval * 2 > self.watchdog {
+            return Err(TimingError::FeedTooSlow {
+                watchdog: self.watchdog,
+            });
+        }
+        Ok(())
+    }
+
     /// A node is suspect after missing two renewals of its agent lease.
     pub fn agent_suspect_after(&self) -> Duration {
         self.agent_renew * 2
@@ -88,6 +158,45 @@ pub struct NodeObservation {
     pub kubelet: Option<Heartbeat>,
     /// The Ready condition; `None` if the node has no such condition yet.
     pub ready: Option<Readiness>,
+    /// Since when (observer's clock) this node's agent has renewed cleanly — no failed renewal
+    /// before any of them — with changes seen at most `clear_gap` apart. A node that is clear
+    /// cannot be vouching for its partner. `None`: not clear.
+    pub clear_since: Option<MonoTime>,
+}
+
+impl NodeObservation {
+    /// Records one observation of the agent's heartbeat Lease. `clean`: the agent wrote that no
+    /// renewal failed before this one.
+    pub fn observe_agent(
+        &mut self,
+        fingerprint: &str,
+        clean: bool,
+        now: MonoTime,
+        t: &HealthTiming,
+    ) {
+        let prev = self
+            .agent
+            .as_ref()
+            .map(|h| (h.fingerprint.clone(), h.seen_at));
+        if prev.as_ref().is_some_and(|(f, _)| f == fingerprint) {
+            return;
+        }
+        Heartbeat::observe(&mut self.agent, fingerprint, now);
+        self.clear_since = match (clean, self.clear_since, prev) {
+            (false, _, _) => None,
+            (true, Some(since), Some((_, seen))) if now.since(seen) <= t.clear_gap => Some(since),
+            (true, _, _) => Some(now),
+        };
+    }
+
+    /// Since when this node has been clear, if it is clear at `now`.
+    pub fn clear_at(&self, now: MonoTime, t: &HealthTiming) -> Option<MonoTime> {
+        let seen = self.agent.as_ref()?.seen_at;
+        if now.since(seen) > t.clear_gap {
+            return None;
+        }
+        self.clear_since
+    }
 }
 
 /// Why a node is suspect.
@@ -203,6 +312,7 @@ mod tests {
                 seen_at: at(seen_ms),
             }),
             ready: Some(Readiness::True),
+            clear_since: None,
         }
     }
 
@@ -259,6 +369,48 @@ mod tests {
     }
 
     #[test]
+    fn clear_needs_clean_renewals_close_together() {
+        let t = HealthTiming::default();
+        let mut obs = NodeObservation::default();
+        obs.observe_agent("1", true, at(0), &t);
+        assert_eq!(obs.clear_at(at(1_000), &t), Some(at(0)));
+        obs.observe_agent("2", true, at(2_000), &t);
+        obs.observe_agent("2", true, at(2_500), &t);
+        assert_eq!(obs.clear_at(at(4_000), &t), Some(at(0)));
+        assert_eq!(
+            obs.clear_at(at(5_001), &t),
+            None,
+            "silent for more than the gap"
+        );
+        // A renewal after a gap starts a new clear stretch.
+        obs.observe_agent("3", true, at(9_000), &t);
+        assert_eq!(obs.clear_at(at(9_000), &t), Some(at(9_000)));
+        // A renewal that followed a failure: the node may have vouched meanwhile.
+        obs.observe_agent("4", false, at(11_000), &t);
+        assert_eq!(obs.clear_at(at(11_000), &t), None);
+        obs.observe_agent("5", true, at(13_000), &t);
+        assert_eq!(obs.clear_at(at(13_000), &t), Some(at(13_000)));
+    }
+
+    #[test]
+    fn default_timing_is_valid_and_bad_timing_is_refused() {
+        assert_eq!(HealthTiming::default().validate(), Ok(()));
+        let bad = HealthTiming {
+            vouch_after_silence: Duration::from_secs(3),
+            ..HealthTiming::default()
+        };
+        assert!(matches!(
+            bad.validate(),
+            Err(TimingError::VouchTooEager { .. })
+        ));
+        let bad = HealthTiming {
+            clear_gap: Duration::from_secs(6),
+            ..HealthTiming::default()
+        };
+        assert!(matches!(bad.validate(), Err(TimingError::ClearGap { .. })));
+    }
+
+    #[test]
     fn not_ready_with_live_agent_is_suspect_not_dead() {
         let t = HealthTiming::default();
         let mut obs = with_agent(0);
@@ -279,6 +431,7 @@ mod tests {
                 seen_at: at(0),
             }),
             ready: Some(Readiness::True),
+            clear_since: None,
         };
         assert_eq!(judge(&obs, at(10_000), &t, true), NodeVerdict::Healthy);
         assert_eq!(
@@ -296,7 +449,8 @@ mod tests {
                 &NodeObservation {
                     agent: None,
                     kubelet: None,
-                    ready: Some(Readiness::Unknown)
+                    ready: Some(Readiness::Unknown),
+                    clear_since: None,
                 },
                 at(0),
                 &t,

@@ -1,0 +1,328 @@
+//! The node agent's decisions: may this node keep running its HA workloads, must it stop them,
+//! and may it feed the watchdog.
+//!
+//! The node has the right to run while it has renewed its heartbeat Lease within the lease
+//! duration (shrunk by the drift bound, counted from when the renewal was *sent*), or while its
+//! partner in the other room vouches that the API server is gone for it too (a whole-cluster API
+//! outage must stop nothing: invariant S3). Same-room peers never vouch. Once the right is lost
+//! it stays lost until the node reboots: the agent stops the HA workloads and stops feeding the
+//! watchdog, which reboots the node. The controller's fence deadline relies on exactly that.
+
+use crate::time::{MonoTime, shrink};
+use crate::verdict::HealthTiming;
+use serde::{Deserialize, Serialize};
+
+/// What a peer agent answers to a probe.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerReport {
+    /// The answering node.
+    pub node: String,
+    /// The answering node's room (zone).
+    pub room: String,
+    /// The answering node's partner, as it sees the pairing.
+    pub partner: Option<String>,
+    /// It renewed its own heartbeat Lease recently.
+    pub api_reachable: bool,
+    /// It has the right to run.
+    pub has_right: bool,
+}
+
+/// Why the node may run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RunBasis {
+    /// It renewed its heartbeat Lease recently.
+    Lease,
+    /// Its partner in the other room vouched that the API server is gone for both.
+    Vouched { by: String },
+}
+
+/// Why the node lost the right to run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LossReason {
+    /// No renewal within the lease duration and no valid vouch.
+    LeaseExpired,
+}
+
+/// What the agent must do now.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AgentStep {
+    /// Feed the watchdog now.
+    pub feed: bool,
+    /// Stop the node's HA workloads now (once, when the right is lost).
+    pub stop_workloads: bool,
+    /// The right was lost at this step.
+    pub lost: Option<LossReason>,
+    /// The right was gained for the first time since boot at this step.
+    pub armed: bool,
+}
+
+/// The agent's state, from boot to reboot.
+#[derive(Debug, Clone)]
+pub struct AgentCore {
+    node: String,
+    room: String,
+    partner: Option<String>,
+    timing: HealthTiming,
+    last_renewal: Option<MonoTime>,
+    last_vouch: Option<(MonoTime, String)>,
+    armed: bool,
+    lost: Option<LossReason>,
+    last_feed: Option<MonoTime>,
+    consecutive_failures: u32,
+}
+
+impl AgentCore {
+    pub fn new(node: impl Into<String>, room: impl Into<String>, timing: HealthTiming) -> Self {
+        AgentCore {
+            node: node.into(),
+            room: room.into(),
+            partner: None,
+            timing,
+            last_renewal: None,
+            last_vouch: None,
+            armed: false,
+            lost: None,
+            last_feed: None,
+            consecutive_failures: 0,
+        }
+    }
+
+    /// The partner in the other room, as the latest pairing says.
+    pub fn set_partner(&mut self, partner: Option<String>) {
+        self.partner = partner;
+    }
+
+    pub fn partner(&self) -> Option<&str> {
+        self.partner.as_deref()
+    }
+
+    /// A renewal sent at `sent_at` was answered with success.
+    pub fn renewal_succeeded(&mut self, sent_at: MonoTime) {
+        if self.last_renewal.is_none_or(|t| t < sent_at) {
+            self.last_renewal = Some(sent_at);
+        }
+        self.consecutive_failures = 0;
+    }
+
+    /// A renewal failed or timed out: it may or may not have reached the API server.
+    pub fn renewal_failed(&mut self) {
+        self.consecutive_failures = self.consecutive_failures.saturating_add(1);
+    }
+
+    /// Consecutive failed renewals before the next one; written into the heartbeat Lease so the
+    /// controller can tell a clean renewal from one that followed a failure (during which this
+    /// node may have vouched for its partner).
+    pub fn failures_before_next_renewal(&self) -> u32 {
+        self.consecutive_failures
+    }
+
+    /// A probe sent at `sent_at` to a peer was answered. Only the partner in the other room, when
+    /// it sees this node as its partner too, cannot reach the API server either, and itself may
+    /// run, vouches.
+    pub fn peer_answered(&mut self, sent_at: MonoTime, report: &PeerReport) {
+        let vouches = self.partner.as_deref() == Some(report.node.as_str())
+            && report.room != self.room
+            && report.partner.as_deref() == Some(self.node.as_str())
+            && !report.api_reachable
+            && report.has_right;
+        if vouches && self.last_vouch.as_ref().is_none_or(|(t, _)| *t < sent_at) {
+            self.last_vouch = Some((sent_at, report.node.clone()));
+        }
+    }
+
+    /// Why the node may run at `now`, or `None`.
+    pub fn right_to_run(&self, now: MonoTime) -> Option<RunBasis> {
+        if self.lost.is_some() {
+            return None;
+        }
+        let t = &self.timing;
+        if self
+            .last_renewal
+            .is_some_and(|r| now < r + shrink(t.agent_lease, t.drift_ppm))
+        {
+            return Some(RunBasis::Lease);
+        }
+        // A vouch keeps an armed node running; it never admits a node that has not yet renewed
+        // since boot.
+        match &self.last_vouch {
+            Some((v, by)) if self.armed && now < *v + shrink(t.vouch_validity, t.drift_ppm) => {
+                Some(RunBasis::Vouched { by: by.clone() })
+            }
+            _ => None,
+        }
+    }
+
+    /// What this agent answers to a probe at `now`.
+    pub fn report(&self, now: MonoTime) -> PeerReport {
+        PeerReport {
+            node: self.node.clone(),
+            room: self.room.clone(),
+            partner: self.partner.clone(),
+            api_reachable: self
+                .last_renewal
+                .is_some_and(|r| now.since(r) <= self.timing.vouch_after_silence),
+            has_right: self.right_to_run(now).is_some(),
+        }
+    }
+
+    pub fn is_lost(&self) -> bool {
+        self.lost.is_some()
+    }
+
+    pub fn is_armed(&self) -> bool {
+        self.armed
+    }
+
+    /// Advances the agent to `now`: feed the watchdog while the node may run; on losing the
+    /// right, stop the workloads and never feed again.
+    pub fn tick(&mut self, now: MonoTime) -> AgentStep {
+        let mut step = AgentStep::default();
+        if self.lost.is_some() {
+            return step;
+        }
+        match self.right_to_run(now) {
+            Some(_) => {
+                if !self.armed {
+                    self.armed = true;
+                    step.armed = true;
+                }
+                if self
+                    .last_feed
+                    .is_none_or(|f| now.since(f) >= self.timing.feed_interval)
+                {
+                    self.last_feed = Some(now);
+                    step.feed = true;
+                }
+            }
+            None if self.armed => {
+                self.lost = Some(LossReason::LeaseExpired);
+                step.lost = Some(LossReason::LeaseExpired);
+                step.stop_workloads = true;
+            }
+            // Not admitted since boot: nothing runs, the watchdog is not armed yet.
+            None => {}
+        }
+        step
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent() -> AgentCore {
+        let mut a = AgentCore::new("a-1", "room-a", HealthTiming::default());
+        a.set_partner(Some("b-1".into()));
+        a
+    }
+
+    fn partner_report(api: bool, right: bool) -> PeerReport {
+        PeerReport {
+            node: "b-1".into(),
+            room: "room-b".into(),
+            partner: Some("a-1".into()),
+            api_reachable: api,
+            has_right: right,
+        }
+    }
+
+    #[test]
+    fn not_armed_until_first_renewal() {
+        let mut a = agent();
+        assert_eq!(a.tick(MonoTime(0)), AgentStep::default());
+        // A vouch alone never admits a node.
+        a.peer_answered(MonoTime(0), &partner_report(false, true));
+        assert_eq!(a.tick(MonoTime(100)), AgentStep::default());
+        a.renewal_succeeded(MonoTime(200));
+        let s = a.tick(MonoTime(300));
+        assert!(s.armed && s.feed);
+    }
+
+    #[test]
+    fn lost_right_stops_workloads_then_feeding_forever() {
+        let mut a = agent();
+        a.renewal_succeeded(MonoTime(0));
+        assert!(a.tick(MonoTime(0)).feed);
+        assert!(!a.tick(MonoTime(500)).feed, "fed at most once per interval");
+        assert!(a.tick(MonoTime(1_000)).feed);
+        // 8 s lease shrunk by 1%: 7.92 s.
+        assert!(a.tick(MonoTime(7_919)).feed);
+        let s = a.tick(MonoTime(7_920));
+        assert_eq!(s.lost, Some(LossReason::LeaseExpired));
+        assert!(s.stop_workloads && !s.feed);
+        // A late success does not bring the right back: only a reboot does.
+        a.renewal_succeeded(MonoTime(7_900));
+        a.renewal_succeeded(MonoTime(8_000));
+        for t in [8_000, 9_000, 20_000] {
+            assert_eq!(a.tick(MonoTime(t)), AgentStep::default());
+        }
+        assert!(!a.report(MonoTime(9_000)).has_right);
+    }
+
+    #[test]
+    fn partner_vouch_keeps_running_through_an_api_outage() {
+        let mut a = agent();
+        a.renewal_succeeded(MonoTime(0));
+        a.tick(MonoTime(0));
+        for t in (1_000..60_000).step_by(1_000) {
+            a.peer_answered(MonoTime(t), &partner_report(false, true));
+            let s = a.tick(MonoTime(t + 10));
+            assert!(s.lost.is_none(), "at {t}");
+        }
+        assert_eq!(
+            a.right_to_run(MonoTime(60_000)),
+            Some(RunBasis::Vouched { by: "b-1".into() })
+        );
+        // The partner reaches the API again: no more vouches, the right runs out.
+        a.peer_answered(MonoTime(60_000), &partner_report(true, true));
+        assert!(a.tick(MonoTime(61_000)).lost.is_none());
+        assert!(
+            a.tick(MonoTime(61_970)).lost.is_some(),
+            "3 s shrunk after 59 s"
+        );
+    }
+
+    #[test]
+    fn only_the_mutual_partner_of_the_other_room_vouches() {
+        let refused = [
+            PeerReport {
+                room: "room-a".into(),
+                ..partner_report(false, true)
+            },
+            PeerReport {
+                node: "b-2".into(),
+                ..partner_report(false, true)
+            },
+            PeerReport {
+                partner: Some("a-9".into()),
+                ..partner_report(false, true)
+            },
+            partner_report(true, true),
+            partner_report(false, false),
+        ];
+        for r in refused {
+            let mut a = agent();
+            a.renewal_succeeded(MonoTime(0));
+            a.tick(MonoTime(0));
+            a.peer_answered(MonoTime(7_000), &r);
+            assert!(
+                a.tick(MonoTime(8_000)).lost.is_some(),
+                "{r:?} must not vouch"
+            );
+        }
+    }
+
+    #[test]
+    fn reports_api_reachable_only_while_renewing() {
+        let mut a = agent();
+        assert!(!a.report(MonoTime(0)).api_reachable);
+        a.renewal_succeeded(MonoTime(0));
+        assert!(a.report(MonoTime(5_000)).api_reachable);
+        assert!(!a.report(MonoTime(5_001)).api_reachable);
+        a.renewal_failed();
+        a.renewal_failed();
+        assert_eq!(a.failures_before_next_renewal(), 2);
+        a.renewal_succeeded(MonoTime(6_000));
+        assert_eq!(a.failures_before_next_renewal(), 0);
+    }
+}

@@ -1,0 +1,565 @@
+//! Who may fence, taint and release a node: the controller's per-node remediation state machine.
+//!
+//! Healthy → Suspect → FenceWaiting → Fenced → Tainted → Recovering → Healthy.
+//!
+//! A node counts as fenced only when both hold, on the controller's clock:
+//! - its fence deadline has passed: the agent's lease ran out and its watchdog fired since
+//!   (see [`crate::verdict::judge`]);
+//! - nobody can be keeping it alive: every node that may vouch for it (its partner, or every
+//!   node of the other room when it has no partner) has been *clear* — renewing cleanly, so not
+//!   vouching — for a vouch's validity plus the watchdog plus the margin.
+//!
+//! Only then are its pods deleted (grace period 0) and the out-of-service taint applied. The
+//! taint comes off once the node is back with a new boot ID, its agent renewing, and nothing
+//! left terminating on it.
+
+use crate::time::{MonoTime, stretch};
+use crate::verdict::{HealthTiming, NodeVerdict};
+use serde::{Deserialize, Serialize};
+
+/// The out-of-service taint: key, value and effect.
+pub const OUT_OF_SERVICE_TAINT_KEY: &str = "node.kubernetes.io/out-of-service";
+pub const OUT_OF_SERVICE_TAINT_VALUE: &str = "nodeshutdown";
+pub const OUT_OF_SERVICE_TAINT_EFFECT: &str = "NoExecute";
+/// A node with this label set to `true` is never fenced or tainted.
+pub const EXCLUDE_LABEL: &str = "twosite.dev/exclude-from-remediation";
+/// The annotation twosite puts on a node it tainted: the boot ID the node had when fenced.
+pub const FENCED_BOOT_ANNOTATION: &str = "twosite.dev/fenced-boot-id";
+
+/// Why a dead node is not fenced yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WaitReason {
+    /// Its fence deadline has not passed.
+    Deadline,
+    /// A node that could vouch for it has not been clear long enough.
+    VoucherNotClear,
+    /// Remediation is paused for the whole cluster.
+    Paused,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    Healthy,
+    Suspect,
+    FenceWaiting(WaitReason),
+    /// Proven fenced; pods being deleted and taint being applied.
+    Fenced,
+    Tainted,
+    /// Back with a new boot ID; the taint comes off once nothing is left terminating.
+    Recovering,
+    /// Dead, but without an agent nothing proves it stopped: left to the operator.
+    NoAgent,
+    /// Dead, but excluded from remediation (control plane or labelled).
+    Excluded,
+}
+
+impl Phase {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Phase::Healthy => "Healthy",
+            Phase::Suspect => "Suspect",
+            Phase::FenceWaiting(_) => "FenceWaiting",
+            Phase::Fenced => "Fenced",
+            Phase::Tainted => "Tainted",
+            Phase::Recovering => "Recovering",
+            Phase::NoAgent => "NoAgent",
+            Phase::Excluded => "Excluded",
+        }
+    }
+}
+
+/// The Event reasons users see on the Node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum EventReason {
+    NodeSuspect,
+    NodeFenceWaiting,
+    NodeFenced,
+    OutOfServiceTaintApplied,
+    OutOfServiceTaintRemoved,
+    RemediationPaused,
+    NodeNoAgent,
+    NodeExcluded,
+    NodeReturnedWithoutReboot,
+}
+
+impl EventReason {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            EventReason::NodeSuspect => "NodeSuspect",
+            EventReason::NodeFenceWaiting => "NodeFenceWaiting",
+            EventReason::NodeFenced => "NodeFenced",
+            EventReason::OutOfServiceTaintApplied => "OutOfServiceTaintApplied",
+            EventReason::OutOfServiceTaintRemoved => "OutOfServiceTaintRemoved",
+            EventReason::RemediationPaused => "RemediationPaused",
+            EventReason::NodeNoAgent => "NodeNoAgent",
+            EventReason::NodeExcluded => "NodeExcluded",
+            EventReason::NodeReturnedWithoutReboot => "NodeReturnedWithoutReboot",
+        }
+    }
+
+    /// Warning (true) or Normal.
+    pub fn is_warning(&self) -> bool {
+        !matches!(
+            self,
+            EventReason::OutOfServiceTaintRemoved | EventReason::OutOfServiceTaintApplied
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Action {
+    /// Delete every pod bound to the node with grace period 0 (DaemonSet pods excepted).
+    DeletePods,
+    /// Add the out-of-service taint, keeping every other taint, and record the boot ID.
+    ApplyTaint { fenced_boot_id: Option<String> },
+    /// Remove the out-of-service taint (and the annotation), keeping every other taint.
+    RemoveTaint,
+    Event {
+        reason: EventReason,
+        message: String,
+    },
+}
+
+/// What the controller knows of one node at one instant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemediationInput {
+    pub verdict: NodeVerdict,
+    /// Since when every node that may vouch for this one has been clear; `None` if one is not.
+    pub vouchers_clear_since: Option<MonoTime>,
+    /// Control-plane node, or labelled `twosite.dev/exclude-from-remediation=true`.
+    pub excluded: bool,
+    /// The out-of-service taint is on the node.
+    pub tainted: bool,
+    /// The node carries our fenced-boot annotation (we tainted it, maybe before a restart).
+    pub fenced_boot_annotation: Option<String>,
+    /// Pods bound to the node that are not DaemonSet pods.
+    pub pods: usize,
+    /// Pods bound to the node that are terminating.
+    pub terminating_pods: usize,
+    /// The Ready condition is True.
+    pub ready: bool,
+    /// `status.nodeInfo.bootID`.
+    pub boot_id: Option<String>,
+    /// Remediation is paused for the whole cluster (stale watches, storm).
+    pub paused: bool,
+}
+
+/// One node's remediation, from the controller's side.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRemediation {
+    pub phase: Phase,
+    /// The boot ID the node had when it was fenced.
+    pub fenced_boot_id: Option<String>,
+    /// A warning about a node that came back without a reboot was given.
+    warned_no_reboot: bool,
+}
+
+impl Default for NodeRemediation {
+    fn default() -> Self {
+        NodeRemediation {
+            phase: Phase::Healthy,
+            fenced_boot_id: None,
+            warned_no_reboot: false,
+        }
+    }
+}
+
+fn event(reason: EventReason, message: impl Into<String>) -> Action {
+    Action::Event {
+        reason,
+        message: message.into(),
+    }
+}
+
+impl NodeRemediation {
+    /// Advances the node's remediation to `now` and returns what the shell must do. The shell
+    /// repeats the call every few hundred milliseconds; actions are idempotent.
+    pub fn step(&mut self, i: &RemediationInput, now: MonoTime, t: &HealthTiming) -> Vec<Action> {
+        let mut out = Vec::new();
+        // After a controller restart, a node we tainted is picked up where it was.
+        if i.tainted
+            && i.fenced_boot_annotation.is_some()
+            && !matches!(
+                self.phase,
+                Phase::Fenced | Phase::Tainted | Phase::Recovering
+            )
+        {
+            self.phase = Phase::Tainted;
+            self.fenced_boot_id = i.fenced_boot_annotation.clone();
+        }
+        match self.phase {
+            Phase::Fenced => {
+                if i.pods > 0 {
+                    out.push(Action::DeletePods);
+                }
+                if i.tainted {
+                    self.phase = Phase::Tainted;
+                    out.push(event(
+                        EventReason::OutOfServiceTaintApplied,
+                        "node.kubernetes.io/out-of-service=nodeshutdown:NoExecute applied",
+                    ));
+                } else {
+                    out.push(Action::ApplyTaint {
+                        fenced_boot_id: self.fenced_boot_id.clone(),
+                    });
+                }
+            }
+            Phase::Tainted => {
+                if i.pods > 0 && !(i.verdict == NodeVerdict::Healthy && i.ready) {
+                    out.push(Action::DeletePods);
+                }
+                if i.verdict == NodeVerdict::Healthy && i.ready {
+                    if i.boot_id.is_some() && i.boot_id != self.fenced_boot_id {
+                        self.phase = Phase::Recovering;
+                    } else if !self.warned_no_reboot {
+                        self.warned_no_reboot = true;
+                        out.push(event(
+                            EventReason::NodeReturnedWithoutReboot,
+                            "the node is back with the boot ID it had when fenced; the taint stays until an operator checks it",
+                        ));
+                    }
+                }
+                if !i.tainted && self.phase == Phase::Tainted {
+                    // Someone removed our taint while the node is still down: put it back.
+                    out.push(Action::ApplyTaint {
+                        fenced_boot_id: self.fenced_boot_id.clone(),
+                    });
+                }
+            }
+            Phase::Recovering => {
+                if i.verdict != NodeVerdict::Healthy {
+                    self.phase = Phase::Tainted;
+                } else if i.terminating_pods > 0 {
+                    // Wait: the taint is what lets the detach of their volumes go through.
+                } else if i.tainted {
+                    out.push(Action::RemoveTaint);
+                } else {
+                    self.phase = Phase::Healthy;
+                    self.fenced_boot_id = None;
+                    self.warned_no_reboot = false;
+                    out.push(event(
+                        EventReason::OutOfServiceTaintRemoved,
+                        "the node is back with a new boot ID and a renewing agent",
+                    ));
+                }
+            }
+            _ => self.judge(i, now, t, &mut out),
+        }
+        out
+    }
+
+    fn judge(
+        &mut self,
+        i: &RemediationInput,
+        now: MonoTime,
+        t: &HealthTiming,
+        out: &mut Vec<Action>,
+    ) {
+        let next = match i.verdict {
+            NodeVerdict::Healthy => Phase::Healthy,
+            NodeVerdict::Suspect(_) => Phase::Suspect,
+            _ if i.excluded => Phase::Excluded,
+            NodeVerdict::Dead {
+                fence_deadline: None,
+            } => Phase::NoAgent,
+            NodeVerdict::Dead {
+                fence_deadline: Some(deadline),
+            } => {
+                let settle = stretch(t.vouch_validity + t.watchdog + t.fence_margin, t.drift_ppm);
+                if i.paused {
+                    Phase::FenceWaiting(WaitReason::Paused)
+                } else if now < deadline {
+                    Phase::FenceWaiting(WaitReason::Deadline)
+                } else if i.vouchers_clear_since.is_none_or(|c| now < c + settle) {
+                    Phase::FenceWaiting(WaitReason::VoucherNotClear)
+                } else {
+                    Phase::Fenced
+                }
+            }
+        };
+        if next == self.phase {
+            return;
+        }
+        match next {
+            Phase::Suspect => out.push(event(
+                EventReason::NodeSuspect,
+                "the node's heartbeats are late",
+            )),
+            Phase::FenceWaiting(WaitReason::Paused) => out.push(event(
+                EventReason::RemediationPaused,
+                "the node is dead, but remediation is paused",
+            )),
+            Phase::FenceWaiting(WaitReason::Deadline) => out.push(event(
+                EventReason::NodeFenceWaiting,
+                "the node is dead; waiting for its self-fence deadline",
+            )),
+            Phase::FenceWaiting(WaitReason::VoucherNotClear) => out.push(event(
+                EventReason::NodeFenceWaiting,
+                "the node is dead; waiting until its partner in the other room is proven not to vouch for it",
+            )),
+            Phase::NoAgent => out.push(event(
+                EventReason::NodeNoAgent,
+                "the node is dead but runs no twosite agent: nothing proves it stopped, so it is left to the operator",
+            )),
+            Phase::Excluded => out.push(event(
+                EventReason::NodeExcluded,
+                "the node is dead but excluded from remediation",
+            )),
+            Phase::Fenced => {
+                self.fenced_boot_id = i.boot_id.clone();
+                out.push(event(
+                    EventReason::NodeFenced,
+                    "the node's self-fence deadline has passed and no partner can vouch for it",
+                ));
+                out.push(Action::DeletePods);
+                out.push(Action::ApplyTaint {
+                    fenced_boot_id: self.fenced_boot_id.clone(),
+                });
+            }
+            _ => {}
+        }
+        self.phase = next;
+    }
+}
+
+/// Whether remediation must pause for the whole cluster, and why.
+///
+/// A blind controller (watch not synced) judges nobody. Dead nodes in *both* rooms beyond
+/// `max_dead_share_pct` of all workers look like a storm or a partition the controller cannot
+/// see through: pause. One whole room lost while the other is healthy is the normal failover
+/// and never pauses.
+pub fn pause_reason(
+    synced: bool,
+    dead_per_room: (usize, usize),
+    workers: usize,
+    max_dead_share_pct: u8,
+) -> Option<String> {
+    if !synced {
+        return Some("the controller's watches are not synced".into());
+    }
+    let (a, b) = dead_per_room;
+    if a > 0 && b > 0 && (a + b) * 100 > workers * usize::from(max_dead_share_pct) {
+        return Some(format!(
+            "{a} dead node(s) in room A and {b} in room B: more than {max_dead_share_pct}% of {workers} workers"
+        ));
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::verdict::SuspectReason;
+
+    fn dead(deadline: u64) -> NodeVerdict {
+        NodeVerdict::Dead {
+            fence_deadline: Some(MonoTime(deadline)),
+        }
+    }
+
+    fn input(verdict: NodeVerdict) -> RemediationInput {
+        RemediationInput {
+            verdict,
+            vouchers_clear_since: Some(MonoTime(0)),
+            excluded: false,
+            tainted: false,
+            fenced_boot_annotation: None,
+            pods: 2,
+            terminating_pods: 0,
+            ready: false,
+            boot_id: Some("boot-1".into()),
+            paused: false,
+        }
+    }
+
+    fn reasons(actions: &[Action]) -> Vec<&str> {
+        actions
+            .iter()
+            .map(|a| match a {
+                Action::Event { reason, .. } => reason.as_str(),
+                Action::DeletePods => "DeletePods",
+                Action::ApplyTaint { .. } => "ApplyTaint",
+                Action::RemoveTaint => "RemoveTaint",
+            })
+            .collect()
+    }
+
+    const T0: u64 = 100_000;
+
+    #[test]
+    fn full_cycle_dead_fenced_tainted_recovered() {
+        let t = HealthTiming::default();
+        let mut r = NodeRemediation::default();
+        let s = r.step(
+            &input(NodeVerdict::Suspect(SuspectReason::AgentLate)),
+            MonoTime(T0),
+            &t,
+        );
+        assert_eq!(reasons(&s), ["NodeSuspect"]);
+        let s = r.step(&input(dead(T0 + 7_000)), MonoTime(T0 + 5_000), &t);
+        assert_eq!(reasons(&s), ["NodeFenceWaiting"]);
+        assert!(
+            r.step(&input(dead(T0 + 7_000)), MonoTime(T0 + 6_999), &t)
+                .is_empty()
+        );
+        let s = r.step(&input(dead(T0 + 7_000)), MonoTime(T0 + 7_000), &t);
+        assert_eq!(reasons(&s), ["NodeFenced", "DeletePods", "ApplyTaint"]);
+        assert_eq!(
+            s[2],
+            Action::ApplyTaint {
+                fenced_boot_id: Some("boot-1".into())
+            }
+        );
+        // The shell applied the taint and deleted the pods.
+        let mut i = input(dead(T0 + 7_000));
+        i.tainted = true;
+        i.pods = 0;
+        let s = r.step(&i, MonoTime(T0 + 7_100), &t);
+        assert_eq!(reasons(&s), ["OutOfServiceTaintApplied"]);
+        assert_eq!(r.phase, Phase::Tainted);
+        // Back with a new boot ID and a renewing agent; one pod still terminating.
+        i.verdict = NodeVerdict::Healthy;
+        i.ready = true;
+        i.boot_id = Some("boot-2".into());
+        i.terminating_pods = 1;
+        assert!(r.step(&i, MonoTime(T0 + 60_000), &t).is_empty());
+        assert_eq!(r.phase, Phase::Recovering);
+        assert!(r.step(&i, MonoTime(T0 + 60_100), &t).is_empty());
+        i.terminating_pods = 0;
+        assert_eq!(
+            reasons(&r.step(&i, MonoTime(T0 + 60_200), &t)),
+            ["RemoveTaint"]
+        );
+        i.tainted = false;
+        assert_eq!(
+            reasons(&r.step(&i, MonoTime(T0 + 60_300), &t)),
+            ["OutOfServiceTaintRemoved"]
+        );
+        assert_eq!(r.phase, Phase::Healthy);
+    }
+
+    /// The unsafe cases: every one of them must be refused.
+    #[test]
+    fn never_fences_what_is_not_proven_stopped() {
+        let t = HealthTiming::default();
+        let now = MonoTime(T0 + 60_000);
+        let cases: Vec<(&str, RemediationInput)> = vec![
+            (
+                "suspect only",
+                input(NodeVerdict::Suspect(SuspectReason::NotReady)),
+            ),
+            ("deadline not passed", input(dead(T0 + 60_001))),
+            (
+                "no agent",
+                input(NodeVerdict::Dead {
+                    fence_deadline: None,
+                }),
+            ),
+            (
+                "partner not clear",
+                RemediationInput {
+                    vouchers_clear_since: None,
+                    ..input(dead(T0))
+                },
+            ),
+            (
+                // 3 s vouch + 5 s watchdog + 2 s margin, stretched: 10.1 s.
+                "partner clear for too short a time",
+                RemediationInput {
+                    vouchers_clear_since: Some(MonoTime(T0 + 49_901)),
+                    ..input(dead(T0))
+                },
+            ),
+            (
+                "excluded",
+                RemediationInput {
+                    excluded: true,
+                    ..input(dead(T0))
+                },
+            ),
+            (
+                "paused",
+                RemediationInput {
+                    paused: true,
+                    ..input(dead(T0))
+                },
+            ),
+        ];
+        for (name, i) in cases {
+            let mut r = NodeRemediation::default();
+            let actions = r.step(&i, now, &t);
+            assert!(
+                !actions
+                    .iter()
+                    .any(|a| matches!(a, Action::DeletePods | Action::ApplyTaint { .. })),
+                "{name}: {actions:?}"
+            );
+            assert_ne!(r.phase, Phase::Fenced, "{name}");
+        }
+        // And the boundary on the accepting side.
+        let mut r = NodeRemediation::default();
+        let i = RemediationInput {
+            vouchers_clear_since: Some(MonoTime(T0 + 49_900)),
+            ..input(dead(T0))
+        };
+        assert_eq!(r.step(&i, now, &t).len(), 3);
+    }
+
+    #[test]
+    fn a_node_back_without_reboot_keeps_its_taint() {
+        let t = HealthTiming::default();
+        let mut r = NodeRemediation::default();
+        r.step(&input(dead(T0)), MonoTime(T0), &t);
+        let mut i = input(NodeVerdict::Healthy);
+        i.tainted = true;
+        i.ready = true;
+        i.pods = 0;
+        // Same boot ID as when fenced.
+        let s = r.step(&i, MonoTime(T0 + 100), &t);
+        assert_eq!(reasons(&s), ["OutOfServiceTaintApplied"]);
+        let s = r.step(&i, MonoTime(T0 + 200), &t);
+        assert_eq!(reasons(&s), ["NodeReturnedWithoutReboot"]);
+        assert!(r.step(&i, MonoTime(T0 + 300), &t).is_empty(), "warned once");
+        assert_eq!(r.phase, Phase::Tainted);
+    }
+
+    #[test]
+    fn adopts_its_own_taint_after_a_restart_but_not_a_foreign_one() {
+        let t = HealthTiming::default();
+        let mut i = input(NodeVerdict::Healthy);
+        i.tainted = true;
+        i.ready = true;
+        i.pods = 0;
+        let mut foreign = NodeRemediation::default();
+        assert!(foreign.step(&i, MonoTime(T0), &t).is_empty());
+        assert_eq!(
+            foreign.phase,
+            Phase::Healthy,
+            "an operator's taint is theirs"
+        );
+        i.fenced_boot_annotation = Some("boot-0".into());
+        let mut ours = NodeRemediation::default();
+        ours.step(&i, MonoTime(T0), &t);
+        assert_eq!(ours.phase, Phase::Recovering);
+        assert_eq!(
+            reasons(&ours.step(&i, MonoTime(T0 + 1), &t)),
+            ["RemoveTaint"]
+        );
+    }
+
+    #[test]
+    fn pause_rules() {
+        assert!(pause_reason(false, (0, 0), 6, 50).is_some());
+        assert_eq!(
+            pause_reason(true, (3, 0), 6, 50),
+            None,
+            "a whole room lost is normal"
+        );
+        assert_eq!(pause_reason(true, (1, 1), 6, 50), None);
+        assert!(pause_reason(true, (2, 2), 6, 50).is_some());
+        assert!(
+            pause_reason(true, (1, 1), 2, 50).is_some(),
+            "both nodes of the smallest cluster"
+        );
+    }
+}
