@@ -1,0 +1,281 @@
+//! `twosite-agent`: flags, and wiring the agent's tasks together.
+//!
+//! Five tasks share one [`SharedCore`]: the heartbeat renewal, the partner refresh, the partner
+//! probes, the peer port and the decision loop. If any ends the process exits non-zero; the
+//! watchdog, once armed, then reboots the node unless a new agent feeds it in time — exactly
+//! what the controller's fence deadline assumes of a node whose agent stopped.
+
+use super::error::{Error, Result, report, with_timeout};
+use super::heartbeat::{KubeLeases, NodeFacts, read_boot_id, run_heartbeat};
+use super::node_agent::{NodeAgent, TICK};
+use super::partner::{KubePairing, PartnerCache, run_partner_refresh, zone};
+use super::peer::{self, HttpProbe, run_probes};
+use super::stopper::CommandStopper;
+use super::watchdog::{DEFAULT_DEVICE, DeviceWatchdog, NoWatchdog, Watchdog};
+use super::SharedCore;
+use crate::agent::AgentCore;
+use crate::time::{Clock, SystemClock};
+use crate::verdict::HealthTiming;
+use k8s_openapi::api::core::v1::Node;
+use kube::{Api, Client};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::JoinSet;
+
+/// How often the partner and its address are read again from the API server.
+pub const PARTNER_REFRESH: Duration = Duration::from_secs(10);
+/// How long to wait before asking again for the Node's zone at start.
+const ROOM_RETRY: Duration = Duration::from_secs(2);
+
+/// twosite node agent: heartbeat Lease, watchdog, partner probes, self-fencing.
+#[derive(clap::Parser, Debug, Clone)]
+#[command(name = "twosite-agent", version)]
+pub struct Args {
+    /// This node's name.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+
+    /// This node's room [default: the Node's topology.kubernetes.io/zone label].
+    #[arg(long, env = "NODE_ZONE")]
+    pub room: Option<String>,
+
+    /// Namespace of the heartbeat Lease `twosite-agent-<node>`.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "twosite-system")]
+    pub namespace: String,
+
+    /// The watchdog device; softdog is loaded when the default device is missing.
+    #[arg(long, default_value = DEFAULT_DEVICE)]
+    pub watchdog_device: PathBuf,
+
+    /// Run without a watchdog: nothing reboots this node when it loses the right to run.
+    /// Refused unless --i-understand-no-fencing is given too.
+    #[arg(long)]
+    pub no_watchdog: bool,
+
+    /// Accept that --no-watchdog leaves this node unfenced.
+    #[arg(long)]
+    pub i_understand_no_fencing: bool,
+
+    /// Address of the peer port (GET /v1/peer); the partner is probed on the same port.
+    #[arg(long, default_value = "0.0.0.0:9477")]
+    pub peer_addr: SocketAddr,
+
+    /// Shell command that stops this node's HA workloads when it loses the right to run
+    /// (run with `sh -c`, TWOSITE_NODE set, killed after the watchdog timeout).
+    #[arg(long)]
+    pub stop_command: Option<String>,
+
+    /// Where the kernel's boot ID is read.
+    #[arg(long, default_value = "/proc/sys/kernel/random/boot_id")]
+    pub boot_id_file: PathBuf,
+}
+
+impl Args {
+    /// Refuses `--no-watchdog` unless the operator acknowledged running without fencing.
+    pub fn check_fencing(&self) -> Result<()> {
+        if self.no_watchdog && !self.i_understand_no_fencing {
+            return Err(Error::FencingNotAcknowledged);
+        }
+        Ok(())
+    }
+}
+
+/// Runs the agent until a task dies (failure) or SIGTERM/Ctrl-C (success). Exit status 2 for
+/// refused flags.
+pub fn main(args: Args) -> ExitCode {
+    init_tracing();
+    if let Err(err) = args.check_fencing() {
+        eprintln!("error: {err}");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            tracing::error!(error = %report(&Error::Runtime(err)), "agent could not start");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(error = %report(&err), "agent stopped");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// The room from `--room`/NODE_ZONE, else the Node's zone label; waits for the API server.
+async fn resolve_room(
+    client: &Client,
+    node: &str,
+    flag: Option<String>,
+    timeout: Duration,
+) -> Result<String> {
+    if let Some(room) = flag.map(|r| r.trim().to_string()).filter(|r| !r.is_empty()) {
+        return Ok(room);
+    }
+    let nodes: Api<Node> = Api::all(client.clone());
+    loop {
+        match with_timeout("get node", timeout, nodes.get_opt(node)).await {
+            Ok(found) => {
+                return found.as_ref().and_then(zone).ok_or_else(|| Error::NoRoom {
+                    node: node.to_string(),
+                });
+            }
+            Err(err) => {
+                tracing::warn!(error = %report(&err), "cannot read this node's zone yet; retrying");
+                tokio::time::sleep(ROOM_RETRY).await;
+            }
+        }
+    }
+}
+
+fn watchdog(args: &Args, timing: &HealthTiming) -> Result<Box<dyn Watchdog>> {
+    if args.no_watchdog {
+        tracing::warn!(
+            "running WITHOUT a watchdog (--no-watchdog --i-understand-no-fencing): this node \
+             does not fence itself; the controller must not rely on it"
+        );
+        return Ok(Box::new(NoWatchdog));
+    }
+    Ok(Box::new(DeviceWatchdog::prepare(
+        &args.watchdog_device,
+        timing.watchdog,
+    )?))
+}
+
+async fn run(args: Args) -> Result<()> {
+    let timing = HealthTiming::default();
+    timing.validate().map_err(Error::Timing)?;
+    let watchdog = watchdog(&args, &timing)?;
+    let boot_id = read_boot_id(&args.boot_id_file)?;
+    let client = Client::try_default().await.map_err(Error::ClientConfig)?;
+    let room = resolve_room(
+        &client,
+        &args.node_name,
+        args.room.clone(),
+        timing.request_timeout,
+    )
+    .await?;
+    let listener = peer::bind(args.peer_addr).await?;
+    tracing::info!(
+        node = args.node_name,
+        room,
+        namespace = args.namespace,
+        peer = %args.peer_addr,
+        boot_id,
+        watchdog = watchdog.fences(),
+        "starting twosite agent"
+    );
+
+    let clock: Arc<dyn Clock + Send + Sync> = Arc::new(SystemClock::new());
+    let core = SharedCore::new(AgentCore::new(&*args.node_name, room, timing.clone()));
+    let partners = PartnerCache::new();
+    let facts = NodeFacts {
+        node: args.node_name.clone(),
+        namespace: args.namespace.clone(),
+        boot_id,
+        watchdog_enabled: watchdog.fences(),
+        lease_duration: timing.agent_lease,
+    };
+
+    let mut tasks: JoinSet<(&'static str, Result<()>)> = JoinSet::new();
+    tasks.spawn({
+        let api = KubeLeases::new(client.clone(), &args.namespace, timing.request_timeout);
+        let (core, clock) = (core.clone(), clock.clone());
+        let every = timing.agent_renew;
+        async move { ("heartbeat", run_heartbeat(api, facts, core, clock, every).await) }
+    });
+    tasks.spawn({
+        let source = KubePairing::new(client.clone(), timing.request_timeout);
+        let (node, port) = (args.node_name.clone(), args.peer_addr.port());
+        let (cache, core) = (partners.clone(), core.clone());
+        async move {
+            let done = run_partner_refresh(source, node, port, cache, core, PARTNER_REFRESH);
+            ("partner refresh", done.await)
+        }
+    });
+    tasks.spawn({
+        let probe = HttpProbe::new(timing.probe_interval / 2);
+        let (cache, core, clock) = (partners.clone(), core.clone(), clock.clone());
+        let every = timing.probe_interval;
+        async move { ("peer probe", run_probes(probe, cache, core, clock, every).await) }
+    });
+    tasks.spawn({
+        let (core, clock) = (core.clone(), clock.clone());
+        async move { ("peer port", peer::serve(listener, core, clock).await) }
+    });
+    tasks.spawn({
+        let stopper = CommandStopper::new(args.stop_command.clone(), &args.node_name, timing.watchdog);
+        let agent = NodeAgent::new(core.clone(), clock.clone(), watchdog, stopper);
+        async move { ("decision loop", agent.run(TICK).await) }
+    });
+
+    tokio::select! {
+        joined = tasks.join_next() => match joined {
+            Some(Ok((name, result))) => {
+                if let Err(err) = result {
+                    tracing::error!(task = name, error = %report(&err), "task failed");
+                }
+                Err(Error::TaskEnded(name))
+            }
+            Some(Err(join)) => {
+                tracing::error!(error = %join, "a task panicked");
+                Err(Error::TaskEnded("agent"))
+            }
+            None => Err(Error::TaskEnded("agent")),
+        },
+        () = shutdown_signal() => {
+            if core.lock().is_armed() {
+                tracing::warn!(
+                    "stopping: the watchdog stays armed and reboots the node unless a new agent \
+                     feeds it within {:?}",
+                    timing.watchdog
+                );
+            } else {
+                tracing::info!("stopping");
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot listen for SIGTERM; only Ctrl-C stops the agent");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,124 @@
+//! The agent's one error type.
+
+use std::path::PathBuf;
+use std::time::Duration;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum Error {
+    /// `--no-watchdog` without `--i-understand-no-fencing`.
+    #[error(
+        "--no-watchdog turns self-fencing off: the controller may then release this node's \
+         workloads while they still run here. Pass --i-understand-no-fencing as well to accept that"
+    )]
+    FencingNotAcknowledged,
+
+    /// The agent's timing is unsafe.
+    #[error("invalid agent timing")]
+    Timing(#[source] crate::verdict::TimingError),
+
+    /// A Kubernetes API call answered with an error.
+    #[error("Kubernetes API call failed: {action}")]
+    Kube {
+        action: &'static str,
+        #[source]
+        source: kube::Error,
+    },
+
+    /// A Kubernetes API call did not answer in time.
+    #[error("Kubernetes API call timed out after {after:?}: {action}")]
+    Timeout {
+        action: &'static str,
+        after: Duration,
+    },
+
+    /// The in-cluster or kubeconfig client configuration could not be loaded.
+    #[error("could not configure the Kubernetes client")]
+    ClientConfig(#[source] kube::Error),
+
+    /// No `--room`, and the Node has no `topology.kubernetes.io/zone` label.
+    #[error("node {node} has no topology.kubernetes.io/zone label; pass --room or set NODE_ZONE")]
+    NoRoom { node: String },
+
+    /// The boot ID could not be read.
+    #[error("could not read the boot ID from {path}")]
+    BootId {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The watchdog device could not be found, loaded, opened or written.
+    #[error("watchdog {path}: {what}")]
+    Watchdog {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A peer did not answer a probe usefully.
+    #[error("peer probe to {addr} failed: {what}")]
+    Probe {
+        addr: std::net::SocketAddr,
+        what: String,
+    },
+
+    /// The peer HTTP port could not be opened or failed.
+    #[error("peer HTTP server on {addr} failed")]
+    PeerServer {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The tokio runtime could not be built.
+    #[error("could not start the async runtime")]
+    Runtime(#[source] std::io::Error),
+
+    /// A main task ended; the agent must not keep running without it.
+    #[error("the {0} task ended")]
+    TaskEnded(&'static str),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Whether the API server refused a write because the object changed (409 Conflict).
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Error::Kube { source: kube::Error::Api(s), .. } if s.is_conflict())
+    }
+
+    /// Whether the API server answered 404 Not Found.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Error::Kube { source: kube::Error::Api(s), .. } if s.is_not_found())
+    }
+}
+
+/// The error and all its sources, joined with `: `, for logs.
+pub fn report(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        let message = e.to_string();
+        if !out.contains(&message) {
+            out.push_str(": ");
+            out.push_str(&message);
+        }
+        cur = e.source();
+    }
+    out
+}
+
+/// Runs one Kubernetes API call with a deadline, naming it for errors and logs.
+pub async fn with_timeout<T>(
+    action: &'static str,
+    after: Duration,
+    call: impl std::future::Future<Output = Result<T, kube::Error>>,
+) -> Result<T> {
+    match tokio::time::timeout(after, call).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(source)) => Err(Error::Kube { action, source }),
+        Err(_) => Err(Error::Timeout { action, after }),
+    }
+}

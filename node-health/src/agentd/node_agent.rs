@@ -1,0 +1,92 @@
+//! The agent's decision loop: ask [`AgentCore`] what to do now, then do it — stop the HA
+//! workloads first when the right to run is lost, arm the watchdog when the core first arms,
+//! and feed it only when the core says so. Renewals and probes report into the same core from
+//! their own tasks; every decision stays in the core.
+//!
+//! [`AgentCore`]: crate::AgentCore
+
+use super::SharedCore;
+use super::error::report;
+use super::stopper::WorkloadStopper;
+use super::watchdog::Watchdog;
+use crate::agent::AgentStep;
+use crate::time::Clock;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How often the loop asks the core (well under the feed interval).
+pub const TICK: Duration = Duration::from_millis(200);
+
+/// The node agent's loop over its core, watchdog and workload stopper.
+pub struct NodeAgent<W, S> {
+    core: SharedCore,
+    clock: Arc<dyn Clock + Send + Sync>,
+    watchdog: W,
+    stopper: S,
+}
+
+impl<W: Watchdog, S: WorkloadStopper> NodeAgent<W, S> {
+    pub fn new(
+        core: SharedCore,
+        clock: Arc<dyn Clock + Send + Sync>,
+        watchdog: W,
+        stopper: S,
+    ) -> Self {
+        NodeAgent {
+            core,
+            clock,
+            watchdog,
+            stopper,
+        }
+    }
+
+    pub fn core(&self) -> &SharedCore {
+        &self.core
+    }
+
+    pub fn watchdog(&self) -> &W {
+        &self.watchdog
+    }
+
+    pub fn stopper(&self) -> &S {
+        &self.stopper
+    }
+
+    /// One step: the core decides at the current time; the loop stops, arms and feeds as told.
+    pub async fn tick(&mut self) -> AgentStep {
+        let step = {
+            let now = self.clock.now();
+            self.core.lock().tick(now)
+        };
+        if step.stop_workloads {
+            tracing::error!(
+                reason = ?step.lost,
+                "lost the right to run: stopping HA workloads; the watchdog is no longer fed \
+                 and will reboot the node"
+            );
+            self.stopper.stop().await;
+        }
+        if step.armed {
+            tracing::info!("right to run gained: arming the watchdog");
+            if let Err(err) = self.watchdog.arm() {
+                tracing::error!(error = %report(&err), "could not arm the watchdog");
+            }
+        }
+        if step.feed
+            && let Err(err) = self.watchdog.feed()
+        {
+            tracing::error!(error = %report(&err), "could not feed the watchdog");
+        }
+        step
+    }
+
+    /// Ticks every `every` until the process ends.
+    pub async fn run(mut self, every: Duration) -> super::error::Result<()> {
+        let mut ticks = tokio::time::interval(every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            self.tick().await;
+        }
+    }
+}
