@@ -3,6 +3,8 @@
 //! simulation all call this same code.
 
 pub mod agent;
+#[cfg(feature = "agent")]
+pub mod agentd;
 pub mod leader;
 pub mod remediation;
 pub mod rooms;
