@@ -16,6 +16,7 @@ pub enum Key {
     LeaderLease,
     /// The `TwoSite` status the leader writes.
     Status,
+    Pod(String),
 }
 
 impl Key {
@@ -23,7 +24,7 @@ impl Key {
     pub fn watched(&self) -> bool {
         matches!(
             self,
-            Key::Node(_) | Key::KubeletLease(_) | Key::AgentLease(_)
+            Key::Node(_) | Key::KubeletLease(_) | Key::AgentLease(_) | Key::Pod(_)
         )
     }
 }
@@ -34,6 +35,12 @@ pub struct NodeObj {
     pub control_plane: bool,
     pub ready: Readiness,
     pub boot_id: u64,
+    /// `node.kubernetes.io/out-of-service=nodeshutdown:NoExecute` is on the node.
+    pub out_of_service: bool,
+    /// Other taints (an operator's), which every writer must keep.
+    pub other_taints: Vec<String>,
+    /// `twosite.dev/fenced-boot-id`.
+    pub fenced_boot: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,12 +48,26 @@ pub struct LeaseObj {
     pub holder: Option<String>,
     pub transitions: u64,
     pub duration_ms: u64,
+    /// Agent leases: `twosite.dev/renew-failures` (0: a clean renewal).
+    pub failures_before: u32,
+    /// Agent leases: `twosite.dev/boot-id`.
+    pub boot_id: u64,
+}
+
+/// A pod of one HA application, bound to a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodObj {
+    pub app: String,
+    pub node: String,
+    /// Has a deletionTimestamp.
+    pub terminating: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct StatusObj {
     pub pairs: Vec<Pair>,
     pub verdicts: BTreeMap<String, &'static str>,
+    pub phases: BTreeMap<String, &'static str>,
     pub leader: String,
     pub epoch: u64,
 }
@@ -56,6 +77,7 @@ pub enum Obj {
     Node(NodeObj),
     Lease(LeaseObj),
     Status(StatusObj),
+    Pod(PodObj),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,6 +175,8 @@ mod tests {
             holder: Some(holder.into()),
             transitions: 0,
             duration_ms: 15_000,
+            failures_before: 0,
+            boot_id: 0,
         })
     }
 

@@ -1,13 +1,17 @@
-//! The simulated two-room cluster: nodes with drifting clocks, kubelets and agents that renew
-//! their Leases, a node-lifecycle controller, links that can be cut, and two controller
-//! replicas that run the real core (`node_health`) for leader election, verdicts and pairing.
+//! The simulated two-room cluster: nodes with drifting clocks, kubelets and twosite agents
+//! (watchdog, partner probes), kube-controller-manager's node lifecycle, taint eviction, pod
+//! garbage collector and a workload controller, links that can be cut, and two controller
+//! replicas. Agents and replicas run the real core (`node_health`): the agent's right to run,
+//! leader election, verdicts, pairing and remediation.
 
-use super::api::{ApiServer, Key, LeaseObj, NodeObj, Obj, Precondition, StatusObj, Stored};
+use super::api::{ApiServer, Key, LeaseObj, NodeObj, Obj, PodObj, Precondition, StatusObj, Stored};
 use super::report::{TimelineEntry, Violation};
 use super::scenario::{Expectation, Fault, Scenario, Site, node_name};
+use node_health::remediation::pause_reason;
 use node_health::{
-    HealthTiming, Heartbeat, LeaderAction, LeaderConfig, LeaderElector, LeaseRecord, MonoTime,
-    NodeFacts, NodeObservation, NodeVerdict, Pair, Readiness, RoomConfig, judge, pair_nodes,
+    Action, AgentCore, HealthTiming, Heartbeat, LeaderAction, LeaderConfig, LeaderElector,
+    LeaseRecord, MonoTime, NodeFacts, NodeObservation, NodeRemediation, NodeVerdict, Pair, Pairing,
+    Readiness, RemediationInput, RoomConfig, judge, pair_nodes,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -21,6 +25,14 @@ const KUBELET_RENEW_MS: u64 = 10_000;
 /// node-monitor-grace-period (50 s since Kubernetes 1.32) and the lifecycle controller's period.
 const NODE_GRACE_MS: u64 = 50_000;
 const NODE_MONITOR_PERIOD_MS: u64 = 5_000;
+/// The pod garbage collector's period.
+const POD_GC_PERIOD_MS: u64 = 20_000;
+/// How long a node takes to boot after its watchdog fired.
+const REBOOT_MS: u64 = 30_000;
+/// kubelet stops a terminating pod on a live node after this long.
+const GRACEFUL_STOP_MS: u64 = 2_000;
+/// The share of workers that may be dead in both rooms before remediation pauses.
+const MAX_DEAD_SHARE_PCT: u8 = 50;
 
 /// A clock that runs at `1 + rate_ppm/1e6` times real time from an origin.
 #[derive(Debug, Clone, Copy)]
@@ -51,9 +63,17 @@ struct SimNode {
     powered: bool,
     boot_id: u64,
     clock: SimClock,
-    has_agent: bool,
+    /// The agent process, if running.
+    agent: Option<AgentCore>,
+    /// Real time of the last watchdog feed, once armed.
+    last_feed: Option<u64>,
+    /// Ground truth: the node's HA workloads are running.
+    workloads_running: bool,
+    /// Powered off by its watchdog; boots again at this real time.
+    reboot_at: Option<u64>,
     next_kubelet: MonoTime,
     next_agent: MonoTime,
+    next_probe: MonoTime,
 }
 
 #[derive(Debug)]
@@ -69,6 +89,14 @@ struct PendingWrite {
     outcome: Outcome,
 }
 
+/// The controller's view of one node, fed by its watches.
+#[derive(Debug, Clone, Default)]
+struct NodeView {
+    facts: Option<NodeFacts>,
+    node: Option<NodeObj>,
+    obs: NodeObservation,
+}
+
 /// One controller replica: the state a real controller process keeps in memory.
 #[derive(Debug)]
 struct Replica {
@@ -81,14 +109,16 @@ struct Replica {
     next_retry: MonoTime,
     pending: Option<PendingWrite>,
     connected: bool,
-    /// Real time at which the re-list after the last (re)connect is delivered: the watch is
-    /// synced from then on.
+    /// Real time at which the re-list after the last (re)connect is delivered.
     synced_at: Option<u64>,
+    /// The replica's clock when that re-list arrived.
+    synced_local: Option<MonoTime>,
     queue: VecDeque<(u64, Key, Option<Stored>)>,
     last_delivery: u64,
-    facts: BTreeMap<String, NodeFacts>,
-    obs: BTreeMap<String, NodeObservation>,
+    nodes: BTreeMap<String, NodeView>,
+    pods: BTreeMap<String, PodObj>,
     verdicts: BTreeMap<String, NodeVerdict>,
+    remediation: BTreeMap<String, NodeRemediation>,
     status: Option<(u64, StatusObj)>,
     leading: bool,
 }
@@ -101,10 +131,12 @@ impl Replica {
         self.pending = None;
         self.connected = false;
         self.synced_at = None;
+        self.synced_local = None;
         self.queue.clear();
-        self.facts.clear();
-        self.obs.clear();
+        self.nodes.clear();
+        self.pods.clear();
         self.verdicts.clear();
+        self.remediation.clear();
         self.status = None;
         self.leading = false;
     }
@@ -121,6 +153,8 @@ pub struct SimConfig {
     pub response_delay_ms: (u64, u64),
     /// Clock rates are drawn within ± this many ppm.
     pub drift_ppm: i64,
+    /// Draw every clock at an edge of the drift range instead of within it.
+    pub extreme_drift: bool,
 }
 
 impl Default for SimConfig {
@@ -132,8 +166,26 @@ impl Default for SimConfig {
             watch_delay_ms: (20, 400),
             response_delay_ms: (5, 200),
             drift_ppm: i64::try_from(timing.drift_ppm).unwrap_or(0),
+            extreme_drift: false,
         }
     }
+}
+
+/// What happened, for the figures and expectations.
+#[derive(Debug, Default)]
+pub struct Record {
+    /// Real times at which a leader judged each node Dead (one entry per transition).
+    pub dead_at: BTreeMap<String, Vec<u64>>,
+    /// Real times at which a leader judged each node Healthy after another verdict.
+    pub healthy_at: BTreeMap<String, Vec<u64>>,
+    pub taint_at: BTreeMap<String, Vec<u64>>,
+    pub untaint_at: BTreeMap<String, Vec<u64>>,
+    /// Real times at which the last pod bound to a node was deleted.
+    pub released_at: BTreeMap<String, Vec<u64>>,
+    /// Real times at which a copy of each app started running.
+    pub app_started_at: BTreeMap<String, Vec<u64>>,
+    pub watchdog_fired: Vec<(u64, String)>,
+    pub right_lost: Vec<(u64, String)>,
 }
 
 /// The whole simulated world at one instant of real (virtual) time.
@@ -147,14 +199,17 @@ pub struct Cluster {
     replicas: Vec<Replica>,
     next_boot: u64,
     next_monitor: u64,
-    pub timeline: Vec<TimelineEntry>,
-    pub violations: Vec<Violation>,
-    /// Real times at which a leader first judged each node Dead (one entry per transition).
-    pub dead_at: BTreeMap<String, Vec<u64>>,
+    next_pod_gc: u64,
     /// Real time of the last deletion of each Node object (pairs with such a node may change).
     deleted_at: BTreeMap<String, u64>,
-    /// Real times at which a leader judged each node Healthy again after a non-healthy verdict.
-    pub healthy_at: BTreeMap<String, Vec<u64>>,
+    /// Where each app runs now, to log starts once.
+    running: BTreeMap<String, String>,
+    /// The HA applications (one per initial worker).
+    apps: Vec<String>,
+    next_pod: u64,
+    pub timeline: Vec<TimelineEntry>,
+    pub violations: Vec<Violation>,
+    pub record: Record,
 }
 
 fn ordered(a: Site, b: Site) -> (Site, Site) {
@@ -165,42 +220,75 @@ fn zone(room: Site) -> String {
     room.name().to_string()
 }
 
+fn other(room: Site) -> Site {
+    if room == Site::RoomA {
+        Site::RoomB
+    } else {
+        Site::RoomA
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 impl Cluster {
     pub fn new(scenario: &Scenario, seed: u64, cfg: SimConfig) -> Result<Self, String> {
+        cfg.timing.validate().map_err(|e| e.to_string())?;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let mut nodes = Vec::new();
-        let mut boot = 0;
+        let mut cluster = Cluster {
+            now: 0,
+            rng: ChaCha8Rng::seed_from_u64(0),
+            cfg,
+            cut: BTreeSet::new(),
+            api: ApiServer::default(),
+            nodes: Vec::new(),
+            replicas: Vec::new(),
+            next_boot: 1,
+            next_monitor: NODE_MONITOR_PERIOD_MS,
+            next_pod_gc: POD_GC_PERIOD_MS,
+            deleted_at: BTreeMap::new(),
+            running: BTreeMap::new(),
+            apps: Vec::new(),
+            next_pod: 0,
+            timeline: Vec::new(),
+            violations: Vec::new(),
+            record: Record::default(),
+        };
+        std::mem::swap(&mut cluster.rng, &mut rng);
         for (room, n) in [
             (Site::RoomA, scenario.nodes_per_room.0),
             (Site::RoomB, scenario.nodes_per_room.1),
         ] {
             for i in 1..=n {
-                boot += 1;
-                let rate = rng.random_range(-cfg.drift_ppm..=cfg.drift_ppm);
-                nodes.push(SimNode {
-                    name: node_name(room, i),
-                    room,
-                    powered: true,
-                    boot_id: boot,
-                    clock: SimClock::new(0, rate),
-                    has_agent: true,
-                    next_kubelet: MonoTime::ZERO,
-                    next_agent: MonoTime::ZERO,
-                });
+                cluster.add_node(node_name(room, i), room);
+                // One HA application per initial worker, first placed on it.
+                let app = format!("app-{}", node_name(room, i));
+                cluster.apps.push(app.clone());
+                let _ = cluster.api.write(
+                    Key::Pod(format!("{app}-0")),
+                    Precondition::Create,
+                    Obj::Pod(PodObj {
+                        app,
+                        node: node_name(room, i),
+                        terminating: false,
+                    }),
+                    0,
+                );
             }
         }
-        let mut replicas = Vec::new();
         for room in [Site::RoomA, Site::RoomB] {
             let host = node_name(room, 1);
             let name = format!("controller-{}", &host[..1]);
-            let mut lc = cfg.leader.clone();
+            let mut lc = cluster.cfg.leader.clone();
             lc.identity = name.clone();
             let elector = LeaderElector::new(lc).map_err(|e| e.to_string())?;
-            let rate = rng.random_range(-cfg.drift_ppm..=cfg.drift_ppm);
-            replicas.push(Replica {
+            let rate = cluster.draw_rate();
+            let up = cluster.nodes.iter().any(|n| n.name == host);
+            cluster.replicas.push(Replica {
                 name,
                 room,
-                up: nodes.iter().any(|n| n.name == host),
+                up,
                 host,
                 clock: SimClock::new(0, rate),
                 elector,
@@ -208,31 +296,53 @@ impl Cluster {
                 pending: None,
                 connected: false,
                 synced_at: None,
+                synced_local: None,
                 queue: VecDeque::new(),
                 last_delivery: 0,
-                facts: BTreeMap::new(),
-                obs: BTreeMap::new(),
+                nodes: BTreeMap::new(),
+                pods: BTreeMap::new(),
                 verdicts: BTreeMap::new(),
+                remediation: BTreeMap::new(),
                 status: None,
                 leading: false,
             });
         }
-        Ok(Cluster {
-            now: 0,
-            rng,
-            cfg,
-            cut: BTreeSet::new(),
-            api: ApiServer::default(),
-            nodes,
-            replicas,
-            next_boot: boot + 1,
-            next_monitor: NODE_MONITOR_PERIOD_MS,
-            timeline: Vec::new(),
-            violations: Vec::new(),
-            dead_at: BTreeMap::new(),
-            deleted_at: BTreeMap::new(),
-            healthy_at: BTreeMap::new(),
-        })
+        Ok(cluster)
+    }
+
+    fn draw_rate(&mut self) -> i64 {
+        let d = self.cfg.drift_ppm;
+        if self.cfg.extreme_drift {
+            if self.rng.random_bool(0.5) { d } else { -d }
+        } else {
+            self.rng.random_range(-d..=d)
+        }
+    }
+
+    fn boot_id(&mut self) -> u64 {
+        let b = self.next_boot;
+        self.next_boot += 1;
+        b
+    }
+
+    fn add_node(&mut self, name: String, room: Site) {
+        let rate = self.draw_rate();
+        let boot = self.boot_id();
+        let agent = AgentCore::new(name.clone(), zone(room), self.cfg.timing);
+        self.nodes.push(SimNode {
+            name,
+            room,
+            powered: true,
+            boot_id: boot,
+            clock: SimClock::new(self.now, rate),
+            agent: Some(agent),
+            last_feed: None,
+            workloads_running: false,
+            reboot_at: None,
+            next_kubelet: MonoTime::ZERO,
+            next_agent: MonoTime::ZERO,
+            next_probe: MonoTime::ZERO,
+        });
     }
 
     fn log(&mut self, actor: &str, event: String) {
@@ -255,6 +365,10 @@ impl Cluster {
         a == b || !self.cut.contains(&ordered(a, b))
     }
 
+    fn node_idx(&self, name: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.name == name)
+    }
+
     /// Writes through the API server and fans the event out to connected watchers.
     fn write(&mut self, key: Key, pre: Precondition, obj: Obj) -> Result<Stored, ()> {
         let prev = self.api.get(&key).cloned();
@@ -270,10 +384,31 @@ impl Cluster {
         Ok(stored)
     }
 
-    fn delete(&mut self, key: &Key) {
-        if self.api.delete(key) && key.watched() {
+    fn delete(&mut self, key: &Key) -> bool {
+        let gone = self.api.delete(key);
+        if gone && key.watched() {
             self.fan_out(key, None);
         }
+        gone
+    }
+
+    /// Read-modify-write of a Node with a resourceVersion precondition, keeping every field the
+    /// writer does not own (as a JSON Patch with a `test` op, or kubelet's status update, do).
+    fn update_node(&mut self, name: &str, f: impl FnOnce(&mut NodeObj)) -> bool {
+        let Some(Stored {
+            rv,
+            obj: Obj::Node(mut node),
+        }) = self.api.get(&Key::Node(name.to_string())).cloned()
+        else {
+            return false;
+        };
+        f(&mut node);
+        self.write(
+            Key::Node(name.to_string()),
+            Precondition::ResourceVersion(rv),
+            Obj::Node(node),
+        )
+        .is_ok()
     }
 
     fn fan_out(&mut self, key: &Key, value: Option<Stored>) {
@@ -360,38 +495,56 @@ impl Cluster {
         }
     }
 
+    fn power_off(&mut self, i: usize) {
+        let name = self.nodes[i].name.clone();
+        let n = &mut self.nodes[i];
+        n.powered = false;
+        n.workloads_running = false;
+        n.last_feed = None;
+        for r in self.replicas.iter_mut().filter(|r| r.host == name) {
+            r.up = false;
+            r.leading = false;
+        }
+    }
+
+    fn power_on(&mut self, i: usize) {
+        let rate = self.draw_rate();
+        let boot = self.boot_id();
+        let now = self.now;
+        let timing = self.cfg.timing;
+        let n = &mut self.nodes[i];
+        n.powered = true;
+        n.boot_id = boot;
+        n.clock = SimClock::new(now, rate);
+        n.agent = Some(AgentCore::new(n.name.clone(), zone(n.room), timing));
+        n.last_feed = None;
+        n.workloads_running = false;
+        n.reboot_at = None;
+        n.next_kubelet = MonoTime::ZERO;
+        n.next_agent = MonoTime::ZERO;
+        n.next_probe = MonoTime::ZERO;
+        let name = n.name.clone();
+        for r in self.replicas.iter_mut().filter(|r| r.host == name) {
+            r.up = true;
+            r.restart(now, rate);
+        }
+    }
+
     /// Applies one fault now.
     pub fn apply(&mut self, fault: &Fault) {
         self.log("fault", fault.to_string());
         match fault {
             Fault::PowerOff(n) => {
-                if let Some(node) = self.nodes.iter_mut().find(|x| &x.name == n) {
-                    node.powered = false;
-                }
-                for r in self.replicas.iter_mut().filter(|r| &r.host == n) {
-                    r.up = false;
-                    r.leading = false;
+                if let Some(i) = self.node_idx(n) {
+                    self.power_off(i);
+                    self.nodes[i].reboot_at = None;
                 }
             }
             Fault::PowerOn(n) => {
-                let rate = self
-                    .rng
-                    .random_range(-self.cfg.drift_ppm..=self.cfg.drift_ppm);
-                let boot = self.next_boot;
-                self.next_boot += 1;
-                let now = self.now;
-                if let Some(node) = self.nodes.iter_mut().find(|x| &x.name == n)
-                    && !node.powered
+                if let Some(i) = self.node_idx(n)
+                    && !self.nodes[i].powered
                 {
-                    node.powered = true;
-                    node.boot_id = boot;
-                    node.clock = SimClock::new(now, rate);
-                    node.next_kubelet = MonoTime::ZERO;
-                    node.next_agent = MonoTime::ZERO;
-                    for r in self.replicas.iter_mut().filter(|r| &r.host == n) {
-                        r.up = true;
-                        r.restart(now, rate);
-                    }
+                    self.power_on(i);
                 }
             }
             Fault::Cut(a, b) => {
@@ -401,22 +554,8 @@ impl Cluster {
                 self.cut.remove(&ordered(*a, *b));
             }
             Fault::AddNode { name, room } => {
-                if !self.nodes.iter().any(|x| &x.name == name) {
-                    let rate = self
-                        .rng
-                        .random_range(-self.cfg.drift_ppm..=self.cfg.drift_ppm);
-                    let boot = self.next_boot;
-                    self.next_boot += 1;
-                    self.nodes.push(SimNode {
-                        name: name.clone(),
-                        room: *room,
-                        powered: true,
-                        boot_id: boot,
-                        clock: SimClock::new(self.now, rate),
-                        has_agent: true,
-                        next_kubelet: MonoTime::ZERO,
-                        next_agent: MonoTime::ZERO,
-                    });
+                if self.node_idx(name).is_none() {
+                    self.add_node(name.clone(), *room);
                 }
             }
             Fault::DeleteNode(n) => {
@@ -425,111 +564,396 @@ impl Cluster {
                 self.delete(&Key::KubeletLease(n.clone()));
                 self.delete(&Key::AgentLease(n.clone()));
             }
+            Fault::AgentCrash(n) => {
+                if let Some(i) = self.node_idx(n) {
+                    self.nodes[i].agent = None;
+                }
+            }
         }
     }
 
     /// Advances the world by one tick.
     pub fn step(&mut self) {
+        self.step_reboots();
         self.step_nodes();
-        self.step_node_monitor();
+        self.step_kcm();
         for i in 0..self.replicas.len() {
             self.step_replica(i);
         }
         self.check_single_leader();
+        self.check_single_copy();
         self.now += TICK_MS;
     }
 
-    /// kubelets and agents renew their Leases on their own clocks.
+    fn step_reboots(&mut self) {
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].reboot_at.is_some_and(|t| t <= self.now) {
+                let name = self.nodes[i].name.clone();
+                self.power_on(i);
+                self.log(
+                    &format!("node/{name}"),
+                    "booted after its watchdog reset".into(),
+                );
+            }
+        }
+    }
+
+    /// kubelets and agents: renewals, partner probes, the watchdog, HA workloads.
     fn step_nodes(&mut self) {
         for i in 0..self.nodes.len() {
             if !self.nodes[i].powered {
                 continue;
             }
-            let reach = self.link_up(self.nodes[i].room, Site::Api);
-            let local = self.nodes[i].clock.read(self.now);
-            let name = self.nodes[i].name.clone();
-            if local >= self.nodes[i].next_kubelet {
-                self.nodes[i].next_kubelet = local + Duration::from_millis(KUBELET_RENEW_MS);
-                if reach {
-                    let boot = self.nodes[i].boot_id;
-                    let room = self.nodes[i].room;
-                    let current = match self.api.get(&Key::Node(name.clone())) {
-                        Some(Stored {
-                            obj: Obj::Node(n), ..
-                        }) => Some((n.ready, n.boot_id)),
-                        _ => None,
-                    };
-                    if current != Some((Readiness::True, boot)) {
-                        // kubelet registers the node or posts Ready=True after a boot.
-                        let _ = self.write(
-                            Key::Node(name.clone()),
-                            Precondition::None,
-                            Obj::Node(NodeObj {
-                                zone: Some(zone(room)),
-                                control_plane: false,
-                                ready: Readiness::True,
-                                boot_id: boot,
-                            }),
-                        );
-                        self.log(
-                            &format!("kubelet/{name}"),
-                            format!("Ready=True, boot ID {boot}"),
-                        );
-                    }
-                    let _ = self.write(
-                        Key::KubeletLease(name.clone()),
-                        Precondition::None,
-                        Obj::Lease(LeaseObj {
-                            holder: Some(name.clone()),
-                            transitions: 0,
-                            duration_ms: 40_000,
-                        }),
-                    );
-                }
-            }
-            if self.nodes[i].has_agent && local >= self.nodes[i].next_agent {
-                self.nodes[i].next_agent = local + self.cfg.timing.agent_renew;
-                if reach {
-                    let _ = self.write(
-                        Key::AgentLease(name.clone()),
-                        Precondition::None,
-                        Obj::Lease(LeaseObj {
-                            holder: Some(name),
-                            transitions: 0,
-                            duration_ms: u64::try_from(self.cfg.timing.agent_lease.as_millis())
-                                .unwrap_or(u64::MAX),
-                        }),
-                    );
-                }
+            self.step_kubelet(i);
+            self.step_agent(i);
+            // The watchdog: a hardware timer, on real time.
+            if let Some(fed) = self.nodes[i].last_feed
+                && self.now.saturating_sub(fed) >= ms(self.cfg.timing.watchdog)
+            {
+                let name = self.nodes[i].name.clone();
+                self.record.watchdog_fired.push((self.now, name.clone()));
+                self.log(
+                    &format!("node/{name}"),
+                    "watchdog fired: node resets".into(),
+                );
+                self.power_off(i);
+                self.nodes[i].reboot_at = Some(self.now + REBOOT_MS);
             }
         }
     }
 
-    /// kube-controller-manager's node lifecycle controller: Ready=Unknown after the grace period.
-    fn step_node_monitor(&mut self) {
-        if self.now < self.next_monitor {
+    fn step_kubelet(&mut self, i: usize) {
+        let reach = self.link_up(self.nodes[i].room, Site::Api);
+        let local = self.nodes[i].clock.read(self.now);
+        let name = self.nodes[i].name.clone();
+        if local < self.nodes[i].next_kubelet {
             return;
         }
-        self.next_monitor += NODE_MONITOR_PERIOD_MS;
-        let stale: Vec<(String, NodeObj)> = self
+        self.nodes[i].next_kubelet = local + Duration::from_millis(KUBELET_RENEW_MS);
+        if !reach {
+            return;
+        }
+        let boot = self.nodes[i].boot_id;
+        let room = self.nodes[i].room;
+        let current = match self.api.get(&Key::Node(name.clone())) {
+            Some(Stored {
+                obj: Obj::Node(n), ..
+            }) => Some((n.ready, n.boot_id)),
+            _ => None,
+        };
+        if current.is_none() {
+            // kubelet registers the node.
+            let _ = self.write(
+                Key::Node(name.clone()),
+                Precondition::Create,
+                Obj::Node(NodeObj {
+                    zone: Some(zone(room)),
+                    control_plane: false,
+                    ready: Readiness::True,
+                    boot_id: boot,
+                    out_of_service: false,
+                    other_taints: vec!["example.com/maintenance-window:PreferNoSchedule".into()],
+                    fenced_boot: None,
+                }),
+            );
+            self.log(
+                &format!("kubelet/{name}"),
+                format!("registered, boot ID {boot}"),
+            );
+        } else if current != Some((Readiness::True, boot)) {
+            // kubelet posts Ready=True and its boot ID after a boot, keeping taints.
+            self.update_node(&name, |n| {
+                n.ready = Readiness::True;
+                n.boot_id = boot;
+            });
+            self.log(
+                &format!("kubelet/{name}"),
+                format!("Ready=True, boot ID {boot}"),
+            );
+        }
+        let _ = self.write(
+            Key::KubeletLease(name.clone()),
+            Precondition::None,
+            Obj::Lease(LeaseObj {
+                holder: Some(name),
+                transitions: 0,
+                duration_ms: 40_000,
+                failures_before: 0,
+                boot_id: boot,
+            }),
+        );
+        // kubelet stops terminating pods on its node and removes them.
+        let mine: Vec<String> = self
             .api
             .objects()
             .filter_map(|(k, s)| match (k, &s.obj) {
-                (Key::Node(n), Obj::Node(obj)) if obj.ready != Readiness::Unknown => {
-                    let last = self.api.last_write(&Key::KubeletLease(n.clone()))?;
-                    (self.now.saturating_sub(last) > NODE_GRACE_MS)
-                        .then(|| (n.clone(), obj.clone()))
+                (Key::Pod(p), Obj::Pod(pod))
+                    if pod.terminating
+                        && pod.node == self.nodes[i].name
+                        && self
+                            .api
+                            .last_write(k)
+                            .is_some_and(|t| self.now >= t + GRACEFUL_STOP_MS) =>
+                {
+                    Some(p.clone())
                 }
                 _ => None,
             })
             .collect();
-        for (n, mut obj) in stale {
-            obj.ready = Readiness::Unknown;
-            let _ = self.write(Key::Node(n.clone()), Precondition::None, Obj::Node(obj));
+        for p in mine {
+            self.delete_pod(&p);
+        }
+    }
+
+    fn step_agent(&mut self, i: usize) {
+        if self.nodes[i].agent.is_none() {
+            return;
+        }
+        let room = self.nodes[i].room;
+        let reach = self.link_up(room, Site::Api);
+        let local = self.nodes[i].clock.read(self.now);
+        let name = self.nodes[i].name.clone();
+        let timing = self.cfg.timing;
+
+        if local >= self.nodes[i].next_agent {
+            self.nodes[i].next_agent = local + timing.agent_renew;
+            let boot = self.nodes[i].boot_id;
+            let failures = self.nodes[i]
+                .agent
+                .as_ref()
+                .map_or(0, AgentCore::failures_before_next_renewal);
+            let ok = reach
+                && self
+                    .write(
+                        Key::AgentLease(name.clone()),
+                        Precondition::None,
+                        Obj::Lease(LeaseObj {
+                            holder: Some(name.clone()),
+                            transitions: 0,
+                            duration_ms: ms(timing.agent_lease),
+                            failures_before: failures,
+                            boot_id: boot,
+                        }),
+                    )
+                    .is_ok();
+            let partner = if ok {
+                self.partner_in_status(&name)
+            } else {
+                None
+            };
+            if let Some(agent) = self.nodes[i].agent.as_mut() {
+                if ok {
+                    agent.renewal_succeeded(local);
+                    // The agent reads the pairing while it can; it keeps the last one otherwise.
+                    agent.set_partner(partner);
+                } else {
+                    agent.renewal_failed();
+                }
+            }
+        }
+
+        if local >= self.nodes[i].next_probe {
+            self.nodes[i].next_probe = local + timing.probe_interval;
+            let partner = self.nodes[i]
+                .agent
+                .as_ref()
+                .and_then(|a| a.partner().map(str::to_string));
+            if let Some(p) = partner.and_then(|p| self.node_idx(&p)) {
+                let pn = &self.nodes[p];
+                if pn.powered && self.link_up(room, pn.room) {
+                    let report = pn.agent.as_ref().map(|a| a.report(pn.clock.read(self.now)));
+                    if let (Some(report), Some(agent)) = (report, self.nodes[i].agent.as_mut()) {
+                        agent.peer_answered(local, &report);
+                    }
+                }
+            }
+        }
+
+        let Some(step) = self.nodes[i].agent.as_mut().map(|a| a.tick(local)) else {
+            return;
+        };
+        if step.armed {
+            self.nodes[i].workloads_running = true;
+        }
+        if step.stop_workloads {
+            self.nodes[i].workloads_running = false;
+            self.record.right_lost.push((self.now, name.clone()));
             self.log(
-                "kcm",
-                format!("{n} Ready=Unknown (no kubelet heartbeat for 50 s)"),
+                &format!("agent/{name}"),
+                "lost the right to run: HA workloads stopped, watchdog no longer fed".into(),
             );
+            self.check_no_storm(i);
+        }
+        if step.feed {
+            self.nodes[i].last_feed = Some(self.now);
+        }
+    }
+
+    fn partner_in_status(&self, node: &str) -> Option<String> {
+        match self.api.get(&Key::Status) {
+            Some(Stored {
+                obj: Obj::Status(s),
+                ..
+            }) => s.pairs.iter().find_map(|p| {
+                if p.a == node {
+                    Some(p.b.clone())
+                } else if p.b == node {
+                    Some(p.a.clone())
+                } else {
+                    None
+                }
+            }),
+            _ => None,
+        }
+    }
+
+    fn delete_pod(&mut self, pod: &str) {
+        let node = match self.api.get(&Key::Pod(pod.to_string())) {
+            Some(Stored {
+                obj: Obj::Pod(p), ..
+            }) => p.node.clone(),
+            _ => return,
+        };
+        self.delete(&Key::Pod(pod.to_string()));
+        let left = self.api.objects().any(|(_, s)| match &s.obj {
+            Obj::Pod(p) => p.node == node,
+            _ => false,
+        });
+        if !left {
+            self.record
+                .released_at
+                .entry(node)
+                .or_default()
+                .push(self.now);
+        }
+    }
+
+    /// kube-controller-manager: node lifecycle, taint eviction, pod GC, and a workload
+    /// controller that recreates a deleted HA pod on another node.
+    fn step_kcm(&mut self) {
+        if self.now >= self.next_monitor {
+            self.next_monitor += NODE_MONITOR_PERIOD_MS;
+            let stale: Vec<String> = self
+                .api
+                .objects()
+                .filter_map(|(k, s)| match (k, &s.obj) {
+                    (Key::Node(n), Obj::Node(obj)) if obj.ready != Readiness::Unknown => {
+                        let last = self.api.last_write(&Key::KubeletLease(n.clone()))?;
+                        (self.now.saturating_sub(last) > NODE_GRACE_MS).then(|| n.clone())
+                    }
+                    _ => None,
+                })
+                .collect();
+            for n in stale {
+                self.update_node(&n, |obj| obj.ready = Readiness::Unknown);
+                self.log(
+                    "kcm",
+                    format!("{n} Ready=Unknown (no kubelet heartbeat for 50 s)"),
+                );
+            }
+        }
+
+        // Taint eviction: pods on an out-of-service node are marked for deletion at once.
+        let tainted: BTreeSet<String> = self
+            .api
+            .objects()
+            .filter_map(|(k, s)| match (k, &s.obj) {
+                (Key::Node(n), Obj::Node(obj)) if obj.out_of_service => Some(n.clone()),
+                _ => None,
+            })
+            .collect();
+        let evict: Vec<(String, PodObj)> = self
+            .api
+            .objects()
+            .filter_map(|(k, s)| match (k, &s.obj) {
+                (Key::Pod(p), Obj::Pod(pod)) if !pod.terminating && tainted.contains(&pod.node) => {
+                    Some((p.clone(), pod.clone()))
+                }
+                _ => None,
+            })
+            .collect();
+        for (p, mut pod) in evict {
+            pod.terminating = true;
+            let _ = self.write(Key::Pod(p), Precondition::None, Obj::Pod(pod));
+        }
+
+        if self.now >= self.next_pod_gc {
+            self.next_pod_gc += POD_GC_PERIOD_MS;
+            // Terminating pods on nodes that are NotReady and out of service are force-deleted.
+            let gone: Vec<String> = self
+                .api
+                .objects()
+                .filter_map(|(k, s)| match (k, &s.obj) {
+                    (Key::Pod(p), Obj::Pod(pod)) if pod.terminating => {
+                        match self.api.get(&Key::Node(pod.node.clone())) {
+                            Some(Stored {
+                                obj: Obj::Node(n), ..
+                            }) if n.out_of_service && n.ready != Readiness::True => Some(p.clone()),
+                            None => Some(p.clone()),
+                            _ => None,
+                        }
+                    }
+                    _ => None,
+                })
+                .collect();
+            for p in gone {
+                self.delete_pod(&p);
+                self.log("kcm", format!("pod GC force-deleted {p}"));
+            }
+        }
+
+        if self.now.is_multiple_of(1_000) {
+            self.step_workload_controller();
+        }
+    }
+
+    /// A StatefulSet-like controller: an app whose pod object is gone gets a new pod on the
+    /// least-loaded node that is Ready and not out of service.
+    fn step_workload_controller(&mut self) {
+        let mut present: BTreeSet<String> = BTreeSet::new();
+        let mut load: BTreeMap<String, usize> = BTreeMap::new();
+        for (k, s) in self.api.objects() {
+            if let (Key::Pod(_), Obj::Pod(p)) = (k, &s.obj) {
+                present.insert(p.app.clone());
+                *load.entry(p.node.clone()).or_default() += 1;
+            }
+        }
+        let candidates: Vec<String> = self
+            .api
+            .objects()
+            .filter_map(|(k, s)| match (k, &s.obj) {
+                (Key::Node(n), Obj::Node(obj))
+                    if obj.ready == Readiness::True && !obj.out_of_service =>
+                {
+                    Some(n.clone())
+                }
+                _ => None,
+            })
+            .collect();
+        for app in self.apps.clone() {
+            if present.contains(&app) {
+                continue;
+            }
+            let Some(node) = candidates
+                .iter()
+                .min_by_key(|n| (load.get(*n).copied().unwrap_or(0), (*n).clone()))
+                .cloned()
+            else {
+                continue;
+            };
+            *load.entry(node.clone()).or_default() += 1;
+            self.next_pod += 1;
+            let pod = format!("{app}-{}", self.next_pod);
+            let _ = self.write(
+                Key::Pod(pod.clone()),
+                Precondition::Create,
+                Obj::Pod(PodObj {
+                    app: app.clone(),
+                    node: node.clone(),
+                    terminating: false,
+                }),
+            );
+            self.log("kcm", format!("{app}: new pod {pod} on {node}"));
         }
     }
 
@@ -546,6 +970,7 @@ impl Cluster {
             let r = &mut self.replicas[i];
             r.connected = false;
             r.synced_at = None;
+            r.synced_local = None;
             r.queue.clear();
         } else if !self.replicas[i].connected && reach {
             let delay = self
@@ -558,30 +983,44 @@ impl Cluster {
                 .filter(|(k, _)| k.watched())
                 .map(|(k, s)| (at, k.clone(), Some(s.clone())))
                 .collect();
-            let r = &mut self.replicas[i];
-            r.connected = true;
-            r.synced_at = Some(at);
-            r.last_delivery = at;
-            // A re-list also forgets objects deleted while disconnected.
-            let listed: BTreeSet<String> = snapshot
+            let listed_nodes: BTreeSet<String> = snapshot
                 .iter()
                 .filter_map(|(_, k, _)| match k {
                     Key::Node(n) => Some(n.clone()),
                     _ => None,
                 })
                 .collect();
-            r.facts.retain(|n, _| listed.contains(n));
-            r.obs.retain(|n, _| listed.contains(n));
+            let listed_pods: BTreeSet<String> = snapshot
+                .iter()
+                .filter_map(|(_, k, _)| match k {
+                    Key::Pod(p) => Some(p.clone()),
+                    _ => None,
+                })
+                .collect();
+            let r = &mut self.replicas[i];
+            r.connected = true;
+            r.synced_at = Some(at);
+            r.synced_local = None;
+            r.last_delivery = at;
+            // A re-list also forgets objects deleted while disconnected.
+            r.nodes.retain(|n, _| listed_nodes.contains(n));
+            r.pods.retain(|p, _| listed_pods.contains(p));
             r.queue.extend(snapshot);
         }
+        let timing = self.cfg.timing;
         while self.replicas[i]
             .queue
             .front()
             .is_some_and(|(at, _, _)| *at <= self.now)
         {
             if let Some((_, key, value)) = self.replicas[i].queue.pop_front() {
-                apply_watch_event(&mut self.replicas[i], key, value, local);
+                apply_watch_event(&mut self.replicas[i], key, value, local, &timing);
             }
+        }
+        if self.replicas[i].synced_local.is_none()
+            && self.replicas[i].synced_at.is_some_and(|t| t <= self.now)
+        {
+            self.replicas[i].synced_local = Some(local);
         }
 
         // An API answer arrives, or is lost with the link.
@@ -614,6 +1053,7 @@ impl Cluster {
             if leading {
                 let epoch = self.replicas[i].elector.epoch().unwrap_or(0);
                 self.replicas[i].verdicts.clear();
+                self.replicas[i].remediation.clear();
                 self.log(&name, format!("became leader (epoch {epoch})"));
             } else {
                 self.log(&name, "stopped leading".to_string());
@@ -658,7 +1098,9 @@ impl Cluster {
         let obj = Obj::Lease(LeaseObj {
             holder: Some(write.holder.clone()),
             transitions: write.transitions,
-            duration_ms: u64::try_from(write.duration.as_millis()).unwrap_or(u64::MAX),
+            duration_ms: ms(write.duration),
+            failures_before: 0,
+            boot_id: 0,
         });
         let outcome = match self.write(Key::LeaderLease, pre, obj) {
             Ok(stored) => Outcome::Ok(LeaseRecord {
@@ -678,15 +1120,23 @@ impl Cluster {
         });
     }
 
-    /// The leader's work: verdicts and pairing through the core, status written on change.
+    /// The leader's work: verdicts, pairing and remediation through the core; status written on
+    /// change.
     fn lead(&mut self, i: usize, local: MonoTime, reach: bool) {
         let timing = self.cfg.timing;
         let name = self.replicas[i].name.clone();
-        let synced = self.replicas[i].synced_at.is_some_and(|at| at <= self.now);
-        let nodes: Vec<String> = self.replicas[i].facts.keys().cloned().collect();
-        for n in nodes {
-            let obs = self.replicas[i].obs.get(&n).cloned().unwrap_or_default();
-            let verdict = judge(&obs, local, &timing, synced);
+        let settled = self.replicas[i]
+            .synced_local
+            .is_some_and(|s| local >= s + timing.agent_suspect_after());
+        let names: Vec<String> = self.replicas[i]
+            .nodes
+            .iter()
+            .filter(|(_, v)| v.facts.is_some())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for n in &names {
+            let obs = self.replicas[i].nodes[n].obs.clone();
+            let verdict = judge(&obs, local, &timing, settled);
             let before = self.replicas[i].verdicts.insert(n.clone(), verdict);
             if before.map(|b| b.name()) == Some(verdict.name()) {
                 continue;
@@ -702,17 +1152,28 @@ impl Cluster {
                 );
             }
             if verdict.is_dead() {
-                self.dead_at.entry(n.clone()).or_default().push(self.now);
-                self.check_dead_verdict(&n, &verdict, &obs);
+                self.record
+                    .dead_at
+                    .entry(n.clone())
+                    .or_default()
+                    .push(self.now);
+                self.check_dead_verdict(n, &verdict, &obs);
             } else if verdict == NodeVerdict::Healthy && before.is_some() {
-                self.healthy_at.entry(n.clone()).or_default().push(self.now);
+                self.record
+                    .healthy_at
+                    .entry(n.clone())
+                    .or_default()
+                    .push(self.now);
             }
         }
         // Pairing from a partial view would break stable pairs: wait for the full list.
-        if !reach || !synced {
+        if !reach || !settled {
             return;
         }
-        let facts: Vec<NodeFacts> = self.replicas[i].facts.values().cloned().collect();
+        let facts: Vec<NodeFacts> = names
+            .iter()
+            .filter_map(|n| self.replicas[i].nodes[n].facts.clone())
+            .collect();
         let previous: Vec<Pair> = self.replicas[i]
             .status
             .as_ref()
@@ -720,12 +1181,19 @@ impl Cluster {
             .unwrap_or_default();
         let config = RoomConfig::Explicit(zone(Site::RoomA), zone(Site::RoomB));
         let pairing = pair_nodes(&config, &facts, &previous);
+        self.remediate(i, local, &pairing, settled);
+
         let desired = StatusObj {
             pairs: pairing.pairs,
             verdicts: self.replicas[i]
                 .verdicts
                 .iter()
                 .map(|(n, v)| (n.clone(), v.name()))
+                .collect(),
+            phases: self.replicas[i]
+                .remediation
+                .iter()
+                .map(|(n, r)| (n.clone(), r.phase.name()))
                 .collect(),
             leader: name.clone(),
             epoch: self.replicas[i].elector.epoch().unwrap_or(0),
@@ -756,11 +1224,215 @@ impl Cluster {
         }
     }
 
+    /// Remediation through the core for every node the leader knows.
+    fn remediate(&mut self, i: usize, local: MonoTime, pairing: &Pairing, settled: bool) {
+        let timing = self.cfg.timing;
+        let name = self.replicas[i].name.clone();
+        let r = &self.replicas[i];
+        let room_of = |n: &str| {
+            r.nodes
+                .get(n)
+                .and_then(|v| v.facts.as_ref())
+                .and_then(|f| f.zone.clone())
+        };
+        let mut dead = (0, 0);
+        let mut workers = 0;
+        for (n, v) in &r.verdicts {
+            workers += 1;
+            if v.is_dead() {
+                match room_of(n).as_deref() {
+                    Some("room-a") => dead.0 += 1,
+                    Some("room-b") => dead.1 += 1,
+                    _ => {}
+                }
+            }
+        }
+        let paused = pause_reason(settled, dead, workers, MAX_DEAD_SHARE_PCT).is_some();
+        let mut inputs = Vec::new();
+        for (n, verdict) in &r.verdicts {
+            let Some(view) = r.nodes.get(n) else {
+                continue;
+            };
+            let Some(node) = &view.node else {
+                continue;
+            };
+            let vouchers: Vec<String> = match pairing.partner_of(n) {
+                Some(p) => vec![p.to_string()],
+                None => {
+                    let mine = room_of(n);
+                    r.nodes
+                        .iter()
+                        .filter(|(m, v)| {
+                            v.facts.is_some() && room_of(m).is_some() && room_of(m) != mine
+                        })
+                        .map(|(m, _)| m.clone())
+                        .collect()
+                }
+            };
+            let mut clear = Some(MonoTime::ZERO);
+            for v in &vouchers {
+                let c = r.nodes.get(v).and_then(|x| x.obs.clear_at(local, &timing));
+                clear = match (clear, c) {
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                    _ => None,
+                };
+            }
+            let pods: Vec<&PodObj> = r.pods.values().filter(|p| &p.node == n).collect();
+            inputs.push((
+                n.clone(),
+                RemediationInput {
+                    verdict: *verdict,
+                    vouchers_clear_since: clear,
+                    excluded: node.control_plane,
+                    tainted: node.out_of_service,
+                    fenced_boot_annotation: node.fenced_boot.clone(),
+                    pods: pods.len(),
+                    terminating_pods: pods.iter().filter(|p| p.terminating).count(),
+                    ready: node.ready == Readiness::True,
+                    boot_id: Some(node.boot_id.to_string()),
+                    paused,
+                },
+            ));
+        }
+        for (n, input) in inputs {
+            let actions = self.replicas[i]
+                .remediation
+                .entry(n.clone())
+                .or_default()
+                .step(&input, local, &timing);
+            for a in actions {
+                self.execute(&name, &n, a);
+            }
+        }
+    }
+
+    /// Executes one remediation action as the controller's shell would.
+    fn execute(&mut self, actor: &str, node: &str, action: Action) {
+        match action {
+            Action::Event { reason, message } => {
+                self.log(
+                    actor,
+                    format!("Event {} on {node}: {message}", reason.as_str()),
+                );
+            }
+            Action::DeletePods => {
+                let pods: Vec<String> = self
+                    .api
+                    .objects()
+                    .filter_map(|(k, s)| match (k, &s.obj) {
+                        (Key::Pod(p), Obj::Pod(pod)) if pod.node == node => Some(p.clone()),
+                        _ => None,
+                    })
+                    .collect();
+                if pods.is_empty() {
+                    return;
+                }
+                self.check_fenced(node, "deleted the pods of");
+                for p in &pods {
+                    self.delete_pod(p);
+                }
+                self.log(
+                    actor,
+                    format!("force-deleted {} pod(s) of {node}", pods.len()),
+                );
+            }
+            Action::ApplyTaint { fenced_boot_id } => {
+                // The shell reads the node first: a taint already there is not written again.
+                if self.node_tainted(node) != Some(false) {
+                    return;
+                }
+                self.check_fenced(node, "tainted");
+                let done = self.update_node(node, |n| {
+                    n.out_of_service = true;
+                    n.fenced_boot = fenced_boot_id;
+                });
+                if done {
+                    self.record
+                        .taint_at
+                        .entry(node.to_string())
+                        .or_default()
+                        .push(self.now);
+                    self.log(actor, format!("out-of-service taint applied to {node}"));
+                }
+            }
+            Action::RemoveTaint => {
+                if self.node_tainted(node) != Some(true) {
+                    return;
+                }
+                let done = self.update_node(node, |n| {
+                    n.out_of_service = false;
+                    n.fenced_boot = None;
+                });
+                if done {
+                    self.record
+                        .untaint_at
+                        .entry(node.to_string())
+                        .or_default()
+                        .push(self.now);
+                    self.log(actor, format!("out-of-service taint removed from {node}"));
+                }
+            }
+        }
+    }
+
+    fn node_tainted(&self, node: &str) -> Option<bool> {
+        match self.api.get(&Key::Node(node.to_string())) {
+            Some(Stored {
+                obj: Obj::Node(n), ..
+            }) => Some(n.out_of_service),
+            _ => None,
+        }
+    }
+
+    /// S2: the taint and the forced pod deletion only touch a node that runs no HA workload.
+    fn check_fenced(&mut self, node: &str, what: &str) {
+        if let Some(i) = self.node_idx(node)
+            && self.nodes[i].powered
+            && self.nodes[i].workloads_running
+        {
+            self.violate(
+                "S2-no-unsafe-taint",
+                format!("{what} {node} while it still runs its HA workloads"),
+            );
+        }
+    }
+
+    /// S3: a node that lost only the API server (its partner, also cut from the API server,
+    /// still reachable and running) must not stop.
+    fn check_no_storm(&mut self, i: usize) {
+        let room = self.nodes[i].room;
+        let api_gone =
+            !self.link_up(Site::RoomA, Site::Api) && !self.link_up(Site::RoomB, Site::Api);
+        if !api_gone || !self.link_up(room, other(room)) {
+            return;
+        }
+        let partner = self.nodes[i]
+            .agent
+            .as_ref()
+            .and_then(|a| a.partner().map(str::to_string));
+        let Some(p) = partner.and_then(|p| self.node_idx(&p)) else {
+            return;
+        };
+        let pn = &self.nodes[p];
+        let partner_fine = pn.powered
+            && pn
+                .agent
+                .as_ref()
+                .is_some_and(|a| a.is_armed() && !a.is_lost());
+        // The partner must itself have been reachable and running for a while: a node whose
+        // partner just booted has nobody to vouch for it yet.
+        if partner_fine && pn.workloads_running {
+            let name = self.nodes[i].name.clone();
+            self.violate(
+                "S3-no-storm",
+                format!("{name} stopped although only the API server was lost"),
+            );
+        }
+    }
+
     /// A Dead verdict must mean that, after the heartbeat the observer last saw, the node wrote
-    /// no heartbeat for a full lease duration: the premise of self-fencing (an agent that has not
-    /// renewed for its lease duration has stopped its workloads and its watchdog). The observer
-    /// may judge on a view a watch delay old, so a renewal that came back after the gap does not
-    /// make the verdict wrong.
+    /// no heartbeat for a full lease duration. The observer may judge on a view a watch delay
+    /// old, so a renewal that came back after the gap does not make the verdict wrong.
     fn check_dead_verdict(&mut self, node: &str, verdict: &NodeVerdict, obs: &NodeObservation) {
         let (key, seen, lease_ms) = match verdict {
             NodeVerdict::Dead {
@@ -768,12 +1440,12 @@ impl Cluster {
             } => (
                 Key::AgentLease(node.to_string()),
                 &obs.agent,
-                self.cfg.timing.agent_lease.as_millis(),
+                ms(self.cfg.timing.agent_lease),
             ),
             _ => (
                 Key::KubeletLease(node.to_string()),
                 &obs.kubelet,
-                self.cfg.timing.kubelet_lease.as_millis(),
+                ms(self.cfg.timing.kubelet_lease),
             ),
         };
         let Some(rv) = seen
@@ -786,7 +1458,7 @@ impl Cluster {
             return;
         };
         let gap = next.unwrap_or(self.now).saturating_sub(written);
-        if u128::from(gap) < lease_ms {
+        if gap < lease_ms {
             self.violate(
                 "dead-verdict-sound",
                 format!(
@@ -812,32 +1484,120 @@ impl Cluster {
         }
     }
 
+    /// S1 for applications: at no instant do two copies of one HA app run. (A copy left
+    /// running after its pod was force-deleted is what S2 refuses.)
+    fn check_single_copy(&mut self) {
+        let mut copies: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (k, s) in self.api.objects() {
+            if let (Key::Pod(_), Obj::Pod(p)) = (k, &s.obj)
+                && !p.terminating
+                && let Some(n) = self.nodes.iter().find(|n| n.name == p.node)
+                && n.powered
+                && n.workloads_running
+            {
+                copies
+                    .entry(p.app.clone())
+                    .or_default()
+                    .push(p.node.clone());
+            }
+        }
+        let mut started = Vec::new();
+        let mut bad = Vec::new();
+        for (app, nodes) in &copies {
+            if nodes.len() > 1 {
+                bad.push(format!("{app} runs on {}", nodes.join(" and ")));
+            }
+            if let Some(n) = nodes.first()
+                && self.running.get(app) != Some(n)
+            {
+                started.push((app.clone(), n.clone()));
+            }
+        }
+        self.running.retain(|app, _| copies.contains_key(app));
+        for (app, node) in started {
+            self.running.insert(app.clone(), node.clone());
+            self.record
+                .app_started_at
+                .entry(app.clone())
+                .or_default()
+                .push(self.now);
+            self.log(&format!("node/{node}"), format!("{app} running"));
+        }
+        for b in bad {
+            self.violate("S1-single-copy", b);
+        }
+    }
+
     /// Checks a scripted scenario's expectations at the end of the run.
     pub fn check_expectations(&mut self, expectations: &[Expectation]) {
+        let within = |times: &BTreeMap<String, Vec<u64>>, node: &str, after: u64, limit: u64| {
+            first_after(times, node, after).is_some_and(|t| t - after <= limit)
+        };
         for e in expectations {
             let unmet = match e {
                 Expectation::DeadVerdictWithin {
                     node,
                     after_ms,
                     within_ms,
-                } => first_after(&self.dead_at, node, *after_ms)
-                    .is_none_or(|t| t - after_ms > *within_ms)
-                    .then(|| {
-                        format!("{node} not judged dead within {within_ms} ms of {after_ms} ms")
-                    }),
+                } => (!within(&self.record.dead_at, node, *after_ms, *within_ms)).then(|| {
+                    format!("{node} not judged dead within {within_ms} ms of {after_ms} ms")
+                }),
                 Expectation::HealthyWithin {
                     node,
                     after_ms,
                     within_ms,
-                } => first_after(&self.healthy_at, node, *after_ms)
-                    .is_none_or(|t| t - after_ms > *within_ms)
-                    .then(|| {
-                        format!("{node} not judged healthy within {within_ms} ms of {after_ms} ms")
-                    }),
-                Expectation::NoDeadVerdict => (!self.dead_at.is_empty()).then(|| {
+                } => (!within(&self.record.healthy_at, node, *after_ms, *within_ms)).then(|| {
+                    format!("{node} not judged healthy within {within_ms} ms of {after_ms} ms")
+                }),
+                Expectation::TaintWithin {
+                    node,
+                    after_ms,
+                    within_ms,
+                } => (!within(&self.record.taint_at, node, *after_ms, *within_ms))
+                    .then(|| format!("{node} not tainted within {within_ms} ms of {after_ms} ms")),
+                Expectation::PodsReleasedWithin {
+                    node,
+                    after_ms,
+                    within_ms,
+                } => (!within(&self.record.released_at, node, *after_ms, *within_ms)).then(|| {
+                    format!("pods of {node} not released within {within_ms} ms of {after_ms} ms")
+                }),
+                Expectation::UntaintWithin {
+                    node,
+                    after_ms,
+                    within_ms,
+                } => (!within(&self.record.untaint_at, node, *after_ms, *within_ms)).then(|| {
+                    format!("{node} not untainted within {within_ms} ms of {after_ms} ms")
+                }),
+                Expectation::NoDeadVerdict => (!self.record.dead_at.is_empty()).then(|| {
                     format!(
                         "nodes judged dead: {}",
-                        self.dead_at.keys().cloned().collect::<Vec<_>>().join(", ")
+                        self.record
+                            .dead_at
+                            .keys()
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                }),
+                Expectation::NoTaint => (!self.record.taint_at.is_empty()).then(|| {
+                    format!(
+                        "nodes tainted: {}",
+                        self.record
+                            .taint_at
+                            .keys()
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                }),
+                Expectation::NoReboot => (!self.record.watchdog_fired.is_empty()
+                    || !self.record.right_lost.is_empty())
+                .then(|| {
+                    format!(
+                        "{} watchdog reset(s), {} agent(s) stopped",
+                        self.record.watchdog_fired.len(),
+                        self.record.right_lost.len()
                     )
                 }),
                 Expectation::PairsAtEnd(n) => {
@@ -869,7 +1629,13 @@ pub fn first_after(times: &BTreeMap<String, Vec<u64>>, node: &str, after: u64) -
 }
 
 /// What the controller's watches do with one event: feed the core's observations.
-fn apply_watch_event(r: &mut Replica, key: Key, value: Option<Stored>, local: MonoTime) {
+fn apply_watch_event(
+    r: &mut Replica,
+    key: Key,
+    value: Option<Stored>,
+    local: MonoTime,
+    timing: &HealthTiming,
+) {
     match (key, value) {
         (
             Key::Node(n),
@@ -878,45 +1644,58 @@ fn apply_watch_event(r: &mut Replica, key: Key, value: Option<Stored>, local: Mo
                 ..
             }),
         ) => {
-            r.facts.insert(
-                n.clone(),
-                NodeFacts {
-                    name: n.clone(),
-                    zone: node.zone.clone(),
-                    control_plane: node.control_plane,
-                    ready: node.ready == Readiness::True,
-                },
-            );
-            r.obs.entry(n).or_default().ready = Some(node.ready);
+            let view = r.nodes.entry(n.clone()).or_default();
+            view.facts = Some(NodeFacts {
+                name: n.clone(),
+                zone: node.zone.clone(),
+                control_plane: node.control_plane,
+                ready: node.ready == Readiness::True,
+            });
+            view.obs.ready = Some(node.ready);
+            view.node = Some(node);
         }
         (Key::Node(n), None) => {
-            r.facts.remove(&n);
-            r.obs.remove(&n);
+            r.nodes.remove(&n);
             r.verdicts.remove(&n);
+            r.remediation.remove(&n);
         }
         (Key::KubeletLease(n), Some(s)) => {
             Heartbeat::observe(
-                &mut r.obs.entry(n).or_default().kubelet,
+                &mut r.nodes.entry(n).or_default().obs.kubelet,
                 &s.rv.to_string(),
                 local,
             );
         }
         (Key::AgentLease(n), Some(s)) => {
-            Heartbeat::observe(
-                &mut r.obs.entry(n).or_default().agent,
+            let clean = matches!(&s.obj, Obj::Lease(l) if l.failures_before == 0);
+            r.nodes.entry(n).or_default().obs.observe_agent(
                 &s.rv.to_string(),
+                clean,
                 local,
+                timing,
             );
         }
         (Key::KubeletLease(n), None) => {
-            if let Some(o) = r.obs.get_mut(&n) {
-                o.kubelet = None;
+            if let Some(v) = r.nodes.get_mut(&n) {
+                v.obs.kubelet = None;
             }
         }
         (Key::AgentLease(n), None) => {
-            if let Some(o) = r.obs.get_mut(&n) {
-                o.agent = None;
+            if let Some(v) = r.nodes.get_mut(&n) {
+                v.obs.agent = None;
+                v.obs.clear_since = None;
             }
+        }
+        (
+            Key::Pod(p),
+            Some(Stored {
+                obj: Obj::Pod(pod), ..
+            }),
+        ) => {
+            r.pods.insert(p, pod);
+        }
+        (Key::Pod(p), None) => {
+            r.pods.remove(&p);
         }
         _ => {}
     }

@@ -16,7 +16,11 @@ use std::collections::BTreeMap;
 
 /// Runs one scenario with one seed.
 pub fn run(scenario: &Scenario, seed: u64) -> Report {
-    run_with(scenario, seed, SimConfig::default())
+    let cfg = SimConfig {
+        extreme_drift: scenario.extreme_drift,
+        ..SimConfig::default()
+    };
+    run_with(scenario, seed, cfg)
 }
 
 /// Runs one scenario with one seed and non-default knobs (tests use it to break assumptions
@@ -58,14 +62,31 @@ pub fn run_with(scenario: &Scenario, seed: u64, cfg: SimConfig) -> Report {
         .insert("simulated_ms".into(), scenario.duration_ms);
     if let Some(target) = &scenario.target
         && let Some(lost) = scenario.faults.iter().find_map(|f| match &f.fault {
-            Fault::PowerOff(n) if n == target => Some(f.at_ms),
+            Fault::PowerOff(n) | Fault::AgentCrash(n) if n == target => Some(f.at_ms),
             _ => None,
         })
-        && let Some(dead) = first_after(&cluster.dead_at, target, lost)
     {
-        report
-            .figures
-            .insert("time_to_dead_verdict_ms".into(), dead - lost);
+        let r = &cluster.record;
+        let mut figure = |name: &str, times: &BTreeMap<String, Vec<u64>>, key: &str, from: u64| {
+            if let Some(t) = first_after(times, key, from) {
+                report.figures.insert(name.into(), t - from);
+            }
+        };
+        figure("time_to_dead_verdict_ms", &r.dead_at, target, lost);
+        figure("time_to_taint_ms", &r.taint_at, target, lost);
+        figure("time_to_pods_released_ms", &r.released_at, target, lost);
+        figure(
+            "time_to_failover_ms",
+            &r.app_started_at,
+            &format!("app-{target}"),
+            lost + 1,
+        );
+        if let Some(back) = scenario.faults.iter().find_map(|f| match &f.fault {
+            Fault::PowerOn(n) if n == target && f.at_ms > lost => Some(f.at_ms),
+            _ => None,
+        }) {
+            figure("time_to_untaint_ms", &r.untaint_at, target, back);
+        }
     }
     report.timeline = cluster.timeline;
     report.violations = cluster.violations;

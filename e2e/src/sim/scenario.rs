@@ -38,6 +38,8 @@ pub enum Fault {
     },
     /// An operator deletes a Node object.
     DeleteNode(String),
+    /// The node's agent process dies; the node keeps running until its watchdog fires.
+    AgentCrash(String),
 }
 
 impl std::fmt::Display for Fault {
@@ -49,6 +51,7 @@ impl std::fmt::Display for Fault {
             Fault::Heal(a, b) => write!(f, "heal link {} <-> {}", a.name(), b.name()),
             Fault::AddNode { name, room } => write!(f, "add node {name} in {}", room.name()),
             Fault::DeleteNode(n) => write!(f, "delete Node object {n}"),
+            Fault::AgentCrash(n) => write!(f, "agent on {n} crashes"),
         }
     }
 }
@@ -76,6 +79,28 @@ pub enum Expectation {
     },
     /// No node ever gets a Dead verdict.
     NoDeadVerdict,
+    /// The out-of-service taint is applied on `node` within `within_ms` of `after_ms`.
+    TaintWithin {
+        node: String,
+        after_ms: u64,
+        within_ms: u64,
+    },
+    /// Every pod of `node` is released (deleted) within `within_ms` of `after_ms`.
+    PodsReleasedWithin {
+        node: String,
+        after_ms: u64,
+        within_ms: u64,
+    },
+    /// The taint is removed from `node` within `within_ms` of `after_ms`.
+    UntaintWithin {
+        node: String,
+        after_ms: u64,
+        within_ms: u64,
+    },
+    /// No node is ever tainted.
+    NoTaint,
+    /// No watchdog ever fires and no agent ever loses its right to run.
+    NoReboot,
     /// The final status holds this many pairs.
     PairsAtEnd(usize),
 }
@@ -90,6 +115,8 @@ pub struct Scenario {
     pub expectations: Vec<Expectation>,
     /// The node whose failure the figures measure.
     pub target: Option<String>,
+    /// Every clock at an edge of the drift bound (+1% or -1%) instead of within it.
+    pub extreme_drift: bool,
 }
 
 fn at(s: u64, fault: Fault) -> ScheduledFault {
@@ -113,6 +140,22 @@ pub const NAMES: &[(&str, &str)] = &[
     (
         "node-loss",
         "2 rooms x 3 workers; worker a-2 loses power at 60 s and comes back at 150 s",
+    ),
+    (
+        "node-flap",
+        "a-2 loses power four times for 2-5 s: suspect, never dead, never tainted",
+    ),
+    (
+        "api-outage",
+        "both rooms lose the API server for 60 s: partners vouch, nothing stops, nothing is tainted",
+    ),
+    (
+        "agent-crash",
+        "the agent on a-2 dies while the node runs: the watchdog resets it before the taint",
+    ),
+    (
+        "clock-drift",
+        "node-loss with every clock at the edge of the 1% drift bound",
     ),
     (
         "smallest",
@@ -151,6 +194,7 @@ pub fn named(name: &str, seed: u64) -> Option<Scenario> {
         faults: Vec::new(),
         expectations: Vec::new(),
         target: None,
+        extreme_drift: false,
     };
     match name {
         "node-loss" => {
@@ -165,10 +209,93 @@ pub fn named(name: &str, seed: u64) -> Option<Scenario> {
                     after_ms: 60_000,
                     within_ms: 15_000,
                 },
+                Expectation::TaintWithin {
+                    node: "a-2".into(),
+                    after_ms: 60_000,
+                    within_ms: 30_000,
+                },
+                Expectation::PodsReleasedWithin {
+                    node: "a-2".into(),
+                    after_ms: 60_000,
+                    within_ms: 30_000,
+                },
                 Expectation::HealthyWithin {
                     node: "a-2".into(),
                     after_ms: 150_000,
                     within_ms: 10_000,
+                },
+                Expectation::UntaintWithin {
+                    node: "a-2".into(),
+                    after_ms: 150_000,
+                    within_ms: 10_000,
+                },
+                Expectation::PairsAtEnd(3),
+            ];
+        }
+        "clock-drift" => {
+            s.extreme_drift = true;
+            s.faults = vec![
+                at(60, Fault::PowerOff("a-2".into())),
+                at(150, Fault::PowerOn("a-2".into())),
+            ];
+            s.target = Some("a-2".into());
+            s.expectations = vec![
+                Expectation::TaintWithin {
+                    node: "a-2".into(),
+                    after_ms: 60_000,
+                    within_ms: 30_000,
+                },
+                Expectation::UntaintWithin {
+                    node: "a-2".into(),
+                    after_ms: 150_000,
+                    within_ms: 10_000,
+                },
+                Expectation::PairsAtEnd(3),
+            ];
+        }
+        "node-flap" => {
+            s.faults = [(60, 3), (75, 5), (90, 2), (105, 4)]
+                .iter()
+                .flat_map(|(t, d)| {
+                    [
+                        at(*t, Fault::PowerOff("a-2".into())),
+                        at(t + d, Fault::PowerOn("a-2".into())),
+                    ]
+                })
+                .collect();
+            s.expectations = vec![
+                Expectation::NoDeadVerdict,
+                Expectation::NoTaint,
+                Expectation::PairsAtEnd(3),
+            ];
+        }
+        "api-outage" => {
+            s.faults = vec![
+                at(60, Fault::Cut(Site::RoomA, Site::Api)),
+                at(60, Fault::Cut(Site::RoomB, Site::Api)),
+                at(120, Fault::Heal(Site::RoomA, Site::Api)),
+                at(120, Fault::Heal(Site::RoomB, Site::Api)),
+            ];
+            s.expectations = vec![
+                Expectation::NoTaint,
+                Expectation::NoReboot,
+                Expectation::PairsAtEnd(3),
+            ];
+        }
+        "agent-crash" => {
+            s.faults = vec![at(60, Fault::AgentCrash("a-2".into()))];
+            s.target = Some("a-2".into());
+            s.expectations = vec![
+                Expectation::TaintWithin {
+                    node: "a-2".into(),
+                    after_ms: 60_000,
+                    within_ms: 30_000,
+                },
+                // The watchdog fires within 5 s, the node boots 30 s later.
+                Expectation::UntaintWithin {
+                    node: "a-2".into(),
+                    after_ms: 60_000,
+                    within_ms: 50_000,
                 },
                 Expectation::PairsAtEnd(3),
             ];
@@ -180,6 +307,11 @@ pub fn named(name: &str, seed: u64) -> Option<Scenario> {
             s.target = Some("b-1".into());
             s.expectations = vec![
                 Expectation::DeadVerdictWithin {
+                    node: "b-1".into(),
+                    after_ms: 40_000,
+                    within_ms: 30_000,
+                },
+                Expectation::TaintWithin {
                     node: "b-1".into(),
                     after_ms: 40_000,
                     within_ms: 30_000,
@@ -198,6 +330,11 @@ pub fn named(name: &str, seed: u64) -> Option<Scenario> {
                     after_ms: 60_000,
                     within_ms: 40_000,
                 },
+                Expectation::TaintWithin {
+                    node: "a-1".into(),
+                    after_ms: 60_000,
+                    within_ms: 30_000,
+                },
                 Expectation::PairsAtEnd(3),
             ];
         }
@@ -207,10 +344,10 @@ pub fn named(name: &str, seed: u64) -> Option<Scenario> {
                 .collect();
             s.target = Some("a-2".into());
             s.expectations = (1..=3)
-                .map(|i| Expectation::DeadVerdictWithin {
+                .map(|i| Expectation::TaintWithin {
                     node: node_name(Site::RoomA, i),
                     after_ms: 60_000,
-                    within_ms: 40_000,
+                    within_ms: 30_000,
                 })
                 .collect();
             s.expectations.push(Expectation::PairsAtEnd(3));
@@ -270,7 +407,24 @@ pub fn random(seed: u64) -> Scenario {
         let n = if room == Site::RoomA { na } else { nb };
         let node = node_name(room, rng.random_range(1..=n));
         let back = t + rng.random_range(5_000..120_000u64);
-        match rng.random_range(0..10) {
+        match rng.random_range(0..12) {
+            10 => faults.push(ScheduledFault {
+                at_ms: t,
+                fault: Fault::AgentCrash(node),
+            }),
+            11 => {
+                // The API server is lost from both rooms for a while.
+                for room in [Site::RoomA, Site::RoomB] {
+                    faults.push(ScheduledFault {
+                        at_ms: t,
+                        fault: Fault::Cut(room, Site::Api),
+                    });
+                    faults.push(ScheduledFault {
+                        at_ms: back,
+                        fault: Fault::Heal(room, Site::Api),
+                    });
+                }
+            }
             0..=3 => {
                 faults.push(ScheduledFault {
                     at_ms: t,
@@ -342,6 +496,7 @@ pub fn random(seed: u64) -> Scenario {
         faults,
         expectations: Vec::new(),
         target: None,
+        extreme_drift: false,
     }
 }
 
