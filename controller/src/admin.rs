@@ -2,7 +2,7 @@
 //!
 //! Liveness is real: every main loop registers with [`Health`], beats while it works, and is
 //! marked dead when it ends. `/livez` fails when a loop is dead or silent for longer than it
-//! promised. Readiness waits for the Node watch's first complete listing.
+//! promised. Readiness waits for the first complete listing of every watch (Nodes, heartbeat Leases).
 
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
@@ -86,7 +86,7 @@ impl Health {
         }
     }
 
-    /// The Node watch has completed its first listing.
+    /// Every watch has completed its first listing.
     pub fn set_nodes_synced(&self) {
         self.nodes_synced.store(true, Ordering::Release);
     }
@@ -157,7 +157,7 @@ async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            "the Node watch has not synced yet\n",
+            "the Node and heartbeat watches have not synced yet\n",
         )
     }
 }

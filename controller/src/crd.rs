@@ -15,6 +15,8 @@ pub const DEFAULT_NAME: &str = "default";
 pub const ROOMS_RESOLVED: &str = "RoomsResolved";
 /// Condition type: whether the workers of the two rooms are paired.
 pub const PAIRED: &str = "Paired";
+/// Condition type: whether node remediation (fencing, the out-of-service taint) is paused.
+pub const REMEDIATION_PAUSED: &str = "RemediationPaused";
 
 /// How the rooms of a cluster spread over two server rooms are chosen.
 // Clippy reads the repeated `type_ = ...` of the printer columns as duplicated attributes.
@@ -82,9 +84,36 @@ pub struct TwoSiteStatus {
     /// The controller replica that wrote this status, and its leader term.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leader: Option<LeaderStatus>,
-    /// `RoomsResolved` and `Paired`.
+    /// Every node's health verdict and remediation phase, as the leader judges them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<NodeStatus>,
+    /// `RoomsResolved`, `Paired` and `RemediationPaused`.
     #[serde(default)]
     pub conditions: Vec<Condition>,
+}
+
+/// One node's health and remediation, as the leader sees them.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeStatus {
+    pub name: String,
+    /// The node's room (its zone value), if it stands in one of the two.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub room: Option<String>,
+    /// Its partner in the other room, if paired.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partner: Option<String>,
+    /// The remediation phase: `Healthy`, `Suspect`, `FenceWaiting`, `Fenced`, `Tainted`,
+    /// `Recovering`, `NoAgent` or `Excluded`.
+    pub phase: String,
+    /// Why a dead node is not fenced yet (`Deadline`, `VoucherNotClear`, `Paused`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_for: Option<String>,
+    /// The health verdict: `Healthy`, `Suspect`, `Dead` or `DeadNoAgent`.
+    pub verdict: String,
+    /// `status.nodeInfo.bootID` (else the boot ID the node's agent reports).
+    #[serde(rename = "bootID", default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
 }
 
 /// Where the rooms came from.

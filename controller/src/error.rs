@@ -44,6 +44,14 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// A JSON document the controller builds (a JSON Patch) was malformed.
+    #[error("could not build a JSON document")]
+    Json(#[source] serde_json::Error),
+
+    /// The node health timing is unsafe.
+    #[error("invalid node health timing")]
+    Timing(#[source] node_health::verdict::TimingError),
+
     /// The tokio runtime could not be built.
     #[error("could not start the async runtime")]
     Runtime(#[source] std::io::Error),
@@ -80,6 +88,8 @@ impl Error {
             Error::NoIdentity(_) => "no_identity",
             Error::CrdYaml(_) => "crd_yaml",
             Error::Admin { .. } => "admin",
+            Error::Json(_) => "json",
+            Error::Timing(_) => "timing",
             Error::Runtime(_) => "runtime",
             Error::LoopEnded(_) => "loop_ended",
             Error::TaskDied { .. } => "task_died",

@@ -2,7 +2,10 @@
 //!
 //! - [`crd`]: the `TwoSite` custom resource.
 //! - [`status`]: the desired status, its conditions and events (pure).
-//! - [`nodes`]: the Node watch and its in-memory index of node facts.
+//! - [`nodes`]: the in-memory index of what the controller reads of each Node.
+//! - [`heartbeats`]: the Node and heartbeat Lease watches, judged on this process's clock.
+//! - [`remediation`]: the leader's loop that fences dead nodes, deletes their pods and applies
+//!   the out-of-service taint ([`taint`]), after committing the fence ([`fence_marker`]).
 //! - [`pairing`]: the pairing reconciler, which writes the status.
 //! - [`leader_lease`]: who leads, over a `coordination.k8s.io` Lease.
 //! - [`admin`], [`metrics`]: `/livez`, `/readyz`, `/metrics`.
@@ -11,12 +14,16 @@
 pub mod admin;
 pub mod crd;
 pub mod error;
+pub mod fence_marker;
+pub mod heartbeats;
 pub mod leader_lease;
 pub mod metrics;
 pub mod nodes;
 pub mod pairing;
+pub mod remediation;
 pub mod run;
 pub mod simulate;
 pub mod status;
+pub mod taint;
 
 pub use error::{Error, Result};

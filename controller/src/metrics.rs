@@ -4,6 +4,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 /// The `error` label of the error counters.
@@ -11,6 +12,26 @@ use prometheus_client::registry::Registry;
 pub struct ErrorLabels {
     pub error: String,
 }
+
+/// The labels of `twosite_node_phase`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodePhaseLabels {
+    pub node: String,
+    pub phase: String,
+}
+
+/// Every remediation phase, for `twosite_node_phase`.
+pub const NODE_PHASES: [&str; 9] = [
+    "Healthy",
+    "Suspect",
+    "FenceWaiting",
+    "Committing",
+    "Fenced",
+    "Tainted",
+    "Recovering",
+    "NoAgent",
+    "Excluded",
+];
 
 pub struct Metrics {
     registry: Registry,
@@ -21,6 +42,10 @@ pub struct Metrics {
     pub reconcile_errors: Family<ErrorLabels, Counter>,
     pub status_writes: Counter,
     pub leader_election_errors: Family<ErrorLabels, Counter>,
+    pub node_phase: Family<NodePhaseLabels, Gauge>,
+    pub remediations: Counter,
+    pub time_to_taint: Histogram,
+    pub remediation_errors: Family<ErrorLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -45,6 +70,11 @@ impl Metrics {
         let reconcile_errors = Family::<ErrorLabels, Counter>::default();
         let status_writes = Counter::default();
         let leader_election_errors = Family::<ErrorLabels, Counter>::default();
+        let node_phase = Family::<NodePhaseLabels, Gauge>::default();
+        let remediations = Counter::default();
+        // 1 s to 256 s.
+        let time_to_taint = Histogram::new(exponential_buckets(1.0, 2.0, 9));
+        let remediation_errors = Family::<ErrorLabels, Counter>::default();
         registry.register(
             "pairs",
             "Pairs in the last status this replica computed",
@@ -80,8 +110,32 @@ impl Metrics {
             "Failed leader election rounds, by error",
             leader_election_errors.clone(),
         );
+        registry.register(
+            "node_phase",
+            "1 for each node's current remediation phase, 0 for the others",
+            node_phase.clone(),
+        );
+        registry.register(
+            "remediations",
+            "Fences committed on dead nodes (their pods are then deleted and the out-of-service taint applied)",
+            remediations.clone(),
+        );
+        registry.register(
+            "time_to_taint_seconds",
+            "Seconds from a node's Dead verdict to the out-of-service taint applied",
+            time_to_taint.clone(),
+        );
+        registry.register(
+            "remediation_errors",
+            "Failed remediation actions, by error",
+            remediation_errors.clone(),
+        );
         Metrics {
             registry,
+            node_phase,
+            remediations,
+            time_to_taint,
+            remediation_errors,
             pairs,
             unpaired_nodes,
             is_leader,
@@ -106,6 +160,36 @@ impl Metrics {
                 error: label.to_string(),
             })
             .inc();
+    }
+
+    pub fn remediation_failed(&self, label: &str) {
+        self.remediation_errors
+            .get_or_create(&ErrorLabels {
+                error: label.to_string(),
+            })
+            .inc();
+    }
+
+    /// Sets `twosite_node_phase` for `node`: 1 for `phase`, 0 for every other phase.
+    pub fn set_node_phase(&self, node: &str, phase: &str) {
+        for p in NODE_PHASES {
+            self.node_phase
+                .get_or_create(&NodePhaseLabels {
+                    node: node.to_string(),
+                    phase: p.to_string(),
+                })
+                .set(i64::from(p == phase));
+        }
+    }
+
+    /// Drops `twosite_node_phase` for a node that is gone.
+    pub fn forget_node(&self, node: &str) {
+        for p in NODE_PHASES {
+            self.node_phase.remove(&NodePhaseLabels {
+                node: node.to_string(),
+                phase: p.to_string(),
+            });
+        }
     }
 
     /// The OpenMetrics text exposition.

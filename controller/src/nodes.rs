@@ -1,25 +1,87 @@
-//! The Node watch: an in-memory index of what the pairing needs to know of each Node, fed by a
+//! The Node index: what the pairing and the remediation need to know of each Node, fed by a
 //! kube-runtime watcher. The index is a plain state machine (feed it watcher events, read the
-//! facts), so it is tested without an API server.
+//! records), so it is tested without an API server. The watch task itself lives in
+//! [`crate::heartbeats`], which judges the nodes' health from this index and the heartbeat
+//! Leases.
 
-use crate::admin::{Health, LoopGuard};
-use crate::error::{Error, Result};
-use crate::status::node_facts;
-use futures::StreamExt;
-use k8s_openapi::api::core::v1::Node;
-use kube::Api;
-use kube::runtime::{WatchStreamExt, watcher};
-use node_health::NodeFacts;
+use crate::status::{CONTROL_PLANE_LABELS, node_facts};
+use k8s_openapi::api::core::v1::{Node, Taint};
+use kube::runtime::watcher;
+use node_health::remediation::{
+    EXCLUDE_LABEL, FENCED_BOOT_ANNOTATION, OUT_OF_SERVICE_TAINT_EFFECT, OUT_OF_SERVICE_TAINT_KEY,
+};
+use node_health::{NodeFacts, Readiness};
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use tokio::sync::watch;
 
-/// Node facts by name, as the last complete listing plus the changes since.
+/// What the controller knows of one Node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRecord {
+    /// What the pairing needs.
+    pub facts: NodeFacts,
+    pub uid: Option<String>,
+    /// A control-plane node, or labelled `twosite.dev/exclude-from-remediation=true`.
+    pub excluded: bool,
+    /// The out-of-service taint (`NoExecute`) is on the node.
+    pub tainted: bool,
+    /// The `twosite.dev/fenced-boot-id` annotation.
+    pub fenced_boot_annotation: Option<String>,
+    /// `status.nodeInfo.bootID`.
+    pub boot_id: Option<String>,
+    /// The Ready condition; `None` if the node has none yet.
+    pub readiness: Option<Readiness>,
+}
+
+/// Whether `taint` is the out-of-service taint twosite manages (key and effect).
+pub fn is_out_of_service(taint: &Taint) -> bool {
+    taint.key == OUT_OF_SERVICE_TAINT_KEY && taint.effect == OUT_OF_SERVICE_TAINT_EFFECT
+}
+
+/// Everything the controller reads of a Node.
+pub fn node_record(node: &Node) -> NodeRecord {
+    let facts = node_facts(node);
+    let labels = node.metadata.labels.as_ref();
+    let label = |key: &str| labels.and_then(|l| l.get(key)).map(String::as_str);
+    let excluded = CONTROL_PLANE_LABELS.iter().any(|l| label(l).is_some())
+        || label(EXCLUDE_LABEL).is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
+    let status = node.status.as_ref();
+    let readiness = status
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
+        .map(|c| match c.status.as_str() {
+            "True" => Readiness::True,
+            "False" => Readiness::False,
+            _ => Readiness::Unknown,
+        });
+    let boot_id = status
+        .and_then(|s| s.node_info.as_ref())
+        .map(|i| i.boot_id.trim().to_string())
+        .filter(|b| !b.is_empty());
+    NodeRecord {
+        facts,
+        uid: node.metadata.uid.clone(),
+        excluded,
+        tainted: node
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.as_ref())
+            .is_some_and(|ts| ts.iter().any(is_out_of_service)),
+        fenced_boot_annotation: node
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(FENCED_BOOT_ANNOTATION))
+            .cloned(),
+        boot_id,
+        readiness,
+    }
+}
+
+/// Node records by name, as the last complete listing plus the changes since.
 #[derive(Debug, Default, Clone)]
 pub struct NodeIndex {
-    synced: BTreeMap<String, NodeFacts>,
+    synced: BTreeMap<String, NodeRecord>,
     /// A re-listing in progress; swapped in at `InitDone`.
-    relisting: Option<BTreeMap<String, NodeFacts>>,
+    relisting: Option<BTreeMap<String, NodeRecord>>,
     has_synced: bool,
 }
 
@@ -32,23 +94,24 @@ impl NodeIndex {
                 false
             }
             watcher::Event::InitApply(node) => {
-                let facts = node_facts(&node);
+                let record = node_record(&node);
                 self.relisting
                     .get_or_insert_with(BTreeMap::new)
-                    .insert(facts.name.clone(), facts);
+                    .insert(record.facts.name.clone(), record);
                 false
             }
             watcher::Event::InitDone => {
                 let fresh = self.relisting.take().unwrap_or_default();
-                let changed = !self.has_synced || fresh != self.synced;
+                let changed = !self.has_synced || !same_facts(&fresh, &self.synced);
                 self.synced = fresh;
                 self.has_synced = true;
                 changed
             }
             watcher::Event::Apply(node) => {
-                let facts = node_facts(&node);
-                let changed = self.synced.get(&facts.name) != Some(&facts);
-                self.synced.insert(facts.name.clone(), facts);
+                let record = node_record(&node);
+                let changed =
+                    self.synced.get(&record.facts.name).map(|r| &r.facts) != Some(&record.facts);
+                self.synced.insert(record.facts.name.clone(), record);
                 changed && self.has_synced
             }
             watcher::Event::Delete(node) => {
@@ -66,41 +129,21 @@ impl NodeIndex {
     /// The facts of every Node, by name; `None` until the first listing completed.
     pub fn facts(&self) -> Option<Vec<NodeFacts>> {
         self.has_synced
-            .then(|| self.synced.values().cloned().collect())
+            .then(|| self.synced.values().map(|r| r.facts.clone()).collect())
+    }
+
+    /// Every Node's record, by name (empty until the first listing completed).
+    pub fn records(&self) -> impl Iterator<Item = &NodeRecord> {
+        self.synced.values()
+    }
+
+    pub fn record(&self, name: &str) -> Option<&NodeRecord> {
+        self.synced.get(name)
     }
 }
 
-/// Watches Nodes forever, publishing their facts on `facts` whenever they change, and marking
-/// the process ready after the first complete listing.
-pub async fn run_node_watch(
-    api: Api<Node>,
-    facts: watch::Sender<Option<Vec<NodeFacts>>>,
-    health: Arc<Health>,
-    guard: LoopGuard,
-) -> Result<()> {
-    let stream = watcher(api, watcher::Config::default()).default_backoff();
-    let mut stream = std::pin::pin!(stream);
-    let mut index = NodeIndex::default();
-    while let Some(event) = stream.next().await {
-        guard.beat();
-        match event {
-            Ok(event) => {
-                if index.apply(event) {
-                    let now = index.facts();
-                    tracing::debug!(nodes = now.as_ref().map(Vec::len), "node facts changed");
-                    facts.send_replace(now);
-                }
-                if index.is_synced() && !health.is_ready() {
-                    tracing::info!("node watch synced");
-                    health.set_nodes_synced();
-                }
-            }
-            Err(err) => {
-                tracing::warn!(error = %crate::error::report(&err), "node watch error; retrying with backoff");
-            }
-        }
-    }
-    Err(Error::LoopEnded("node watch"))
+fn same_facts(a: &BTreeMap<String, NodeRecord>, b: &BTreeMap<String, NodeRecord>) -> bool {
+    a.len() == b.len() && a.values().zip(b.values()).all(|(x, y)| x.facts == y.facts)
 }
 
 #[cfg(test)]

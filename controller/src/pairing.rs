@@ -10,14 +10,14 @@ use crate::crd::{DEFAULT_NAME, LeaderStatus, TwoSite, TwoSiteSpec, TwoSiteStatus
 use crate::error::{Error, Result, report, with_timeout};
 use crate::leader_lease::Leadership;
 use crate::metrics::{Metrics, gauge_value};
-use crate::status::{StatusInput, desired_status, transitions};
+use crate::status::{RemediationView, StatusInput, desired_status, transitions};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::StreamExt;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Resource};
-use node_health::NodeFacts;
+use node_health::{NodeFacts, Pair, Pairing, Room};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Notify, watch};
@@ -37,6 +37,62 @@ pub struct Context {
     pub leadership: Leadership,
     pub metrics: Arc<Metrics>,
     pub api_timeout: Duration,
+    /// Where the pairing this leader computed is published for the remediation loop (`None`
+    /// while it does not lead).
+    pub pairing_out: watch::Sender<Option<Pairing>>,
+    /// The remediation loop's latest view, for the status.
+    pub remediation: watch::Receiver<Option<RemediationView>>,
+}
+
+impl Context {
+    /// A context with fresh channels for the pairing and the remediation view.
+    pub fn new(
+        twosites: Api<TwoSite>,
+        recorder: Recorder,
+        leadership: Leadership,
+        metrics: Arc<Metrics>,
+        api_timeout: Duration,
+    ) -> Self {
+        Context {
+            twosites,
+            recorder,
+            leadership,
+            metrics,
+            api_timeout,
+            pairing_out: watch::channel(None).0,
+            remediation: watch::channel(None).1,
+        }
+    }
+}
+
+/// The pairing a status describes: its rooms and pairs.
+pub fn pairing_of(status: &TwoSiteStatus) -> Pairing {
+    Pairing {
+        rooms: status
+            .rooms
+            .as_ref()
+            .map(|r| (Room(r.a.clone()), Room(r.b.clone()))),
+        pairs: status
+            .pairs
+            .iter()
+            .map(|p| Pair {
+                a: p.a.clone(),
+                b: p.b.clone(),
+            })
+            .collect(),
+        ..Pairing::default()
+    }
+}
+
+fn publish_pairing(ctx: &Context, pairing: Option<Pairing>) {
+    ctx.pairing_out.send_if_modified(|p| {
+        if *p == pairing {
+            false
+        } else {
+            *p = pairing;
+            true
+        }
+    });
 }
 
 /// What a reconciliation did.
@@ -60,12 +116,21 @@ pub fn now_rfc3339() -> String {
 
 /// Brings the `default` TwoSite's status in line with `nodes`.
 pub async fn reconcile_pairing(ctx: &Context, nodes: &[NodeFacts]) -> Result<Outcome> {
+    let outcome = reconcile_pairing_inner(ctx, nodes).await;
+    if matches!(outcome, Ok(Outcome::NotLeader)) {
+        publish_pairing(ctx, None);
+    }
+    outcome
+}
+
+async fn reconcile_pairing_inner(ctx: &Context, nodes: &[NodeFacts]) -> Result<Outcome> {
     if !ctx.leadership.is_leader() {
         return Ok(Outcome::NotLeader);
     }
     let Some(obj) = fetch_or_create(ctx).await? else {
         return Ok(Outcome::NotLeader);
     };
+    let remediation = ctx.remediation.borrow().clone();
 
     let leader = LeaderStatus {
         identity: ctx.leadership.identity().to_string(),
@@ -75,12 +140,15 @@ pub async fn reconcile_pairing(ctx: &Context, nodes: &[NodeFacts]) -> Result<Out
             .map_or(0, |e| i64::try_from(e).unwrap_or(i64::MAX)),
     };
     let now = now_rfc3339();
-    let desired = desired_status(&StatusInput::for_object(&obj, nodes, leader, &now));
+    let desired = desired_status(
+        &StatusInput::for_object(&obj, nodes, leader, &now).with_remediation(remediation.as_ref()),
+    );
     ctx.metrics.pairs.set(gauge_value(desired.pairs.len()));
     ctx.metrics
         .unpaired_nodes
         .set(gauge_value(desired.unpaired.len()));
     if obj.status.as_ref() == Some(&desired) {
+        publish_pairing(ctx, Some(pairing_of(&desired)));
         return Ok(Outcome::Unchanged);
     }
 
@@ -88,6 +156,7 @@ pub async fn reconcile_pairing(ctx: &Context, nodes: &[NodeFacts]) -> Result<Out
         return Ok(Outcome::NotLeader);
     }
     apply_status(ctx, &desired).await?;
+    publish_pairing(ctx, Some(pairing_of(&desired)));
     ctx.metrics.status_writes.inc();
     tracing::info!(
         pairs = desired.pairs.len(),
@@ -190,8 +259,8 @@ pub fn retry_backoff() -> impl Iterator<Item = Duration> {
         .build()
 }
 
-/// Reconciles whenever the Node facts, the TwoSite object or the leadership change, at least
-/// every [`RESYNC`], and after a failure once its backoff has passed.
+/// Reconciles whenever the Node facts, the TwoSite object, the leadership or the remediation
+/// view change, at least every [`RESYNC`], and after a failure once its backoff has passed.
 pub async fn run_pairing_loop(
     ctx: Context,
     mut facts: watch::Receiver<Option<Vec<NodeFacts>>>,
@@ -201,6 +270,8 @@ pub async fn run_pairing_loop(
 ) -> Result<()> {
     let mut backoff = retry_backoff();
     let mut retry_at: Option<Instant> = None;
+    let mut remediation = ctx.remediation.clone();
+    let mut remediation_open = true;
     loop {
         guard.beat();
         if let Some(at) = retry_at.take() {
@@ -214,6 +285,10 @@ pub async fn run_pairing_loop(
                     }
                 }
                 () = twosite_changed.notified() => {},
+                changed = remediation.changed(), if remediation_open => {
+                    // Without a remediation loop the status simply lists no nodes.
+                    remediation_open = changed.is_ok();
+                }
                 changed = leading.changed() => {
                     if changed.is_err() {
                         return Err(Error::LoopEnded("leader election"));
@@ -224,6 +299,7 @@ pub async fn run_pairing_loop(
         }
         guard.beat();
         leading.borrow_and_update();
+        remediation.borrow_and_update();
         // Never pair from a partial view: wait for the Node watch's first listing.
         let Some(nodes) = facts.borrow_and_update().clone() else {
             continue;

@@ -1,21 +1,24 @@
 //! `twosite controller` and `twosite crd`: wiring the loops together.
 //!
-//! Five tasks run side by side: the leader election over the Lease, the Node watch, the
-//! TwoSite watch, the pairing loop and the admin HTTP port. If any of them ends or panics the
+//! Eight tasks run side by side: the leader election over the Lease, the Node watch, the two
+//! heartbeat Lease watches, the TwoSite watch, the pairing loop, the remediation loop and the
+//! admin HTTP port. If any of them ends or panics the
 //! process exits non-zero (Kubernetes restarts it); SIGTERM or Ctrl-C stops it cleanly and hands
 //! the Lease back.
 
 use crate::admin::{self, Health};
 use crate::crd::{self, TwoSite};
 use crate::error::{Error, Result, report};
+use crate::heartbeats::{KUBELET_LEASE_NAMESPACE, SharedObserved, Watches};
 use crate::leader_lease::{LeaderLease, Leadership};
 use crate::metrics::Metrics;
-use crate::nodes::run_node_watch;
 use crate::pairing::{self, Context, FIELD_MANAGER, run_pairing_loop, run_twosite_watch};
+use crate::remediation::{RemediationContext, run_remediation_loop};
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::{Api, Client};
-use node_health::LeaderConfig;
+use node_health::{Clock, HealthTiming, LeaderConfig, SystemClock};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -42,6 +45,11 @@ pub struct RunArgs {
     /// Timeout of every Kubernetes API call, in seconds.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=60))]
     pub api_timeout_secs: u64,
+
+    /// Pause node remediation while dead nodes in both rooms exceed this share of all workers,
+    /// in percent (a whole room lost while the other is healthy never pauses).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub max_dead_share_pct: u8,
 }
 
 /// Runs the controller until SIGTERM/Ctrl-C (success) or until a main loop dies (failure).
@@ -110,7 +118,11 @@ pub fn resolve_identity(flag: Option<String>) -> Result<String> {
 async fn run(args: RunArgs) -> Result<()> {
     let identity = resolve_identity(args.identity)?;
     let api_timeout = Duration::from_secs(args.api_timeout_secs);
-    let leadership = Leadership::new(LeaderConfig::new(identity.clone()))?;
+    let timing = HealthTiming::default();
+    timing.validate().map_err(Error::Timing)?;
+    let clock: Arc<dyn Clock + Send + Sync> = Arc::new(SystemClock::new());
+    let leadership =
+        Leadership::with_clock(LeaderConfig::new(identity.clone()), Arc::clone(&clock))?;
     let client = Client::try_default().await.map_err(Error::ClientConfig)?;
     let metrics = Arc::new(Metrics::new());
     let health = Health::new();
@@ -136,13 +148,34 @@ async fn run(args: RunArgs) -> Result<()> {
             instance: Some(identity.clone()),
         },
     );
+    let (pairing_tx, pairing_rx) = watch::channel(None);
+    let (view_tx, view_rx) = watch::channel(None);
     let ctx = Context {
         twosites: Api::<TwoSite>::all(client.clone()),
+        recorder: recorder.clone(),
+        leadership: leadership.clone(),
+        metrics: Arc::clone(&metrics),
+        api_timeout,
+        pairing_out: pairing_tx,
+        remediation: view_rx,
+    };
+    let remediation_ctx = RemediationContext {
+        nodes: Api::all(client.clone()),
+        agent_leases: Api::namespaced(client.clone(), &args.namespace),
+        pods: Api::all(client.clone()),
         recorder,
         leadership: leadership.clone(),
         metrics: Arc::clone(&metrics),
         api_timeout,
+        timing,
+        max_dead_share_pct: args.max_dead_share_pct,
     };
+    let observed = SharedObserved::default();
+    let watches = Arc::new(Watches {
+        observed: observed.clone(),
+        clock: Arc::clone(&clock),
+        timing,
+    });
     let (leading_tx, leading_rx) = watch::channel(false);
     let (facts_tx, facts_rx) = watch::channel(None);
     let twosite_changed = Arc::new(Notify::new());
@@ -150,6 +183,8 @@ async fn run(args: RunArgs) -> Result<()> {
     // A round takes at most two API calls; a pairing pass at most a handful plus RESYNC.
     let lease_silence = Some(leadership.retry_period() + api_timeout * 2 + Duration::from_secs(30));
     let pairing_silence = Some(pairing::RESYNC + api_timeout * 6 + Duration::from_secs(30));
+    // A pass makes a handful of calls per remediated node, each with its timeout.
+    let remediation_silence = Some(api_timeout * 20 + Duration::from_secs(30));
     let mut tasks = JoinSet::new();
     let mut names = HashMap::new();
     let mut spawn = |name: &'static str, task: futures::future::BoxFuture<'static, Result<()>>| {
@@ -163,13 +198,40 @@ async fn run(args: RunArgs) -> Result<()> {
             health.register("leader election", lease_silence),
         )),
     );
-    spawn(
-        "node watch",
-        Box::pin(run_node_watch(
+    spawn("node watch", {
+        let (w, api, guard) = (
+            Arc::clone(&watches),
             Api::<Node>::all(client.clone()),
-            facts_tx,
-            Arc::clone(&health),
             health.register("node watch", None),
+        );
+        Box::pin(async move { w.nodes(api, facts_tx, guard).await })
+    });
+    spawn("agent lease watch", {
+        let (w, api, guard) = (
+            Arc::clone(&watches),
+            Api::<Lease>::namespaced(client.clone(), &args.namespace),
+            health.register("agent lease watch", None),
+        );
+        Box::pin(async move { w.agent_leases(api, guard).await })
+    });
+    spawn("kubelet lease watch", {
+        let (w, api, guard) = (
+            Arc::clone(&watches),
+            Api::<Lease>::namespaced(client.clone(), KUBELET_LEASE_NAMESPACE),
+            health.register("kubelet lease watch", None),
+        );
+        Box::pin(async move { w.kubelet_leases(api, guard).await })
+    });
+    spawn(
+        "remediation",
+        Box::pin(run_remediation_loop(
+            remediation_ctx,
+            observed,
+            pairing_rx,
+            view_tx,
+            Arc::clone(&health),
+            clock,
+            health.register("remediation", remediation_silence),
         )),
     );
     spawn(

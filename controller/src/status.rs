@@ -2,8 +2,8 @@
 //! previous status to the next status, its conditions and the events worth telling a user.
 
 use crate::crd::{
-    Condition, LeaderStatus, PAIRED, PairStatus, ROOMS_RESOLVED, RoomSource, RoomsStatus, TwoSite,
-    TwoSiteSpec, TwoSiteStatus, UnpairedStatus,
+    Condition, LeaderStatus, NodeStatus, PAIRED, PairStatus, REMEDIATION_PAUSED, ROOMS_RESOLVED,
+    RoomSource, RoomsStatus, TwoSite, TwoSiteSpec, TwoSiteStatus, UnpairedStatus,
 };
 use k8s_openapi::api::core::v1::Node;
 use node_health::rooms::{UnpairedReason, ZONE_LABEL};
@@ -24,6 +24,23 @@ pub mod reason {
     pub const SOME_WORKERS_UNPAIRED: &str = "SomeWorkersUnpaired";
     pub const NO_PAIRS: &str = "NoPairs";
     pub const ROOMS_UNRESOLVED: &str = "RoomsUnresolved";
+    pub const REMEDIATION_ACTIVE: &str = "RemediationActive";
+}
+
+/// Why node remediation is paused for the whole cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pause {
+    /// A CamelCase word: `WatchesNotSettled`, `RoomsUnknown`, `DeadNodesInBothRooms`.
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// What the remediation loop last decided, for the status: every node's verdict and phase, and
+/// whether remediation is paused.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RemediationView {
+    pub nodes: Vec<NodeStatus>,
+    pub pause: Option<Pause>,
 }
 
 /// What the pairing needs to know of a Node.
@@ -68,6 +85,8 @@ pub struct StatusInput<'a> {
     pub leader: LeaderStatus,
     /// The wall-clock time, for conditions that change now (RFC 3339).
     pub now: &'a str,
+    /// The remediation loop's latest view; `None` until it has run as leader.
+    pub remediation: Option<&'a RemediationView>,
 }
 
 impl<'a> StatusInput<'a> {
@@ -85,7 +104,14 @@ impl<'a> StatusInput<'a> {
             nodes,
             leader,
             now,
+            remediation: None,
         }
+    }
+
+    /// The same input, with the remediation loop's view.
+    pub fn with_remediation(mut self, view: Option<&'a RemediationView>) -> Self {
+        self.remediation = view;
+        self
     }
 }
 
@@ -118,7 +144,8 @@ pub fn desired_status(input: &StatusInput<'_>) -> TwoSiteStatus {
                 pairs: kept.pairs,
                 unpaired: kept.unpaired,
                 leader: Some(input.leader.clone()),
-                conditions: vec![
+                nodes: remediation_nodes(input),
+                conditions: [
                     condition(ROOMS_RESOLVED, false, reason::INVALID_SPEC, message),
                     condition(
                         PAIRED,
@@ -127,7 +154,10 @@ pub fn desired_status(input: &StatusInput<'_>) -> TwoSiteStatus {
                         "pairing is suspended until spec.rooms is fixed; the last pairs are kept"
                             .to_string(),
                     ),
-                ],
+                ]
+                .into_iter()
+                .chain(remediation_condition(input))
+                .collect(),
             };
         }
     };
@@ -239,8 +269,45 @@ pub fn desired_status(input: &StatusInput<'_>) -> TwoSiteStatus {
         pairs,
         unpaired,
         leader: Some(input.leader.clone()),
-        conditions: vec![rooms_condition, paired_condition],
+        nodes: remediation_nodes(input),
+        conditions: [rooms_condition, paired_condition]
+            .into_iter()
+            .chain(remediation_condition(input))
+            .collect(),
     }
+}
+
+fn remediation_nodes(input: &StatusInput<'_>) -> Vec<NodeStatus> {
+    input
+        .remediation
+        .map(|r| r.nodes.clone())
+        .unwrap_or_default()
+}
+
+/// `RemediationPaused`, once the remediation loop has run.
+fn remediation_condition(input: &StatusInput<'_>) -> Option<Condition> {
+    let view = input.remediation?;
+    let previous = input
+        .previous
+        .map(|p| p.conditions.as_slice())
+        .unwrap_or(&[]);
+    let (paused, reason, message) = match &view.pause {
+        Some(p) => (true, p.reason, p.message.clone()),
+        None => (
+            false,
+            reason::REMEDIATION_ACTIVE,
+            "dead nodes are fenced and tainted once proven stopped".to_string(),
+        ),
+    };
+    Some(next_condition(
+        previous,
+        REMEDIATION_PAUSED,
+        paused,
+        reason,
+        message,
+        input.generation,
+        input.now,
+    ))
 }
 
 fn count(n: usize) -> i32 {
@@ -427,6 +494,7 @@ mod tests {
             nodes,
             leader: leader(),
             now,
+            remediation: None,
         })
     }
 

@@ -28,9 +28,9 @@ fn lease_shell(client: kube::Client) -> LeaderLease {
 }
 
 fn context(client: kube::Client, leadership: Leadership) -> Context {
-    Context {
-        twosites: kube::Api::all(client.clone()),
-        recorder: Recorder::new(
+    Context::new(
+        kube::Api::all(client.clone()),
+        Recorder::new(
             client,
             Reporter {
                 controller: "twosite-controller".into(),
@@ -38,9 +38,9 @@ fn context(client: kube::Client, leadership: Leadership) -> Context {
             },
         ),
         leadership,
-        metrics: Arc::new(Metrics::new()),
-        api_timeout: Duration::from_secs(5),
-    }
+        Arc::new(Metrics::new()),
+        Duration::from_secs(5),
+    )
 }
 
 #[tokio::test]

@@ -51,9 +51,9 @@ async fn leading_context(client: kube::Client, api: &mut ApiServer) -> Context {
         RoundOutcome::Created
     );
     assert!(leadership.is_leader());
-    Context {
-        twosites: kube::Api::all(client.clone()),
-        recorder: Recorder::new(
+    Context::new(
+        kube::Api::all(client.clone()),
+        Recorder::new(
             client,
             Reporter {
                 controller: "twosite-controller".into(),
@@ -62,8 +62,8 @@ async fn leading_context(client: kube::Client, api: &mut ApiServer) -> Context {
         ),
         leadership,
         metrics,
-        api_timeout: Duration::from_secs(5),
-    }
+        Duration::from_secs(5),
+    )
 }
 
 /// Asserts the request is the controller's server-side apply of the status.

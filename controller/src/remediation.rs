@@ -1,0 +1,883 @@
+//! The remediation loop: every node's verdict, and the fencing, pod deletion and out-of-service
+//! taint that follow once the core proves a dead node stopped.
+//!
+//! A pipeline of named stages, every [`INTERVAL`], on the leader only:
+//! 1. assess (pure, [`assess`]): judge every node on this process's clock, find who may vouch
+//!    for it and since when they all are clear, and whether remediation is paused;
+//! 2. count the pods bound to the nodes that are (or are about to be) fenced or tainted;
+//! 3. step each node's [`NodeRemediation`] (the core) and execute its actions: delete pods with
+//!    grace period 0, apply or remove the taint (conflict-safe JSON Patch, [`crate::taint`]),
+//!    publish Events on the Node;
+//! 4. publish what users see: the nodes for the status, the metrics.
+//!
+//! Leadership is asked right before every write. A replica that does not lead forgets every
+//! node's remediation state, and picks tainted nodes up again from their annotation when it
+//! leads again.
+
+use crate::crd::NodeStatus;
+use crate::error::{Error, Result, report, with_timeout};
+use crate::fence_marker::{clear_fence, commit_fence};
+use crate::heartbeats::AGENT_LEASE_PREFIX;
+use crate::heartbeats::{Observed, SharedObserved};
+use crate::leader_lease::Leadership;
+use crate::metrics::Metrics;
+use crate::nodes::NodeRecord;
+use crate::status::{Pause, RemediationView};
+use crate::taint::{TaintChange, TaintOutcome, change_taint};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, ObjectReference, Pod};
+use kube::Api;
+use kube::api::{DeleteParams, ListParams, Preconditions};
+use kube::runtime::events::{Event, EventType, Recorder};
+use node_health::remediation::{Phase, pause_reason};
+use node_health::{
+    Action, HealthTiming, MonoTime, NodeRemediation, NodeVerdict, Pairing, RemediationInput, judge,
+};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How often the loop runs.
+pub const INTERVAL: Duration = Duration::from_millis(500);
+
+/// Pause reasons (the `RemediationPaused` condition's reason).
+pub mod pause {
+    pub const WATCHES_NOT_SETTLED: &str = "WatchesNotSettled";
+    pub const ROOMS_UNKNOWN: &str = "RoomsUnknown";
+    pub const DEAD_NODES_IN_BOTH_ROOMS: &str = "DeadNodesInBothRooms";
+}
+
+/// Everything a remediation pass needs.
+#[derive(Clone)]
+pub struct RemediationContext {
+    pub nodes: Api<Node>,
+    /// The agents' heartbeat Leases (the controller's namespace), for the fence marker.
+    pub agent_leases: Api<Lease>,
+    /// Pods of every namespace.
+    pub pods: Api<Pod>,
+    pub recorder: Recorder,
+    pub leadership: Leadership,
+    pub metrics: Arc<Metrics>,
+    pub api_timeout: Duration,
+    pub timing: HealthTiming,
+    /// Dead nodes in both rooms beyond this share of all workers pause remediation.
+    pub max_dead_share_pct: u8,
+}
+
+/// One node, assessed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeAssessment {
+    pub name: String,
+    pub uid: Option<String>,
+    /// Its zone, if it is one of the two rooms.
+    pub room: Option<String>,
+    pub partner: Option<String>,
+    /// The name of its agent's heartbeat Lease.
+    pub agent_lease: String,
+    /// The core's input, pods not counted yet (0).
+    pub input: RemediationInput,
+}
+
+/// Every node, assessed, and whether remediation is paused.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Assessment {
+    pub nodes: Vec<NodeAssessment>,
+    pub pause: Option<Pause>,
+}
+
+/// Which room (0 = A, 1 = B) the node stands in.
+fn room_index(record: &NodeRecord, pairing: Option<&Pairing>) -> Option<usize> {
+    let (a, b) = pairing?.rooms.as_ref()?;
+    let zone = record.facts.zone.as_deref()?.trim();
+    if zone == a.0 {
+        Some(0)
+    } else if zone == b.0 {
+        Some(1)
+    } else {
+        None
+    }
+}
+
+/// Since when every node that may vouch for `record`'s node has been clear; `None` if one is
+/// not (or the pairing is unknown). Its partner vouches; a worker without a partner may be
+/// vouched for by any worker of the other room (or, outside both rooms, by any other worker).
+/// No voucher at all: `Some(MonoTime::ZERO)`.
+fn vouchers_clear_since(
+    observed: &Observed,
+    record: &NodeRecord,
+    pairing: Option<&Pairing>,
+    now: MonoTime,
+    t: &HealthTiming,
+) -> Option<MonoTime> {
+    let pairing = pairing?;
+    let name = record.facts.name.as_str();
+    let vouchers: Vec<&str> = match pairing.partner_of(name) {
+        Some(partner) => vec![partner],
+        None => {
+            let own = room_index(record, Some(pairing));
+            observed
+                .nodes()
+                .records()
+                .filter(|r| !r.facts.control_plane && r.facts.name != name)
+                .filter(|r| match own {
+                    Some(i) => room_index(r, Some(pairing)) == Some(1 - i),
+                    None => true,
+                })
+                .map(|r| r.facts.name.as_str())
+                .collect()
+        }
+    };
+    vouchers.into_iter().try_fold(MonoTime::ZERO, |latest, v| {
+        let clear = observed.heartbeats(v).clear_at(now, t)?;
+        Some(latest.max(clear))
+    })
+}
+
+/// Stage 1 (pure): every node's core input at `now`, and whether remediation is paused.
+pub fn assess(
+    observed: &Observed,
+    pairing: Option<&Pairing>,
+    now: MonoTime,
+    t: &HealthTiming,
+    max_dead_share_pct: u8,
+) -> Assessment {
+    let settled = observed.settled(now, t);
+    let records: Vec<&NodeRecord> = observed.nodes().records().collect();
+    let verdicts: Vec<NodeVerdict> = records
+        .iter()
+        .map(|r| judge(&observed.verdict_observation(r), now, t, settled))
+        .collect();
+
+    let mut dead = [0_usize; 2];
+    let mut workers = 0;
+    for (r, v) in records.iter().zip(&verdicts) {
+        if r.facts.control_plane {
+            continue;
+        }
+        if let Some(i) = room_index(r, pairing) {
+            workers += 1;
+            if v.is_dead() {
+                dead[i] += 1;
+            }
+        }
+    }
+    let rooms_known = pairing.is_some_and(|p| p.rooms.is_some());
+    let pause = if !settled {
+        pause_reason(false, (0, 0), workers, max_dead_share_pct).map(|message| Pause {
+            reason: pause::WATCHES_NOT_SETTLED,
+            message,
+        })
+    } else if !rooms_known {
+        Some(Pause {
+            reason: pause::ROOMS_UNKNOWN,
+            message: "the two rooms and the pairs are not known".to_string(),
+        })
+    } else {
+        pause_reason(true, (dead[0], dead[1]), workers, max_dead_share_pct).map(|message| Pause {
+            reason: pause::DEAD_NODES_IN_BOTH_ROOMS,
+            message,
+        })
+    };
+
+    let nodes = records
+        .iter()
+        .zip(verdicts)
+        .map(|(r, verdict)| {
+            let name = r.facts.name.clone();
+            let agent = observed.agent(&name);
+            let heartbeat = observed.verdict_observation(r).agent.map(|h| h.fingerprint);
+            let boot_id = r
+                .boot_id
+                .clone()
+                .or_else(|| agent.and_then(|a| a.boot_id.clone()));
+            NodeAssessment {
+                uid: r.uid.clone(),
+                room: room_index(r, pairing).and(r.facts.zone.clone()),
+                partner: pairing
+                    .and_then(|p| p.partner_of(&name))
+                    .map(str::to_string),
+                input: RemediationInput {
+                    verdict,
+                    vouchers_clear_since: vouchers_clear_since(observed, r, pairing, now, t),
+                    excluded: r.excluded,
+                    tainted: r.tainted,
+                    fenced_boot_annotation: r.fenced_boot_annotation.clone(),
+                    pods: 0,
+                    terminating_pods: 0,
+                    ready: Observed::is_ready(r),
+                    boot_id,
+                    heartbeat,
+                    fence_marker: agent.is_some_and(|a| a.fence_marker),
+                    paused: pause.is_some(),
+                },
+                agent_lease: agent.map_or_else(
+                    || format!("{AGENT_LEASE_PREFIX}{name}"),
+                    |a| a.lease_name.clone(),
+                ),
+                name,
+            }
+        })
+        .collect();
+    Assessment { nodes, pause }
+}
+
+/// Whether `pod` belongs to a DaemonSet (it is never deleted: it would come back at once and
+/// belongs to the node).
+pub fn owned_by_daemonset(pod: &Pod) -> bool {
+    pod.metadata
+        .owner_references
+        .as_ref()
+        .is_some_and(|os| os.iter().any(|o| o.kind == "DaemonSet"))
+}
+
+/// Stage 2 (pure): the core's pod counts for the pods bound to one node: non-DaemonSet pods,
+/// and pods that are terminating.
+pub fn pod_counts(pods: &[Pod]) -> (usize, usize) {
+    let deletable = pods.iter().filter(|p| !owned_by_daemonset(p)).count();
+    let terminating = pods
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_some())
+        .count();
+    (deletable, terminating)
+}
+
+/// Whether a node's pods must be counted before its step: it is, or may be picked up as,
+/// fenced, tainted or recovering.
+fn needs_pod_count(state: &NodeRemediation, input: &RemediationInput) -> bool {
+    matches!(
+        state.phase,
+        Phase::Fenced | Phase::Tainted | Phase::Recovering
+    ) || input.fence_marker
+        || (input.tainted && input.fenced_boot_annotation.is_some())
+}
+
+/// The reference of a Node for its Events.
+fn node_reference(name: &str, uid: Option<&str>) -> ObjectReference {
+    ObjectReference {
+        api_version: Some("v1".to_string()),
+        kind: Some("Node".to_string()),
+        name: Some(name.to_string()),
+        uid: uid.map(str::to_string),
+        ..ObjectReference::default()
+    }
+}
+
+/// The status entry of one node.
+fn node_status(node: &NodeAssessment, state: &NodeRemediation) -> NodeStatus {
+    let waiting_for = match state.phase {
+        Phase::FenceWaiting(why) => Some(format!("{why:?}")),
+        _ => None,
+    };
+    NodeStatus {
+        name: node.name.clone(),
+        room: node.room.clone(),
+        partner: node.partner.clone(),
+        phase: state.phase.name().to_string(),
+        waiting_for,
+        verdict: node.input.verdict.name().to_string(),
+        boot_id: node.input.boot_id.clone(),
+    }
+}
+
+/// Per-node retry after a failed action: 1 s, 2 s, ... up to 30 s.
+fn retry_delay(failures: u32) -> Duration {
+    Duration::from_secs(1 << failures.min(5)).min(Duration::from_secs(30))
+}
+
+/// The loop's memory between passes.
+#[derive(Debug, Default)]
+pub struct Remediator {
+    states: BTreeMap<String, NodeRemediation>,
+    /// When each node was first judged dead in its current spell, for the time-to-taint metric.
+    dead_since: BTreeMap<String, MonoTime>,
+    /// Nodes whose last action failed: not stepped again before the time given.
+    retry: BTreeMap<String, (MonoTime, u32)>,
+    /// Nodes with a `twosite_node_phase` series.
+    reported: BTreeSet<String>,
+}
+
+impl Remediator {
+    /// The remediation phase of `node`, as this replica last stepped it.
+    pub fn phase(&self, node: &str) -> Option<Phase> {
+        self.states.get(node).map(|s| s.phase)
+    }
+
+    /// One pass at `now`. Returns the view for the status, or `None` when this replica does
+    /// not lead (and then nothing was read or written).
+    pub async fn pass(
+        &mut self,
+        ctx: &RemediationContext,
+        observed: &SharedObserved,
+        pairing: Option<&Pairing>,
+        now: MonoTime,
+    ) -> Option<RemediationView> {
+        if !ctx.leadership.is_leader() {
+            self.forget_all(ctx);
+            return None;
+        }
+        let assessment = assess(
+            &observed.lock(),
+            pairing,
+            now,
+            &ctx.timing,
+            ctx.max_dead_share_pct,
+        );
+        let present: BTreeSet<&str> = assessment.nodes.iter().map(|n| n.name.as_str()).collect();
+        self.states.retain(|n, _| present.contains(n.as_str()));
+        self.dead_since.retain(|n, _| present.contains(n.as_str()));
+        self.retry.retain(|n, _| present.contains(n.as_str()));
+        for gone in self
+            .reported
+            .iter()
+            .filter(|n| !present.contains(n.as_str()))
+        {
+            ctx.metrics.forget_node(gone);
+        }
+        self.reported.retain(|n| present.contains(n.as_str()));
+
+        let mut statuses = Vec::with_capacity(assessment.nodes.len());
+        for node in &assessment.nodes {
+            if node.input.verdict.is_dead() {
+                self.dead_since.entry(node.name.clone()).or_insert(now);
+            }
+            let waiting = self.retry.get(&node.name).is_some_and(|(at, _)| now < *at);
+            if !waiting {
+                match self.step_node(ctx, node, now).await {
+                    Ok(()) => {
+                        self.retry.remove(&node.name);
+                    }
+                    Err(err) => {
+                        ctx.metrics.remediation_failed(err.metric_label());
+                        let failures = self.retry.get(&node.name).map_or(0, |(_, f)| *f);
+                        let delay = retry_delay(failures);
+                        tracing::warn!(node = node.name, error = %report(&err), retry_in = ?delay, "remediation action failed");
+                        self.retry
+                            .insert(node.name.clone(), (now + delay, failures.saturating_add(1)));
+                    }
+                }
+            }
+            let state = self.states.entry(node.name.clone()).or_default();
+            if state.phase == Phase::Healthy && !node.input.verdict.is_dead() {
+                self.dead_since.remove(&node.name);
+            }
+            ctx.metrics.set_node_phase(&node.name, state.phase.name());
+            self.reported.insert(node.name.clone());
+            statuses.push(node_status(node, state));
+        }
+        Some(RemediationView {
+            nodes: statuses,
+            pause: assessment.pause,
+        })
+    }
+
+    fn forget_all(&mut self, ctx: &RemediationContext) {
+        self.states.clear();
+        self.dead_since.clear();
+        self.retry.clear();
+        for n in std::mem::take(&mut self.reported) {
+            ctx.metrics.forget_node(&n);
+        }
+    }
+
+    /// Stages 2 and 3 for one node.
+    async fn step_node(
+        &mut self,
+        ctx: &RemediationContext,
+        node: &NodeAssessment,
+        now: MonoTime,
+    ) -> Result<()> {
+        let mut input = node.input.clone();
+        let state = self.states.entry(node.name.clone()).or_default();
+        let mut pods = None;
+        if needs_pod_count(state, &input) {
+            let listed = list_pods(ctx, &node.name).await?;
+            (input.pods, input.terminating_pods) = pod_counts(&listed);
+            pods = Some(listed);
+        }
+        let before = state.phase;
+        let actions = state.step(&input, now, &ctx.timing);
+        if state.phase != before {
+            tracing::info!(
+                node = node.name,
+                from = before.name(),
+                to = state.phase.name(),
+                verdict = input.verdict.name(),
+                "remediation phase changed"
+            );
+        }
+        for action in actions {
+            if !ctx.leadership.is_leader() {
+                return Ok(());
+            }
+            match action {
+                Action::CommitFence {
+                    heartbeat,
+                    fenced_boot_id,
+                } => {
+                    let committed = commit_fence(
+                        &ctx.agent_leases,
+                        &ctx.leadership,
+                        &node.agent_lease,
+                        &heartbeat,
+                        fenced_boot_id.as_deref(),
+                        ctx.api_timeout,
+                    )
+                    .await;
+                    let ok = matches!(committed, Ok(true));
+                    if let Some(state) = self.states.get_mut(&node.name) {
+                        state.commit_result(ok);
+                    }
+                    if ok {
+                        ctx.metrics.remediations.inc();
+                        tracing::info!(node = node.name, heartbeat, "fence committed");
+                    } else {
+                        tracing::info!(
+                            node = node.name,
+                            heartbeat,
+                            "fence not committed: the heartbeat Lease changed"
+                        );
+                    }
+                    committed?;
+                }
+                Action::ClearFence => {
+                    clear_fence(
+                        &ctx.agent_leases,
+                        &ctx.leadership,
+                        &node.agent_lease,
+                        ctx.api_timeout,
+                    )
+                    .await?;
+                }
+                Action::DeletePods => {
+                    let listed = match pods.take() {
+                        Some(p) => p,
+                        None => list_pods(ctx, &node.name).await?,
+                    };
+                    delete_pods(ctx, &node.name, &listed).await?;
+                }
+                Action::ApplyTaint { fenced_boot_id } => {
+                    let change = TaintChange::Apply { fenced_boot_id };
+                    let outcome = change_taint(
+                        &ctx.nodes,
+                        &ctx.leadership,
+                        &node.name,
+                        &change,
+                        ctx.api_timeout,
+                    )
+                    .await?;
+                    if outcome == TaintOutcome::Written {
+                        tracing::info!(node = node.name, "out-of-service taint applied");
+                        if let Some(since) = self.dead_since.get(&node.name) {
+                            ctx.metrics
+                                .time_to_taint
+                                .observe(now.since(*since).as_secs_f64());
+                        }
+                    }
+                }
+                Action::RemoveTaint => {
+                    let outcome = change_taint(
+                        &ctx.nodes,
+                        &ctx.leadership,
+                        &node.name,
+                        &TaintChange::Remove,
+                        ctx.api_timeout,
+                    )
+                    .await?;
+                    if outcome == TaintOutcome::Written {
+                        tracing::info!(node = node.name, "out-of-service taint removed");
+                    }
+                }
+                Action::Event { reason, message } => {
+                    publish_event(ctx, node, reason, message).await;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The pods bound to `node`, in every namespace.
+async fn list_pods(ctx: &RemediationContext, node: &str) -> Result<Vec<Pod>> {
+    let lp = ListParams::default().fields(&format!("spec.nodeName={node}"));
+    Ok(
+        with_timeout("list pods", ctx.api_timeout, ctx.pods.list(&lp))
+            .await?
+            .items,
+    )
+}
+
+/// Deletes every non-DaemonSet pod of `pods` with grace period 0, each only if it is still the
+/// same pod (uid precondition: a StatefulSet pod recreated under the same name elsewhere is
+/// left alone). Safe only because the core proved the node fenced.
+async fn delete_pods(ctx: &RemediationContext, node: &str, pods: &[Pod]) -> Result<()> {
+    for pod in pods.iter().filter(|p| !owned_by_daemonset(p)) {
+        let (Some(name), Some(namespace)) = (
+            pod.metadata.name.as_deref(),
+            pod.metadata.namespace.as_deref(),
+        ) else {
+            continue;
+        };
+        if !ctx.leadership.is_leader() {
+            return Ok(());
+        }
+        let dp = DeleteParams {
+            grace_period_seconds: Some(0),
+            preconditions: pod.metadata.uid.clone().map(|uid| Preconditions {
+                uid: Some(uid),
+                resource_version: None,
+            }),
+            ..DeleteParams::default()
+        };
+        let api: Api<Pod> = Api::namespaced(ctx.pods.clone().into_client(), namespace);
+        match with_timeout("delete pod", ctx.api_timeout, api.delete(name, &dp)).await {
+            Ok(_) => tracing::info!(node, pod = name, namespace, "deleted pod of a fenced node"),
+            // Gone already, or replaced by a new pod of the same name: nothing to do.
+            Err(Error::Kube {
+                source: kube::Error::Api(s),
+                ..
+            }) if s.code == 404 || s.code == 409 => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(())
+}
+
+/// Publishes one of the core's Events on the Node. Best effort: a lost Event is logged.
+async fn publish_event(
+    ctx: &RemediationContext,
+    node: &NodeAssessment,
+    reason: node_health::EventReason,
+    message: String,
+) {
+    let event = Event {
+        type_: if reason.is_warning() {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: reason.as_str().to_string(),
+        note: Some(message),
+        action: "Remediate".to_string(),
+        secondary: None,
+    };
+    let reference = node_reference(&node.name, node.uid.as_deref());
+    if let Err(err) = with_timeout(
+        "publish event",
+        ctx.api_timeout,
+        ctx.recorder.publish(&event, &reference),
+    )
+    .await
+    {
+        tracing::warn!(node = node.name, reason = reason.as_str(), error = %report(&err), "could not publish event");
+    }
+}
+
+/// Runs a pass every [`INTERVAL`] forever, on every replica (a non-leader's pass does
+/// nothing), publishing the status view on `view` when it changes. Marks the process ready once
+/// every watch has synced.
+pub async fn run_remediation_loop(
+    ctx: RemediationContext,
+    observed: SharedObserved,
+    pairing: tokio::sync::watch::Receiver<Option<Pairing>>,
+    view: tokio::sync::watch::Sender<Option<RemediationView>>,
+    health: Arc<crate::admin::Health>,
+    clock: Arc<dyn node_health::Clock + Send + Sync>,
+    guard: crate::admin::LoopGuard,
+) -> Result<()> {
+    let mut remediator = Remediator::default();
+    let mut tick = tokio::time::interval(INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        guard.beat();
+        if !health.is_ready() && observed.lock().synced() {
+            tracing::info!("every watch synced");
+            health.set_nodes_synced();
+        }
+        let current = pairing.borrow().clone();
+        let next = remediator
+            .pass(&ctx, &observed, current.as_ref(), clock.now())
+            .await;
+        view.send_if_modified(|v| {
+            if *v == next {
+                false
+            } else {
+                *v = next;
+                true
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+    use k8s_openapi::api::core::v1::{NodeCondition, NodeStatus as K8sNodeStatus, NodeSystemInfo};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+    use kube::runtime::watcher::Event as W;
+    use node_health::rooms::ZONE_LABEL;
+    use node_health::{NodeVerdict, Pair, Room};
+
+    fn node(name: &str, zone: &str, labels: &[(&str, &str)]) -> Node {
+        let mut l: BTreeMap<String, String> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        l.insert(ZONE_LABEL.into(), zone.into());
+        Node {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                labels: Some(l),
+                ..ObjectMeta::default()
+            },
+            spec: None,
+            status: Some(K8sNodeStatus {
+                conditions: Some(vec![NodeCondition {
+                    type_: "Ready".into(),
+                    status: "True".into(),
+                    ..NodeCondition::default()
+                }]),
+                node_info: Some(NodeSystemInfo {
+                    boot_id: format!("boot-{name}"),
+                    ..NodeSystemInfo::default()
+                }),
+                ..K8sNodeStatus::default()
+            }),
+        }
+    }
+
+    fn agent(node: &str, rv: &str, failures: &str, watchdog: &str) -> Lease {
+        Lease {
+            metadata: ObjectMeta {
+                name: Some(format!("twosite-agent-{node}")),
+                resource_version: Some(rv.into()),
+                annotations: Some(
+                    [
+                        (
+                            "twosite.dev/renew-failures".to_string(),
+                            failures.to_string(),
+                        ),
+                        ("twosite.dev/watchdog".to_string(), watchdog.to_string()),
+                    ]
+                    .into(),
+                ),
+                ..ObjectMeta::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some(node.into()),
+                ..LeaseSpec::default()
+            }),
+        }
+    }
+
+    fn pairing(pairs: &[(&str, &str)]) -> Pairing {
+        Pairing {
+            rooms: Some((Room("east".into()), Room("west".into()))),
+            pairs: pairs
+                .iter()
+                .map(|(a, b)| Pair {
+                    a: a.to_string(),
+                    b: b.to_string(),
+                })
+                .collect(),
+            ..Pairing::default()
+        }
+    }
+
+    const T: HealthTiming = HealthTiming {
+        agent_renew: Duration::from_secs(2),
+        agent_lease: Duration::from_secs(8),
+        watchdog: Duration::from_secs(5),
+        fence_margin: Duration::from_secs(2),
+        kubelet_lease: Duration::from_secs(40),
+        request_timeout: Duration::from_secs(2),
+        feed_interval: Duration::from_secs(1),
+        probe_interval: Duration::from_secs(1),
+        vouch_after_silence: Duration::from_secs(5),
+        vouch_validity: Duration::from_secs(3),
+        clear_gap: Duration::from_secs(3),
+        drift_ppm: 10_000,
+    };
+
+    fn at(ms: u64) -> MonoTime {
+        MonoTime(ms)
+    }
+
+    /// a1 (east) / b1 (west) paired, b2 (west) unpaired; every watch synced at t = 0.
+    fn cluster() -> Observed {
+        let mut o = Observed::default();
+        o.apply_node(W::Init, at(0));
+        for n in [
+            node("a1", "east", &[]),
+            node("b1", "west", &[]),
+            node("b2", "west", &[]),
+        ] {
+            o.apply_node(W::InitApply(n), at(0));
+        }
+        o.apply_node(W::InitDone, at(0));
+        o.apply_agent_lease(W::Init, at(0), &T);
+        for n in ["a1", "b1", "b2"] {
+            o.apply_agent_lease(W::InitApply(agent(n, "1", "0", "enabled")), at(0), &T);
+        }
+        o.apply_agent_lease(W::InitDone, at(0), &T);
+        o.apply_kubelet_lease(W::Init, at(0));
+        o.apply_kubelet_lease(W::InitDone, at(0));
+        o
+    }
+
+    /// Everyone but `dead` renews cleanly every 2 s until `until` ms.
+    fn renew_all_but(o: &mut Observed, dead: &[&str], until: u64) {
+        for (i, t) in (2_000..=until).step_by(2_000).enumerate() {
+            for n in ["a1", "b1", "b2"] {
+                if !dead.contains(&n) {
+                    let rv = (i + 2).to_string();
+                    o.apply_agent_lease(W::Apply(agent(n, &rv, "0", "enabled")), at(t), &T);
+                }
+            }
+        }
+    }
+
+    fn input<'a>(a: &'a Assessment, name: &str) -> &'a RemediationInput {
+        &a.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .expect("node assessed")
+            .input
+    }
+
+    #[test]
+    fn a_dead_node_with_a_clear_partner_is_ready_to_fence() {
+        let mut o = cluster();
+        renew_all_but(&mut o, &["a1"], 30_000);
+        let a = assess(&o, Some(&pairing(&[("a1", "b1")])), at(30_000), &T, 50);
+        assert_eq!(a.pause, None);
+        let i = input(&a, "a1");
+        assert!(matches!(
+            i.verdict,
+            NodeVerdict::Dead {
+                fence_deadline: Some(_)
+            }
+        ));
+        assert_eq!(i.vouchers_clear_since, Some(at(0)), "b1 clear since t=0");
+        assert_eq!(i.boot_id.as_deref(), Some("boot-a1"));
+        assert!(i.ready && !i.excluded && !i.tainted && !i.paused);
+        let mut r = NodeRemediation::default();
+        assert_eq!(i.heartbeat.as_deref(), Some("1"), "the version judged dead");
+        let actions = r.step(i, at(30_000), &T);
+        assert!(
+            actions.contains(&Action::CommitFence {
+                heartbeat: "1".into(),
+                fenced_boot_id: Some("boot-a1".into())
+            }),
+            "{actions:?}"
+        );
+        let b1 = a.nodes.iter().find(|n| n.name == "b1").expect("b1");
+        assert_eq!(b1.partner.as_deref(), Some("a1"));
+        assert_eq!(b1.room.as_deref(), Some("west"));
+    }
+
+    #[test]
+    fn an_unpaired_worker_needs_every_worker_of_the_other_room_clear() {
+        let mut o = cluster();
+        // b2 is unpaired: a1 may vouch for it. a1 renewed after a failure at 20 s.
+        renew_all_but(&mut o, &["b2"], 18_000);
+        o.apply_agent_lease(W::Apply(agent("a1", "50", "1", "enabled")), at(20_000), &T);
+        o.apply_agent_lease(W::Apply(agent("a1", "51", "0", "enabled")), at(22_000), &T);
+        o.apply_agent_lease(W::Apply(agent("b1", "52", "0", "enabled")), at(22_000), &T);
+        let a = assess(&o, Some(&pairing(&[("a1", "b1")])), at(23_000), &T, 50);
+        let i = input(&a, "b2");
+        assert!(i.verdict.is_dead());
+        assert_eq!(
+            i.vouchers_clear_since,
+            Some(at(22_000)),
+            "a1 clear again only since 22 s"
+        );
+        // Without a pairing, nobody may be fenced.
+        let a = assess(&o, None, at(23_000), &T, 50);
+        assert_eq!(input(&a, "b2").vouchers_clear_since, None);
+        assert_eq!(a.pause.map(|p| p.reason), Some(pause::ROOMS_UNKNOWN));
+    }
+
+    #[test]
+    fn a_watchdog_that_is_not_enabled_counts_as_no_agent_but_still_clears_a_voucher() {
+        let mut o = cluster();
+        o.apply_agent_lease(W::Apply(agent("a1", "9", "0", "disabled")), at(1_000), &T);
+        renew_all_but(&mut o, &["a1"], 30_000);
+        let a = assess(&o, Some(&pairing(&[("a1", "b1")])), at(30_000), &T, 50);
+        // No agent and no kubelet lease seen: judged by Ready alone, never dead by time.
+        assert_eq!(input(&a, "a1").verdict, NodeVerdict::Healthy);
+        // b1's partner a1 renewed cleanly at 1 s, then went silent: not clear.
+        assert_eq!(input(&a, "b1").vouchers_clear_since, None);
+    }
+
+    #[test]
+    fn excluded_nodes_and_a_fresh_relist_are_not_remediated() {
+        let mut o = cluster();
+        o.apply_node(
+            W::Apply(node(
+                "a1",
+                "east",
+                &[("twosite.dev/exclude-from-remediation", "true")],
+            )),
+            at(1_000),
+        );
+        renew_all_but(&mut o, &["a1"], 30_000);
+        let p = pairing(&[("a1", "b1")]);
+        assert!(input(&assess(&o, Some(&p), at(30_000), &T, 50), "a1").excluded);
+        // The agent lease watch breaks and re-lists at 30 s: nobody is dead for 4 s.
+        o.apply_agent_lease(W::Init, at(30_000), &T);
+        o.apply_agent_lease(
+            W::InitApply(agent("b1", "99", "0", "enabled")),
+            at(30_000),
+            &T,
+        );
+        o.apply_agent_lease(W::InitDone, at(30_000), &T);
+        let a = assess(&o, Some(&p), at(33_000), &T, 50);
+        assert_eq!(
+            a.pause.as_ref().map(|p| p.reason),
+            Some(pause::WATCHES_NOT_SETTLED)
+        );
+        assert!(a.nodes.iter().all(|n| !n.input.verdict.is_dead()));
+        // a1's and b2's leases vanished in the re-list: they count as without agent.
+        assert_eq!(o.agent("a1"), None);
+        assert!(o.settled(at(34_000), &T));
+    }
+
+    #[test]
+    fn dead_nodes_in_both_rooms_pause_remediation() {
+        let mut o = cluster();
+        renew_all_but(&mut o, &["a1", "b2"], 30_000);
+        let a = assess(&o, Some(&pairing(&[("a1", "b1")])), at(30_000), &T, 50);
+        assert_eq!(
+            a.pause.map(|p| p.reason),
+            Some(pause::DEAD_NODES_IN_BOTH_ROOMS)
+        );
+        assert!(a.nodes.iter().all(|n| n.input.paused));
+    }
+
+    #[test]
+    fn pods_are_counted_without_daemonsets() {
+        let pod = |ds: bool, terminating: bool| Pod {
+            metadata: ObjectMeta {
+                owner_references: ds.then(|| {
+                    vec![OwnerReference {
+                        kind: "DaemonSet".into(),
+                        ..OwnerReference::default()
+                    }]
+                }),
+                deletion_timestamp: terminating.then(|| {
+                    k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                        jiff::Timestamp::UNIX_EPOCH,
+                    )
+                }),
+                ..ObjectMeta::default()
+            },
+            ..Pod::default()
+        };
+        assert_eq!(
+            pod_counts(&[pod(false, false), pod(true, false), pod(false, true)]),
+            (2, 1)
+        );
+    }
+}
