@@ -16,6 +16,11 @@ fn default_scenario_judges_the_powered_off_node_dead() {
     // by 1% drift), a watch delay and a tick.
     assert!((6_000..=11_000).contains(&dead), "dead after {dead} ms");
     assert_eq!(r.figures["pairs"], 3);
+    for figure in ["time_to_taint_ms", "time_to_pods_released_ms"] {
+        let v = r.figures[figure];
+        assert!((10_000..=30_000).contains(&v), "{figure} = {v}");
+    }
+    assert!(r.figures["time_to_untaint_ms"] <= 10_000);
     assert!(
         r.timeline
             .iter()
@@ -54,17 +59,27 @@ fn random_schedules_hold_the_invariants() {
 /// The checks are live: break an assumption of the core on purpose and they must say so.
 #[test]
 fn checks_catch_broken_assumptions() {
-    // A lease duration barely above the renew interval, judged through a laggy watch: live
-    // nodes are judged dead.
-    let mut cfg = sim::SimConfig::default();
-    cfg.timing.agent_lease = std::time::Duration::from_millis(2_500);
-    cfg.watch_delay_ms = (0, 3_000);
+    // A watch that stalls for 15 s, longer than the 8 s agent lease, without breaking: live
+    // nodes are judged dead. (Remediation pauses with dead nodes in both rooms, and the fence
+    // commit, conditional on the heartbeat's resourceVersion, refuses to act on such a verdict:
+    // no S1/S2 violation.)
+    let cfg = sim::SimConfig {
+        watch_stall_ms: Some((30_000, 15_000)),
+        ..sim::SimConfig::default()
+    };
     let s = scenario::named("node-loss", 1).expect("scenario");
     let r = sim::run_with(&s, 1, cfg);
     assert!(
         r.violations
             .iter()
             .any(|v| v.invariant == "dead-verdict-sound"),
+        "{}",
+        r.render_text()
+    );
+    assert!(
+        !r.violations
+            .iter()
+            .any(|v| v.invariant.starts_with("S1") || v.invariant.starts_with("S2")),
         "{}",
         r.render_text()
     );
@@ -93,4 +108,41 @@ fn checks_catch_broken_assumptions() {
         r.violations.iter().any(|v| v.invariant == "single-leader")
     });
     assert!(found, "excessive drift must show up as two leaders");
+
+    // A watchdog that fires 20 s late: the controller's fence deadline no longer holds, and
+    // the taint lands on a node that still runs its workloads.
+    let cfg = sim::SimConfig {
+        watchdog_late_ms: 20_000,
+        ..sim::SimConfig::default()
+    };
+    let s = scenario::named("agent-crash", 1).expect("scenario");
+    let r = sim::run_with(&s, 1, cfg);
+    assert!(
+        r.violations
+            .iter()
+            .any(|v| v.invariant == "S2-no-unsafe-taint"),
+        "{}",
+        r.render_text()
+    );
+}
+
+#[test]
+fn api_outage_stops_nothing_and_agent_crash_reboots_before_the_taint() {
+    let r = run("api-outage", 4);
+    assert!(r.ok(), "{}", r.render_text());
+    assert!(
+        !r.timeline.iter().any(|e| e.event.contains("watchdog fired")
+            || e.event.contains("lost the right to run")
+            || e.event.contains("taint applied"))
+    );
+    let r = run("agent-crash", 4);
+    assert!(r.ok(), "{}", r.render_text());
+    let t = |needle: &str| {
+        r.timeline
+            .iter()
+            .find(|e| e.event.contains(needle))
+            .map(|e| e.t_ms)
+            .unwrap_or_else(|| panic!("no {needle:?} in\n{}", r.render_text()))
+    };
+    assert!(t("watchdog fired") < t("out-of-service taint applied"));
 }

@@ -7,6 +7,11 @@
 //! outage must stop nothing: invariant S3). Same-room peers never vouch. Once the right is lost
 //! it stays lost until the node reboots: the agent stops the HA workloads and stops feeding the
 //! watchdog, which reboots the node. The controller's fence deadline relies on exactly that.
+//!
+//! When the controller fences a node it first writes a fence marker onto the node's heartbeat
+//! Lease, conditional on the resourceVersion it judged dead. An agent that sees the marker on
+//! its Lease never gains (or keeps) the right to run until the controller clears it, so a node
+//! that boots just as the controller fences it cannot restart the workloads being released.
 
 use crate::time::{MonoTime, shrink};
 use crate::verdict::HealthTiming;
@@ -41,6 +46,8 @@ pub enum RunBasis {
 pub enum LossReason {
     /// No renewal within the lease duration and no valid vouch.
     LeaseExpired,
+    /// The controller's fence marker appeared on the heartbeat Lease.
+    FenceMarker,
 }
 
 /// What the agent must do now.
@@ -69,6 +76,7 @@ pub struct AgentCore {
     lost: Option<LossReason>,
     last_feed: Option<MonoTime>,
     consecutive_failures: u32,
+    fence_marker: bool,
 }
 
 impl AgentCore {
@@ -84,6 +92,7 @@ impl AgentCore {
             lost: None,
             last_feed: None,
             consecutive_failures: 0,
+            fence_marker: false,
         }
     }
 
@@ -102,6 +111,16 @@ impl AgentCore {
             self.last_renewal = Some(sent_at);
         }
         self.consecutive_failures = 0;
+    }
+
+    /// What the last successful read of the heartbeat Lease said about the controller's fence
+    /// marker. While it is present the node has no right to run.
+    pub fn observe_fence_marker(&mut self, present: bool) {
+        self.fence_marker = present;
+    }
+
+    pub fn fence_marker(&self) -> bool {
+        self.fence_marker
     }
 
     /// A renewal failed or timed out: it may or may not have reached the API server.
@@ -132,7 +151,7 @@ impl AgentCore {
 
     /// Why the node may run at `now`, or `None`.
     pub fn right_to_run(&self, now: MonoTime) -> Option<RunBasis> {
-        if self.lost.is_some() {
+        if self.lost.is_some() || self.fence_marker {
             return None;
         }
         let t = &self.timing;
@@ -165,6 +184,11 @@ impl AgentCore {
         }
     }
 
+    /// When the last successful renewal was sent (agent's clock).
+    pub fn last_renewal(&self) -> Option<MonoTime> {
+        self.last_renewal
+    }
+
     pub fn is_lost(&self) -> bool {
         self.lost.is_some()
     }
@@ -195,8 +219,13 @@ impl AgentCore {
                 }
             }
             None if self.armed => {
-                self.lost = Some(LossReason::LeaseExpired);
-                step.lost = Some(LossReason::LeaseExpired);
+                let why = if self.fence_marker {
+                    LossReason::FenceMarker
+                } else {
+                    LossReason::LeaseExpired
+                };
+                self.lost = Some(why.clone());
+                step.lost = Some(why);
                 step.stop_workloads = true;
             }
             // Not admitted since boot: nothing runs, the watchdog is not armed yet.
@@ -310,6 +339,27 @@ mod tests {
                 "{r:?} must not vouch"
             );
         }
+    }
+
+    #[test]
+    fn a_fence_marker_blocks_arming_until_cleared() {
+        let mut a = agent();
+        a.renewal_succeeded(MonoTime(0));
+        a.observe_fence_marker(true);
+        assert_eq!(
+            a.tick(MonoTime(100)),
+            AgentStep::default(),
+            "not armed while marked"
+        );
+        a.renewal_succeeded(MonoTime(2_000));
+        a.observe_fence_marker(false);
+        let s = a.tick(MonoTime(2_100));
+        assert!(s.armed && s.feed);
+        // A marker seen by a running agent means it must stop at once.
+        a.observe_fence_marker(true);
+        let s = a.tick(MonoTime(2_200));
+        assert_eq!(s.lost, Some(LossReason::FenceMarker));
+        assert!(s.stop_workloads && !s.feed);
     }
 
     #[test]

@@ -9,9 +9,13 @@
 //!   node of the other room when it has no partner) has been *clear* — renewing cleanly, so not
 //!   vouching — for a vouch's validity plus the watchdog plus the margin.
 //!
-//! Only then are its pods deleted (grace period 0) and the out-of-service taint applied. The
-//! taint comes off once the node is back with a new boot ID, its agent renewing, and nothing
-//! left terminating on it.
+//! Then the fence is *committed*: a marker is written onto the node's heartbeat Lease with the
+//! resourceVersion the verdict was judged on as precondition. If the agent renewed meanwhile (the
+//! node came back), the write conflicts and nothing is done. Once committed, the agent cannot
+//! regain the right to run until the marker is cleared, so the node's pods can be deleted
+//! (grace period 0) and the out-of-service taint applied even if it boots right then. The taint
+//! and the marker come off once the node is back with a new boot ID, its agent renewing, and
+//! nothing left terminating on it.
 
 use crate::time::{MonoTime, stretch};
 use crate::verdict::{HealthTiming, NodeVerdict};
@@ -42,7 +46,9 @@ pub enum Phase {
     Healthy,
     Suspect,
     FenceWaiting(WaitReason),
-    /// Proven fenced; pods being deleted and taint being applied.
+    /// Proven fenced; the fence marker is being written onto the heartbeat Lease.
+    Committing,
+    /// Fence committed; pods being deleted and taint being applied.
     Fenced,
     Tainted,
     /// Back with a new boot ID; the taint comes off once nothing is left terminating.
@@ -59,6 +65,7 @@ impl Phase {
             Phase::Healthy => "Healthy",
             Phase::Suspect => "Suspect",
             Phase::FenceWaiting(_) => "FenceWaiting",
+            Phase::Committing => "Committing",
             Phase::Fenced => "Fenced",
             Phase::Tainted => "Tainted",
             Phase::Recovering => "Recovering",
@@ -108,6 +115,14 @@ impl EventReason {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Action {
+    /// Write the fence marker (the boot ID) onto the node's heartbeat Lease, precondition
+    /// `resourceVersion == heartbeat`; report the outcome with [`NodeRemediation::commit_result`].
+    CommitFence {
+        heartbeat: String,
+        fenced_boot_id: Option<String>,
+    },
+    /// Remove the fence marker from the heartbeat Lease (read-modify-write, retried on conflict).
+    ClearFence,
     /// Delete every pod bound to the node with grace period 0 (DaemonSet pods excepted).
     DeletePods,
     /// Add the out-of-service taint, keeping every other taint, and record the boot ID.
@@ -140,6 +155,10 @@ pub struct RemediationInput {
     pub ready: bool,
     /// `status.nodeInfo.bootID`.
     pub boot_id: Option<String>,
+    /// The heartbeat Lease's resourceVersion the verdict was judged on.
+    pub heartbeat: Option<String>,
+    /// The fence marker is on the heartbeat Lease.
+    pub fence_marker: bool,
     /// Remediation is paused for the whole cluster (stale watches, storm).
     pub paused: bool,
 }
@@ -152,6 +171,8 @@ pub struct NodeRemediation {
     pub fenced_boot_id: Option<String>,
     /// A warning about a node that came back without a reboot was given.
     warned_no_reboot: bool,
+    /// The first step has run (after a restart, our own taint and marker are picked up once).
+    started: bool,
 }
 
 impl Default for NodeRemediation {
@@ -160,6 +181,7 @@ impl Default for NodeRemediation {
             phase: Phase::Healthy,
             fenced_boot_id: None,
             warned_no_reboot: false,
+            started: false,
         }
     }
 }
@@ -176,18 +198,21 @@ impl NodeRemediation {
     /// repeats the call every few hundred milliseconds; actions are idempotent.
     pub fn step(&mut self, i: &RemediationInput, now: MonoTime, t: &HealthTiming) -> Vec<Action> {
         let mut out = Vec::new();
-        // After a controller restart, a node we tainted is picked up where it was.
-        if i.tainted
-            && i.fenced_boot_annotation.is_some()
-            && !matches!(
-                self.phase,
-                Phase::Fenced | Phase::Tainted | Phase::Recovering
-            )
-        {
-            self.phase = Phase::Tainted;
-            self.fenced_boot_id = i.fenced_boot_annotation.clone();
+        if !self.started {
+            self.started = true;
+            // After a controller restart, a fence we committed is picked up where it was: while
+            // the marker holds, the node cannot run; without it, only the taint is left to lift.
+            if i.fence_marker {
+                self.phase = Phase::Tainted;
+                self.fenced_boot_id = i.fenced_boot_annotation.clone();
+            } else if i.tainted && i.fenced_boot_annotation.is_some() {
+                self.phase = Phase::Recovering;
+                self.fenced_boot_id = i.fenced_boot_annotation.clone();
+            }
         }
         match self.phase {
+            // Waiting for the shell to report the commit's outcome.
+            Phase::Committing => {}
             Phase::Fenced => {
                 if i.pods > 0 {
                     out.push(Action::DeletePods);
@@ -205,34 +230,48 @@ impl NodeRemediation {
                 }
             }
             Phase::Tainted => {
-                if i.pods > 0 && !(i.verdict == NodeVerdict::Healthy && i.ready) {
-                    out.push(Action::DeletePods);
-                }
-                if i.verdict == NodeVerdict::Healthy && i.ready {
-                    if i.boot_id.is_some() && i.boot_id != self.fenced_boot_id {
-                        self.phase = Phase::Recovering;
-                    } else if !self.warned_no_reboot {
-                        self.warned_no_reboot = true;
-                        out.push(event(
-                            EventReason::NodeReturnedWithoutReboot,
-                            "the node is back with the boot ID it had when fenced; the taint stays until an operator checks it",
-                        ));
+                if !i.fence_marker {
+                    // The marker is what keeps the node from running: without it, lift the rest.
+                    self.phase = Phase::Recovering;
+                } else {
+                    if i.pods > 0 {
+                        out.push(Action::DeletePods);
                     }
-                }
-                if !i.tainted && self.phase == Phase::Tainted {
-                    // Someone removed our taint while the node is still down: put it back.
-                    out.push(Action::ApplyTaint {
-                        fenced_boot_id: self.fenced_boot_id.clone(),
-                    });
+                    if !i.tainted {
+                        out.push(Action::ApplyTaint {
+                            fenced_boot_id: self.fenced_boot_id.clone(),
+                        });
+                    }
+                    if i.verdict == NodeVerdict::Healthy && i.ready {
+                        if i.boot_id.is_some() && i.boot_id != self.fenced_boot_id {
+                            self.phase = Phase::Recovering;
+                        } else if !self.warned_no_reboot {
+                            self.warned_no_reboot = true;
+                            out.push(event(
+                                EventReason::NodeReturnedWithoutReboot,
+                                "the node is back with the boot ID it had when fenced; it stays fenced until an operator checks it",
+                            ));
+                        }
+                    }
                 }
             }
             Phase::Recovering => {
-                if i.verdict != NodeVerdict::Healthy {
-                    self.phase = Phase::Tainted;
-                } else if i.terminating_pods > 0 {
-                    // Wait: the taint is what lets the detach of their volumes go through.
-                } else if i.tainted {
-                    out.push(Action::RemoveTaint);
+                let back = i.verdict == NodeVerdict::Healthy
+                    && i.ready
+                    && i.boot_id.is_some()
+                    && i.boot_id != self.fenced_boot_id;
+                if i.verdict.is_dead() {
+                    // Gone again before it was cleared: a new fence needs a new proof.
+                    self.judge(i, now, t, &mut out);
+                } else if !back || i.terminating_pods > 0 {
+                    // Wait: not back yet, or the taint still lets volumes detach.
+                } else if i.tainted || i.fence_marker {
+                    if i.tainted {
+                        out.push(Action::RemoveTaint);
+                    }
+                    if i.fence_marker {
+                        out.push(Action::ClearFence);
+                    }
                 } else {
                     self.phase = Phase::Healthy;
                     self.fenced_boot_id = None;
@@ -246,6 +285,19 @@ impl NodeRemediation {
             _ => self.judge(i, now, t, &mut out),
         }
         out
+    }
+
+    /// The shell's report on an [`Action::CommitFence`]: `true` when the marker was written,
+    /// `false` when the heartbeat Lease had changed (the node renewed) or the write failed.
+    pub fn commit_result(&mut self, committed: bool) {
+        if self.phase != Phase::Committing {
+            return;
+        }
+        self.phase = if committed {
+            Phase::Fenced
+        } else {
+            Phase::Suspect
+        };
     }
 
     fn judge(
@@ -273,7 +325,7 @@ impl NodeRemediation {
                 } else if i.vouchers_clear_since.is_none_or(|c| now < c + settle) {
                     Phase::FenceWaiting(WaitReason::VoucherNotClear)
                 } else {
-                    Phase::Fenced
+                    Phase::Committing
                 }
             }
         };
@@ -305,14 +357,17 @@ impl NodeRemediation {
                 EventReason::NodeExcluded,
                 "the node is dead but excluded from remediation",
             )),
-            Phase::Fenced => {
+            Phase::Committing => {
+                let Some(heartbeat) = i.heartbeat.clone() else {
+                    return;
+                };
                 self.fenced_boot_id = i.boot_id.clone();
                 out.push(event(
                     EventReason::NodeFenced,
                     "the node's self-fence deadline has passed and no partner can vouch for it",
                 ));
-                out.push(Action::DeletePods);
-                out.push(Action::ApplyTaint {
+                out.push(Action::CommitFence {
+                    heartbeat,
                     fenced_boot_id: self.fenced_boot_id.clone(),
                 });
             }
@@ -368,6 +423,8 @@ mod tests {
             terminating_pods: 0,
             ready: false,
             boot_id: Some("boot-1".into()),
+            heartbeat: Some("rv-7".into()),
+            fence_marker: false,
             paused: false,
         }
     }
@@ -380,6 +437,8 @@ mod tests {
                 Action::DeletePods => "DeletePods",
                 Action::ApplyTaint { .. } => "ApplyTaint",
                 Action::RemoveTaint => "RemoveTaint",
+                Action::CommitFence { .. } => "CommitFence",
+                Action::ClearFence => "ClearFence",
             })
             .collect()
     }
@@ -387,7 +446,7 @@ mod tests {
     const T0: u64 = 100_000;
 
     #[test]
-    fn full_cycle_dead_fenced_tainted_recovered() {
+    fn full_cycle_dead_committed_tainted_recovered() {
         let t = HealthTiming::default();
         let mut r = NodeRemediation::default();
         let s = r.step(
@@ -403,18 +462,28 @@ mod tests {
                 .is_empty()
         );
         let s = r.step(&input(dead(T0 + 7_000)), MonoTime(T0 + 7_000), &t);
-        assert_eq!(reasons(&s), ["NodeFenced", "DeletePods", "ApplyTaint"]);
+        assert_eq!(reasons(&s), ["NodeFenced", "CommitFence"]);
         assert_eq!(
-            s[2],
-            Action::ApplyTaint {
+            s[1],
+            Action::CommitFence {
+                heartbeat: "rv-7".into(),
                 fenced_boot_id: Some("boot-1".into())
             }
         );
-        // The shell applied the taint and deleted the pods.
+        assert!(
+            r.step(&input(dead(T0 + 7_000)), MonoTime(T0 + 7_050), &t)
+                .is_empty(),
+            "nothing is released before the commit is confirmed"
+        );
+        r.commit_result(true);
         let mut i = input(dead(T0 + 7_000));
+        i.fence_marker = true;
+        let s = r.step(&i, MonoTime(T0 + 7_100), &t);
+        assert_eq!(reasons(&s), ["DeletePods", "ApplyTaint"]);
+        // The shell applied the taint and deleted the pods.
         i.tainted = true;
         i.pods = 0;
-        let s = r.step(&i, MonoTime(T0 + 7_100), &t);
+        let s = r.step(&i, MonoTime(T0 + 7_200), &t);
         assert_eq!(reasons(&s), ["OutOfServiceTaintApplied"]);
         assert_eq!(r.phase, Phase::Tainted);
         // Back with a new boot ID and a renewing agent; one pod still terminating.
@@ -428,13 +497,27 @@ mod tests {
         i.terminating_pods = 0;
         assert_eq!(
             reasons(&r.step(&i, MonoTime(T0 + 60_200), &t)),
-            ["RemoveTaint"]
+            ["RemoveTaint", "ClearFence"]
         );
         i.tainted = false;
+        i.fence_marker = false;
         assert_eq!(
             reasons(&r.step(&i, MonoTime(T0 + 60_300), &t)),
             ["OutOfServiceTaintRemoved"]
         );
+        assert_eq!(r.phase, Phase::Healthy);
+    }
+
+    #[test]
+    fn a_refused_commit_releases_nothing() {
+        let t = HealthTiming::default();
+        let mut r = NodeRemediation::default();
+        r.step(&input(dead(T0)), MonoTime(T0), &t);
+        assert_eq!(r.phase, Phase::Committing);
+        // The heartbeat Lease changed under the conditional write: the node renewed.
+        r.commit_result(false);
+        let s = r.step(&input(NodeVerdict::Healthy), MonoTime(T0 + 100), &t);
+        assert!(s.is_empty(), "{s:?}");
         assert_eq!(r.phase, Phase::Healthy);
     }
 
@@ -484,17 +567,26 @@ mod tests {
                     ..input(dead(T0))
                 },
             ),
+            (
+                "no heartbeat to commit against",
+                RemediationInput {
+                    heartbeat: None,
+                    ..input(dead(T0))
+                },
+            ),
         ];
         for (name, i) in cases {
             let mut r = NodeRemediation::default();
-            let actions = r.step(&i, now, &t);
+            let mut actions = r.step(&i, now, &t);
+            actions.extend(r.step(&i, now, &t));
             assert!(
-                !actions
-                    .iter()
-                    .any(|a| matches!(a, Action::DeletePods | Action::ApplyTaint { .. })),
+                !actions.iter().any(|a| matches!(
+                    a,
+                    Action::DeletePods | Action::ApplyTaint { .. } | Action::CommitFence { .. }
+                )),
                 "{name}: {actions:?}"
             );
-            assert_ne!(r.phase, Phase::Fenced, "{name}");
+            assert!(!matches!(r.phase, Phase::Fenced | Phase::Tainted), "{name}");
         }
         // And the boundary on the accepting side.
         let mut r = NodeRemediation::default();
@@ -502,18 +594,20 @@ mod tests {
             vouchers_clear_since: Some(MonoTime(T0 + 49_900)),
             ..input(dead(T0))
         };
-        assert_eq!(r.step(&i, now, &t).len(), 3);
+        assert_eq!(reasons(&r.step(&i, now, &t)), ["NodeFenced", "CommitFence"]);
     }
 
     #[test]
-    fn a_node_back_without_reboot_keeps_its_taint() {
+    fn a_node_back_without_reboot_stays_fenced() {
         let t = HealthTiming::default();
         let mut r = NodeRemediation::default();
         r.step(&input(dead(T0)), MonoTime(T0), &t);
+        r.commit_result(true);
         let mut i = input(NodeVerdict::Healthy);
         i.tainted = true;
         i.ready = true;
         i.pods = 0;
+        i.fence_marker = true;
         // Same boot ID as when fenced.
         let s = r.step(&i, MonoTime(T0 + 100), &t);
         assert_eq!(reasons(&s), ["OutOfServiceTaintApplied"]);
@@ -524,7 +618,7 @@ mod tests {
     }
 
     #[test]
-    fn adopts_its_own_taint_after_a_restart_but_not_a_foreign_one() {
+    fn picks_up_its_own_fence_after_a_restart_but_not_a_foreign_taint() {
         let t = HealthTiming::default();
         let mut i = input(NodeVerdict::Healthy);
         i.tainted = true;
@@ -539,12 +633,15 @@ mod tests {
         );
         i.fenced_boot_annotation = Some("boot-0".into());
         let mut ours = NodeRemediation::default();
-        ours.step(&i, MonoTime(T0), &t);
+        assert_eq!(reasons(&ours.step(&i, MonoTime(T0), &t)), ["RemoveTaint"]);
         assert_eq!(ours.phase, Phase::Recovering);
-        assert_eq!(
-            reasons(&ours.step(&i, MonoTime(T0 + 1), &t)),
-            ["RemoveTaint"]
-        );
+        // With the marker still on the heartbeat Lease the node is held fenced.
+        i.fence_marker = true;
+        i.pods = 1;
+        i.verdict = NodeVerdict::Suspect(SuspectReason::NotReady);
+        let mut held = NodeRemediation::default();
+        assert_eq!(reasons(&held.step(&i, MonoTime(T0), &t)), ["DeletePods"]);
+        assert_eq!(held.phase, Phase::Tainted);
     }
 
     #[test]

@@ -52,6 +52,8 @@ pub struct LeaseObj {
     pub failures_before: u32,
     /// Agent leases: `twosite.dev/boot-id`.
     pub boot_id: u64,
+    /// Agent leases: the controller's fence marker (`twosite.dev/fenced-boot-id`).
+    pub fence_marker: Option<String>,
 }
 
 /// A pod of one HA application, bound to a node.
@@ -177,6 +179,7 @@ mod tests {
             duration_ms: 15_000,
             failures_before: 0,
             boot_id: 0,
+            fence_marker: None,
         })
     }
 

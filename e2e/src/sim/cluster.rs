@@ -95,6 +95,8 @@ struct NodeView {
     facts: Option<NodeFacts>,
     node: Option<NodeObj>,
     obs: NodeObservation,
+    /// The fence marker is on the node's heartbeat Lease.
+    fence_marker: bool,
 }
 
 /// One controller replica: the state a real controller process keeps in memory.
@@ -155,6 +157,11 @@ pub struct SimConfig {
     pub drift_ppm: i64,
     /// Draw every clock at an edge of the drift range instead of within it.
     pub extreme_drift: bool,
+    /// A faulty watchdog: it fires this much later than its configured timeout.
+    pub watchdog_late_ms: u64,
+    /// A watch stall: from `.0` for `.1` ms the controllers' watches stay connected but deliver
+    /// nothing (an overloaded API server); what was held back arrives at the end.
+    pub watch_stall_ms: Option<(u64, u64)>,
 }
 
 impl Default for SimConfig {
@@ -167,6 +174,8 @@ impl Default for SimConfig {
             response_delay_ms: (5, 200),
             drift_ppm: i64::try_from(timing.drift_ppm).unwrap_or(0),
             extreme_drift: false,
+            watchdog_late_ms: 0,
+            watch_stall_ms: None,
         }
     }
 }
@@ -218,14 +227,6 @@ fn ordered(a: Site, b: Site) -> (Site, Site) {
 
 fn zone(room: Site) -> String {
     room.name().to_string()
-}
-
-fn other(room: Site) -> Site {
-    if room == Site::RoomA {
-        Site::RoomB
-    } else {
-        Site::RoomA
-    }
 }
 
 fn ms(d: Duration) -> u64 {
@@ -420,7 +421,12 @@ impl Cluster {
             let delay = self.rng.random_range(lo..=hi);
             let r = &mut self.replicas[i];
             // A watch delivers in order: never before the previous event.
-            let at = (self.now + delay).max(r.last_delivery);
+            let mut at = (self.now + delay).max(r.last_delivery);
+            if let Some((from, len)) = self.cfg.watch_stall_ms
+                && (from..from + len).contains(&at)
+            {
+                at = from + len;
+            }
             r.last_delivery = at;
             r.queue.push_back((at, key.clone(), value.clone()));
         }
@@ -608,7 +614,8 @@ impl Cluster {
             self.step_agent(i);
             // The watchdog: a hardware timer, on real time.
             if let Some(fed) = self.nodes[i].last_feed
-                && self.now.saturating_sub(fed) >= ms(self.cfg.timing.watchdog)
+                && self.now.saturating_sub(fed)
+                    >= ms(self.cfg.timing.watchdog) + self.cfg.watchdog_late_ms
             {
                 let name = self.nodes[i].name.clone();
                 self.record.watchdog_fired.push((self.now, name.clone()));
@@ -680,6 +687,7 @@ impl Cluster {
                 duration_ms: 40_000,
                 failures_before: 0,
                 boot_id: boot,
+                fence_marker: None,
             }),
         );
         // kubelet stops terminating pods on its node and removes them.
@@ -722,17 +730,27 @@ impl Cluster {
                 .agent
                 .as_ref()
                 .map_or(0, AgentCore::failures_before_next_renewal);
+            // Read-modify-write with the resourceVersion: the controller's fence marker is kept,
+            // and a marker written between the read and the write makes the renewal fail.
+            let (pre, marker) = match self.api.get(&Key::AgentLease(name.clone())) {
+                Some(Stored {
+                    rv,
+                    obj: Obj::Lease(l),
+                }) => (Precondition::ResourceVersion(*rv), l.fence_marker.clone()),
+                _ => (Precondition::Create, None),
+            };
             let ok = reach
                 && self
                     .write(
                         Key::AgentLease(name.clone()),
-                        Precondition::None,
+                        pre,
                         Obj::Lease(LeaseObj {
                             holder: Some(name.clone()),
                             transitions: 0,
                             duration_ms: ms(timing.agent_lease),
                             failures_before: failures,
                             boot_id: boot,
+                            fence_marker: marker.clone(),
                         }),
                     )
                     .is_ok();
@@ -744,6 +762,7 @@ impl Cluster {
             if let Some(agent) = self.nodes[i].agent.as_mut() {
                 if ok {
                     agent.renewal_succeeded(local);
+                    agent.observe_fence_marker(marker.is_some());
                     // The agent reads the pairing while it can; it keeps the last one otherwise.
                     agent.set_partner(partner);
                 } else {
@@ -1101,6 +1120,7 @@ impl Cluster {
             duration_ms: ms(write.duration),
             failures_before: 0,
             boot_id: 0,
+            fence_marker: None,
         });
         let outcome = match self.write(Key::LeaderLease, pre, obj) {
             Ok(stored) => Outcome::Ok(LeaseRecord {
@@ -1290,6 +1310,8 @@ impl Cluster {
                     terminating_pods: pods.iter().filter(|p| p.terminating).count(),
                     ready: node.ready == Readiness::True,
                     boot_id: Some(node.boot_id.to_string()),
+                    heartbeat: view.obs.agent.as_ref().map(|h| h.fingerprint.clone()),
+                    fence_marker: view.fence_marker,
                     paused,
                 },
             ));
@@ -1301,14 +1323,65 @@ impl Cluster {
                 .or_default()
                 .step(&input, local, &timing);
             for a in actions {
-                self.execute(&name, &n, a);
+                if let Some(committed) = self.execute(&name, &n, a) {
+                    if let Some(r) = self.replicas[i].remediation.get_mut(&n) {
+                        r.commit_result(committed);
+                    }
+                }
             }
         }
     }
 
-    /// Executes one remediation action as the controller's shell would.
-    fn execute(&mut self, actor: &str, node: &str, action: Action) {
+    /// Executes one remediation action as the controller's shell would; for a fence commit,
+    /// returns whether it was written.
+    fn execute(&mut self, actor: &str, node: &str, action: Action) -> Option<bool> {
         match action {
+            Action::CommitFence {
+                heartbeat,
+                fenced_boot_id,
+            } => {
+                let key = Key::AgentLease(node.to_string());
+                let (
+                    Ok(rv),
+                    Some(Stored {
+                        obj: Obj::Lease(mut lease),
+                        ..
+                    }),
+                ) = (heartbeat.parse::<u64>(), self.api.get(&key).cloned())
+                else {
+                    return Some(false);
+                };
+                lease.fence_marker = fenced_boot_id.or_else(|| Some("unknown".into()));
+                let ok = self
+                    .write(key, Precondition::ResourceVersion(rv), Obj::Lease(lease))
+                    .is_ok();
+                self.log(
+                    actor,
+                    if ok {
+                        format!("fence of {node} committed on its heartbeat Lease")
+                    } else {
+                        format!("fence of {node} refused: its heartbeat Lease changed")
+                    },
+                );
+                return Some(ok);
+            }
+            Action::ClearFence => {
+                let key = Key::AgentLease(node.to_string());
+                if let Some(Stored {
+                    rv,
+                    obj: Obj::Lease(mut lease),
+                }) = self.api.get(&key).cloned()
+                    && lease.fence_marker.is_some()
+                {
+                    lease.fence_marker = None;
+                    if self
+                        .write(key, Precondition::ResourceVersion(rv), Obj::Lease(lease))
+                        .is_ok()
+                    {
+                        self.log(actor, format!("fence marker of {node} cleared"));
+                    }
+                }
+            }
             Action::Event { reason, message } => {
                 self.log(
                     actor,
@@ -1325,7 +1398,7 @@ impl Cluster {
                     })
                     .collect();
                 if pods.is_empty() {
-                    return;
+                    return None;
                 }
                 self.check_fenced(node, "deleted the pods of");
                 for p in &pods {
@@ -1339,7 +1412,7 @@ impl Cluster {
             Action::ApplyTaint { fenced_boot_id } => {
                 // The shell reads the node first: a taint already there is not written again.
                 if self.node_tainted(node) != Some(false) {
-                    return;
+                    return None;
                 }
                 self.check_fenced(node, "tainted");
                 let done = self.update_node(node, |n| {
@@ -1357,7 +1430,7 @@ impl Cluster {
             }
             Action::RemoveTaint => {
                 if self.node_tainted(node) != Some(true) {
-                    return;
+                    return None;
                 }
                 let done = self.update_node(node, |n| {
                     n.out_of_service = false;
@@ -1373,6 +1446,7 @@ impl Cluster {
                 }
             }
         }
+        None
     }
 
     fn node_tainted(&self, node: &str) -> Option<bool> {
@@ -1397,15 +1471,15 @@ impl Cluster {
         }
     }
 
-    /// S3: a node that lost only the API server (its partner, also cut from the API server,
-    /// still reachable and running) must not stop.
+    /// S3: a node cut from the API server whose partner would vouch for it right now (the
+    /// partner too has lost the API server, still runs, and sees it as its partner) must not
+    /// stop. A whole-cluster API outage is also checked end to end by the `api-outage` scenario.
     fn check_no_storm(&mut self, i: usize) {
         let room = self.nodes[i].room;
-        let api_gone =
-            !self.link_up(Site::RoomA, Site::Api) && !self.link_up(Site::RoomB, Site::Api);
-        if !api_gone || !self.link_up(room, other(room)) {
+        if self.link_up(room, Site::Api) {
             return;
         }
+        let me = self.nodes[i].name.clone();
         let partner = self.nodes[i]
             .agent
             .as_ref()
@@ -1414,18 +1488,34 @@ impl Cluster {
             return;
         };
         let pn = &self.nodes[p];
-        let partner_fine = pn.powered
-            && pn
-                .agent
-                .as_ref()
-                .is_some_and(|a| a.is_armed() && !a.is_lost());
-        // The partner must itself have been reachable and running for a while: a node whose
-        // partner just booted has nobody to vouch for it yet.
-        if partner_fine && pn.workloads_running {
-            let name = self.nodes[i].name.clone();
+        if !pn.powered || !self.link_up(room, pn.room) {
+            return;
+        }
+        let Some(agent) = pn.agent.as_ref() else {
+            return;
+        };
+        let local = pn.clock.read(self.now);
+        let report = agent.report(local);
+        // The partner must have been willing to vouch for a whole probe interval (and a tick):
+        // a partner that became willing since the last probe could not have been asked yet.
+        let timing = self.cfg.timing;
+        let willing_long = agent.last_renewal().is_none_or(|r| {
+            local.since(r)
+                > timing.vouch_after_silence
+                    + timing.probe_interval
+                    + Duration::from_millis(TICK_MS)
+        });
+        if willing_long
+            && !report.api_reachable
+            && report.has_right
+            && report.partner.as_deref() == Some(&me)
+        {
             self.violate(
                 "S3-no-storm",
-                format!("{name} stopped although only the API server was lost"),
+                format!(
+                    "{me} stopped although its partner {} would vouch for it",
+                    report.node
+                ),
             );
         }
     }
@@ -1668,12 +1758,10 @@ fn apply_watch_event(
         }
         (Key::AgentLease(n), Some(s)) => {
             let clean = matches!(&s.obj, Obj::Lease(l) if l.failures_before == 0);
-            r.nodes.entry(n).or_default().obs.observe_agent(
-                &s.rv.to_string(),
-                clean,
-                local,
-                timing,
-            );
+            let view = r.nodes.entry(n).or_default();
+            view.fence_marker = matches!(&s.obj, Obj::Lease(l) if l.fence_marker.is_some());
+            view.obs
+                .observe_agent(&s.rv.to_string(), clean, local, timing);
         }
         (Key::KubeletLease(n), None) => {
             if let Some(v) = r.nodes.get_mut(&n) {
