@@ -33,7 +33,7 @@ impl Harness {
         let clock = FakeClock::new();
         clock.set(MonoTime(1_000));
         let log = EventLog::new();
-        let mut core = AgentCore::new("a-1", "room-a", timing.clone());
+        let mut core = AgentCore::new("a-1", "room-a", timing);
         core.set_partner(Some("b-1".into()));
         let core = SharedCore::new(core);
         let partners = PartnerCache::new();
@@ -74,11 +74,11 @@ impl Harness {
         for _ in 0..ms / STEP_MS {
             self.clock.advance(Duration::from_millis(STEP_MS));
             let now = self.clock.now().0;
-            if now % renew_ms == 0 {
+            if now.is_multiple_of(renew_ms) {
                 let _ =
                     heartbeat::renew(&self.api, &self.facts, self.agent.core(), &self.clock).await;
             }
-            if now % probe_ms == 0 {
+            if now.is_multiple_of(probe_ms) {
                 let _ = peer::probe_partner(
                     &self.partner,
                     &self.partners,

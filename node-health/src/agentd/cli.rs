@@ -5,6 +5,7 @@
 //! watchdog, once armed, then reboots the node unless a new agent feeds it in time — exactly
 //! what the controller's fence deadline assumes of a node whose agent stopped.
 
+use super::SharedCore;
 use super::error::{Error, Result, report, with_timeout};
 use super::heartbeat::{KubeLeases, NodeFacts, read_boot_id, run_heartbeat};
 use super::node_agent::{NodeAgent, TICK};
@@ -12,7 +13,6 @@ use super::partner::{KubePairing, PartnerCache, run_partner_refresh, zone};
 use super::peer::{self, HttpProbe, run_probes};
 use super::stopper::CommandStopper;
 use super::watchdog::{DEFAULT_DEVICE, DeviceWatchdog, NoWatchdog, Watchdog};
-use super::SharedCore;
 use crate::agent::AgentCore;
 use crate::time::{Clock, SystemClock};
 use crate::verdict::HealthTiming;
@@ -186,7 +186,7 @@ async fn run(args: Args) -> Result<()> {
     );
 
     let clock: Arc<dyn Clock + Send + Sync> = Arc::new(SystemClock::new());
-    let core = SharedCore::new(AgentCore::new(&*args.node_name, room, timing.clone()));
+    let core = SharedCore::new(AgentCore::new(&*args.node_name, room, timing));
     let partners = PartnerCache::new();
     let facts = NodeFacts {
         node: args.node_name.clone(),
@@ -201,7 +201,12 @@ async fn run(args: Args) -> Result<()> {
         let api = KubeLeases::new(client.clone(), &args.namespace, timing.request_timeout);
         let (core, clock) = (core.clone(), clock.clone());
         let every = timing.agent_renew;
-        async move { ("heartbeat", run_heartbeat(api, facts, core, clock, every).await) }
+        async move {
+            (
+                "heartbeat",
+                run_heartbeat(api, facts, core, clock, every).await,
+            )
+        }
     });
     tasks.spawn({
         let source = KubePairing::new(client.clone(), timing.request_timeout);
@@ -216,14 +221,20 @@ async fn run(args: Args) -> Result<()> {
         let probe = HttpProbe::new(timing.probe_interval / 2);
         let (cache, core, clock) = (partners.clone(), core.clone(), clock.clone());
         let every = timing.probe_interval;
-        async move { ("peer probe", run_probes(probe, cache, core, clock, every).await) }
+        async move {
+            (
+                "peer probe",
+                run_probes(probe, cache, core, clock, every).await,
+            )
+        }
     });
     tasks.spawn({
         let (core, clock) = (core.clone(), clock.clone());
         async move { ("peer port", peer::serve(listener, core, clock).await) }
     });
     tasks.spawn({
-        let stopper = CommandStopper::new(args.stop_command.clone(), &args.node_name, timing.watchdog);
+        let stopper =
+            CommandStopper::new(args.stop_command.clone(), &args.node_name, timing.watchdog);
         let agent = NodeAgent::new(core.clone(), clock.clone(), watchdog, stopper);
         async move { ("decision loop", agent.run(TICK).await) }
     });

@@ -176,8 +176,8 @@ impl FakeHeartbeatApi {
     }
 
     fn conflict() -> Error {
-        let status = kube::core::Status::failure("the object has been modified", "Conflict")
-            .with_code(409);
+        let status =
+            kube::core::Status::failure("the object has been modified", "Conflict").with_code(409);
         Error::Kube {
             action: "replace heartbeat lease",
             source: kube::Error::Api(status.boxed()),

@@ -141,10 +141,7 @@ pub fn heartbeat_lease(
         .labels
         .get_or_insert_with(BTreeMap::new)
         .insert(HEARTBEAT_LABEL.to_string(), "true".to_string());
-    let annotations = lease
-        .metadata
-        .annotations
-        .get_or_insert_with(BTreeMap::new);
+    let annotations = lease.metadata.annotations.get_or_insert_with(BTreeMap::new);
     for (key, value) in [
         (BOOT_ID_ANNOTATION, facts.boot_id.clone()),
         (RENEW_FAILURES_ANNOTATION, failures_before.to_string()),

@@ -205,3 +205,105 @@ pub async fn run_partner_refresh<S: PairingSource>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::AgentCore;
+    use crate::agentd::error::Error;
+    use crate::verdict::HealthTiming;
+    use serde_json::json;
+    use std::sync::Mutex;
+
+    fn node(name: &str, ip: Option<&str>) -> Node {
+        let mut n: Node = serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {ZONE_LABEL: "room-b"}},
+            "status": {"addresses": [{"type": "Hostname", "address": name}]},
+        }))
+        .expect("node");
+        if let (Some(ip), Some(status)) = (ip, n.status.as_mut()) {
+            status.addresses.get_or_insert_with(Vec::new).push(
+                k8s_openapi::api::core::v1::NodeAddress {
+                    type_: "InternalIP".into(),
+                    address: ip.into(),
+                },
+            );
+        }
+        n
+    }
+
+    #[test]
+    fn the_partner_is_read_from_either_side_of_a_pair() {
+        let twosite =
+            json!({"status": {"pairs": [{"a": "a-1", "b": "b-1"}, {"a": "a-2", "b": "b-2"}]}});
+        assert_eq!(partner_in_twosite(&twosite, "a-2").as_deref(), Some("b-2"));
+        assert_eq!(partner_in_twosite(&twosite, "b-1").as_deref(), Some("a-1"));
+        assert_eq!(partner_in_twosite(&twosite, "a-3"), None);
+        for malformed in [
+            json!({}),
+            json!({"status": {}}),
+            json!({"status": {"pairs": "a-1"}}),
+            json!({"status": {"pairs": [{"a": "a-1", "b": 7}]}}),
+        ] {
+            assert_eq!(partner_in_twosite(&malformed, "a-1"), None, "{malformed}");
+        }
+    }
+
+    #[test]
+    fn addresses_and_zones() {
+        assert_eq!(
+            internal_ip(&node("b-1", Some("10.0.2.1"))),
+            Some([10, 0, 2, 1].into())
+        );
+        assert_eq!(internal_ip(&node("b-1", None)), None);
+        assert_eq!(internal_ip(&node("b-1", Some("not an ip"))), None);
+        assert_eq!(zone(&node("b-1", None)).as_deref(), Some("room-b"));
+    }
+
+    /// A pairing source whose answers the test sets; `None` means the API server is gone.
+    #[derive(Default)]
+    struct Source(Mutex<Option<(Option<String>, Option<Node>)>>);
+
+    impl PairingSource for Source {
+        async fn partner_of(&self, _node: &str) -> Result<Option<String>> {
+            let s = self.0.lock().expect("lock").clone();
+            s.map(|(p, _)| p).ok_or(Error::TaskEnded("api down"))
+        }
+        async fn node(&self, _node: &str) -> Result<Option<Node>> {
+            let s = self.0.lock().expect("lock").clone();
+            s.map(|(_, n)| n).ok_or(Error::TaskEnded("api down"))
+        }
+    }
+
+    #[tokio::test]
+    async fn the_partner_and_its_address_are_cached_while_the_api_is_gone() {
+        let core = SharedCore::new(AgentCore::new("a-1", "room-a", HealthTiming::default()));
+        let cache = PartnerCache::new();
+        let source = Source::default();
+        *source.0.lock().expect("lock") =
+            Some((Some("b-1".into()), Some(node("b-1", Some("10.0.2.1")))));
+        refresh_partner(&source, "a-1", 9477, &cache, &core)
+            .await
+            .expect("refreshed");
+        let addr: SocketAddr = ([10, 0, 2, 1], 9477).into();
+        assert_eq!(cache.partner_addr(), Some(addr));
+        assert_eq!(core.lock().partner(), Some("b-1"));
+
+        *source.0.lock().expect("lock") = None;
+        assert!(
+            refresh_partner(&source, "a-1", 9477, &cache, &core)
+                .await
+                .is_err()
+        );
+        assert_eq!(cache.partner_addr(), Some(addr), "kept through the outage");
+        assert_eq!(core.lock().partner(), Some("b-1"));
+
+        // Re-paired with b-2 whose Node has no address yet: no probes to the old partner.
+        *source.0.lock().expect("lock") = Some((Some("b-2".into()), Some(node("b-2", None))));
+        refresh_partner(&source, "a-1", 9477, &cache, &core)
+            .await
+            .expect("refreshed");
+        assert_eq!(cache.partner_addr(), None);
+        assert_eq!(core.lock().partner(), Some("b-2"));
+    }
+}

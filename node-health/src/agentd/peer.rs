@@ -107,11 +107,7 @@ impl HttpProbe {
         let uri: http::Uri = format!("http://{addr}{PEER_PATH}")
             .parse()
             .map_err(|e: http::uri::InvalidUri| failed(e.to_string()))?;
-        let response = self
-            .client
-            .get(uri)
-            .await
-            .map_err(|e| failed(report(&e)))?;
+        let response = self.client.get(uri).await.map_err(|e| failed(report(&e)))?;
         let status = response.status();
         let body = Limited::new(response.into_body(), MAX_ANSWER)
             .collect()

@@ -60,3 +60,35 @@ impl WorkloadStopper for CommandStopper {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_stop_command_runs_with_the_node_name_and_a_timeout() {
+        let dir = std::env::temp_dir().join(format!("twosite-stop-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let marker = dir.join("stopped");
+        let command = format!("echo \"$TWOSITE_NODE\" > {}", marker.display());
+        CommandStopper::new(Some(command), "a-1", Duration::from_secs(5))
+            .stop()
+            .await;
+        assert_eq!(std::fs::read_to_string(&marker).expect("ran").trim(), "a-1");
+
+        let started = std::time::Instant::now();
+        CommandStopper::new(Some("sleep 30".into()), "a-1", Duration::from_millis(200))
+            .stop()
+            .await;
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "killed at the timeout"
+        );
+
+        // Nothing configured: returns at once.
+        CommandStopper::new(None, "a-1", Duration::from_secs(5))
+            .stop()
+            .await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
