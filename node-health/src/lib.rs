@@ -10,10 +10,12 @@ pub mod remediation;
 pub mod rooms;
 pub mod time;
 pub mod verdict;
+pub mod witness;
 
 pub use agent::{AgentCore, AgentStep, PeerReport, RunBasis};
 pub use leader::{LeaderAction, LeaderConfig, LeaderElector, LeaseRecord, LeaseWrite};
 pub use remediation::{Action, EventReason, NodeRemediation, Phase, RemediationInput};
 pub use rooms::{NodeFacts, Pair, Pairing, Room, RoomConfig, RoomError, pair_nodes};
 pub use time::{Clock, MonoTime, SystemClock};
+pub use witness::{Arbiter, Claim, ClaimError, ClaimOutcome, WitnessConfig, WitnessRecord};
 pub use verdict::{HealthTiming, Heartbeat, NodeObservation, NodeVerdict, Readiness, judge};
