@@ -210,3 +210,30 @@ async fn an_api_server_that_does_not_answer_times_out_as_a_failure() {
     assert!(err.to_string().contains("timed out"), "{err}");
     assert_eq!(core.lock().failures_before_next_renewal(), 1);
 }
+
+#[tokio::test]
+async fn a_fence_marker_on_the_lease_is_kept_and_ends_the_right_to_run() {
+    let (api, mut server, core, clock, facts) = setup();
+    core.lock().renewal_succeeded(MonoTime(4_000));
+    let renewal = tokio::spawn({
+        let (core, clock, facts) = (core.clone(), clock.clone(), facts.clone());
+        async move { heartbeat::renew(&api, &facts, &core, &clock).await }
+    });
+    let mut marked = existing("50");
+    marked["metadata"]["annotations"]["twosite.dev/fenced-boot-id"] = json!("boot-0");
+    let (_, get) = expect(&mut server, Method::GET, LEASE).await;
+    respond(get, 200, &marked);
+    let (body, replace) = expect(&mut server, Method::PUT, LEASE).await;
+    assert_eq!(body["metadata"]["resourceVersion"], "50");
+    let annotations = &body["metadata"]["annotations"];
+    assert_eq!(
+        annotations["twosite.dev/fenced-boot-id"], "boot-0",
+        "the marker is kept"
+    );
+    assert_eq!(annotations["twosite.dev/right-to-run"], "None");
+    respond(replace, 200, &stored(body, "51"));
+    renewal.await.expect("joined").expect("renewed");
+    let c = core.lock();
+    assert!(c.fence_marker());
+    assert_eq!(c.right_to_run(MonoTime(5_100)), None);
+}

@@ -280,3 +280,39 @@ async fn a_conflict_counts_as_a_failed_renewal() {
         "1"
     );
 }
+
+#[tokio::test]
+async fn the_controllers_fence_marker_stops_workloads_and_feeding_at_once() {
+    let mut h = Harness::new();
+    h.run_for(10_000).await;
+    h.api.mark_fenced();
+    let marked_at = h.clock.now();
+    h.run_for(10_000).await;
+    let stops = h.log.times_of(Event::Stopped);
+    assert_eq!(stops.len(), 1, "{stops:?}");
+    assert!(
+        stops[0] <= marked_at + h.timing.agent_renew,
+        "stopped at the first renewal that read the marker: {stops:?}"
+    );
+    assert!(h.feeds().iter().all(|f| *f < stops[0]));
+    // The renewals go on and keep the marker; they say the node has no right to run.
+    let last = h.api.stored().expect("lease");
+    let annotations = last.metadata.annotations.expect("annotations");
+    assert!(annotations.contains_key(heartbeat::FENCE_MARKER_ANNOTATION));
+    assert_eq!(annotations[heartbeat::RIGHT_TO_RUN_ANNOTATION], "None");
+}
+
+#[tokio::test]
+async fn a_node_booting_under_a_fence_marker_is_not_armed() {
+    let mut h = Harness::new();
+    h.run_for(2_000).await;
+    let h2 = Harness::new();
+    // The same Lease store, marked before the new boot's agent first renews.
+    h.api.mark_fenced();
+    let mut h2 = Harness {
+        api: h.api.clone(),
+        ..h2
+    };
+    h2.run_for(10_000).await;
+    assert!(h2.log.events().is_empty(), "{:?}", h2.log.events());
+}

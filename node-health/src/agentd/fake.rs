@@ -2,7 +2,7 @@
 //! for tests of the agent's loop (here and in `tests/`).
 
 use super::error::{Error, Result};
-use super::heartbeat::HeartbeatApi;
+use super::heartbeat::{FENCE_MARKER_ANNOTATION, HeartbeatApi};
 use super::peer::PeerProbe;
 use super::stopper::WorkloadStopper;
 use super::watchdog::Watchdog;
@@ -163,6 +163,20 @@ impl FakeHeartbeatApi {
     /// Every Lease written successfully, in order.
     pub fn writes(&self) -> Vec<Lease> {
         lock(&self.0).writes.clone()
+    }
+    /// The controller commits a fence: its marker goes onto the stored Lease.
+    pub fn mark_fenced(&self) {
+        let mut s = lock(&self.0);
+        s.version += 1;
+        let version = s.version.to_string();
+        if let Some(lease) = s.lease.as_mut() {
+            lease
+                .metadata
+                .annotations
+                .get_or_insert_with(Default::default)
+                .insert(FENCE_MARKER_ANNOTATION.to_string(), "boot-1".to_string());
+            lease.metadata.resource_version = Some(version);
+        }
     }
     pub fn stored(&self) -> Option<Lease> {
         lock(&self.0).lease.clone()

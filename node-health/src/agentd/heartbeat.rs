@@ -33,6 +33,19 @@ pub const RENEW_FAILURES_ANNOTATION: &str = "twosite.dev/renew-failures";
 pub const WATCHDOG_ANNOTATION: &str = "twosite.dev/watchdog";
 /// `Lease`, `Vouched` or `None`: the node's right to run when the renewal was built.
 pub const RIGHT_TO_RUN_ANNOTATION: &str = "twosite.dev/right-to-run";
+/// The controller's fence marker (written by the controller, never by the agent).
+pub const FENCE_MARKER_ANNOTATION: &str = crate::remediation::FENCED_BOOT_ANNOTATION;
+
+/// Whether the controller's fence marker is on the Lease: the node then has no right to run
+/// until the controller takes it off. Replacing the Lease keeps it (the write is built on the
+/// Lease read).
+pub fn has_fence_marker(lease: &Lease) -> bool {
+    lease
+        .metadata
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(FENCE_MARKER_ANNOTATION))
+}
 
 /// The heartbeat Lease's name for `node`.
 pub fn lease_name(node: &str) -> String {
@@ -112,6 +125,7 @@ pub fn right_to_run_value(basis: Option<&RunBasis>) -> &'static str {
     match basis {
         Some(RunBasis::Lease) => "Lease",
         Some(RunBasis::Vouched { .. }) => "Vouched",
+        Some(RunBasis::Witness { .. }) => "Witness",
         None => "None",
     }
 }
@@ -197,8 +211,15 @@ async fn write_heartbeat<A: HeartbeatApi>(
 ) -> Result<(Renewed, crate::time::MonoTime)> {
     let name = lease_name(&facts.node);
     let current = api.get(&name).await?;
+    let marked = current.as_ref().is_some_and(has_fence_marker);
     let lease = {
-        let c = core.lock();
+        let mut c = core.lock();
+        if marked && !c.fence_marker() {
+            tracing::error!(
+                "the controller fenced this node: its heartbeat Lease carries the fence marker"
+            );
+        }
+        c.observe_fence_marker(marked);
         let now = clock.now();
         heartbeat_lease(
             facts,
