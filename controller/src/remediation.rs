@@ -209,6 +209,9 @@ pub fn assess(
                     heartbeat,
                     fence_marker: agent.is_some_and(|a| a.fence_marker),
                     paused: pause.is_some(),
+                    // The controller shell does not talk to a witness yet: only valid for
+                    // clusters without one (the agent is configured the same way).
+                    witness_ok: true,
                 },
                 agent_lease: agent.map_or_else(
                     || format!("{AGENT_LEASE_PREFIX}{name}"),
@@ -866,11 +869,11 @@ mod tests {
                         ..OwnerReference::default()
                     }]
                 }),
-                deletion_timestamp: terminating.then(|| {
+                deletion_timestamp: terminating.then_some(
                     k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
                         jiff::Timestamp::UNIX_EPOCH,
-                    )
-                }),
+                    ),
+                ),
                 ..ObjectMeta::default()
             },
             ..Pod::default()

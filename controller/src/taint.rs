@@ -108,7 +108,7 @@ pub fn taint_patch(node: &Node, change: &TaintChange) -> Option<Value> {
             }
         }
     }
-    (ops.len() > 1).then(|| Value::Array(ops))
+    (ops.len() > 1).then_some(Value::Array(ops))
 }
 
 /// What a taint write did.

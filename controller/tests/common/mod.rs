@@ -71,11 +71,11 @@ impl Seen {
 }
 
 impl ApiServer {
-    /// The next request, which must be `method` on `path`.
-    pub async fn expect(&mut self, method: Method, path: &str) -> Seen {
+    /// The next request, whatever it is.
+    pub async fn next(&mut self) -> Seen {
         let (request, responder) = tokio::time::timeout(NEXT_REQUEST, self.handle.next_request())
             .await
-            .unwrap_or_else(|_| panic!("no request came; expected {method} {path}"))
+            .unwrap_or_else(|_| panic!("no request came"))
             .expect("the client is alive");
         let uri = request.uri().clone();
         let content_type = request
@@ -83,7 +83,7 @@ impl ApiServer {
             .get("content-type")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        let seen_method = request.method().clone();
+        let method = request.method().clone();
         let bytes = request
             .into_body()
             .collect_bytes()
@@ -94,19 +94,85 @@ impl ApiServer {
         } else {
             serde_json::from_slice(&bytes).expect("the body is JSON")
         };
-        assert_eq!(
-            (seen_method.clone(), uri.path()),
-            (method.clone(), path),
-            "unexpected request {seen_method} {uri}"
-        );
         Seen {
-            method: seen_method,
+            method,
             path: uri.path().to_string(),
             query: uri.query().unwrap_or_default().to_string(),
             content_type,
             body,
             responder,
         }
+    }
+
+    /// The next request, which must be `method` on `path`.
+    pub async fn expect(&mut self, method: Method, path: &str) -> Seen {
+        let seen = self.next().await;
+        assert_eq!(
+            (seen.method.clone(), seen.path.as_str()),
+            (method.clone(), path),
+            "unexpected request {} {}?{}",
+            seen.method,
+            seen.path,
+            seen.query
+        );
+        seen
+    }
+
+    /// The next request other than an Event (Events are answered as created), which must be
+    /// `method` on `path`. Returns it and the reasons of the Events seen before it.
+    pub async fn expect_after_events(&mut self, method: Method, path: &str) -> (Seen, Vec<String>) {
+        let mut reasons = Vec::new();
+        loop {
+            let seen = self.next().await;
+            if seen.method == Method::POST && seen.path == EVENTS_PATH {
+                reasons.push(seen.body["reason"].as_str().unwrap_or_default().to_string());
+                let body = seen.body.clone();
+                seen.respond(201, body);
+                continue;
+            }
+            assert_eq!(
+                (seen.method.clone(), seen.path.as_str()),
+                (method.clone(), path),
+                "unexpected request {} {}?{}",
+                seen.method,
+                seen.path,
+                seen.query
+            );
+            return (seen, reasons);
+        }
+    }
+
+    /// Answers every request for a little while: Events as created, anything else with a
+    /// 500. Returns what came, as `METHOD path` strings, and the Events' reasons.
+    pub async fn drain(&mut self) -> (Vec<String>, Vec<String>) {
+        let mut requests = Vec::new();
+        let mut reasons = Vec::new();
+        while let Ok(Some((request, responder))) =
+            tokio::time::timeout(Duration::from_millis(300), self.handle.next_request()).await
+        {
+            let line = format!("{} {}", request.method(), request.uri().path());
+            let is_event = request.method() == Method::POST && request.uri().path() == EVENTS_PATH;
+            let bytes = request.into_body().collect_bytes().await.expect("body");
+            let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            let (status, answer) = if is_event {
+                reasons.push(body["reason"].as_str().unwrap_or_default().to_string());
+                (StatusCode::CREATED, body)
+            } else {
+                requests.push(line);
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    json!({"kind": "Status", "code": 500}),
+                )
+            };
+            responder.send_response(
+                Response::builder()
+                    .status(status)
+                    .header("content-type", "application/json")
+                    .body(Body::from(serde_json::to_vec(&answer).expect("json")))
+                    .expect("response"),
+            );
+        }
+        (requests, reasons)
     }
 
     /// Asserts that no request comes for a little while.
