@@ -204,3 +204,65 @@ fn init_tracing() {
         .with_writer(std::io::stderr)
         .try_init();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{Parser, Subcommand};
+
+    /// How the `twosite` binary wires the witness in.
+    #[derive(Parser, Debug)]
+    #[command(name = "twosite")]
+    struct Twosite {
+        #[command(subcommand)]
+        command: Command,
+    }
+
+    #[derive(Subcommand, Debug)]
+    enum Command {
+        Witness(WitnessArgs),
+    }
+
+    #[test]
+    fn wires_as_a_subcommand_with_its_defaults() {
+        let cli = Twosite::try_parse_from([
+            "twosite",
+            "witness",
+            "--state-file",
+            "/s",
+            "--tokens-file",
+            "/t",
+            "--insecure-http",
+        ])
+        .expect("parses");
+        let Command::Witness(args) = cli.command;
+        assert_eq!(args.listen, "0.0.0.0:9443".parse().expect("addr"));
+        let cfg = args.config().expect("config");
+        assert_eq!(cfg.grant_duration, Duration::from_secs(10));
+        assert_eq!(cfg.handover_margin, Duration::from_secs(7));
+        assert_eq!(cfg.preferred_room, None);
+        assert!(matches!(args.tls(), Ok(None)));
+    }
+
+    #[test]
+    fn refuses_flags_that_do_not_fit() {
+        let base = [
+            "twosite-witness",
+            "--state-file",
+            "/s",
+            "--tokens-file",
+            "/t",
+        ];
+        let parse =
+            |extra: &[&str]| WitnessArgs::try_parse_from(base.iter().chain(extra.iter()).copied());
+        let plain = parse(&[]).expect("parses");
+        assert!(matches!(plain.tls(), Err(Error::InsecureNotAcknowledged)));
+        assert_eq!(Error::InsecureNotAcknowledged.exit_code(), 2);
+        assert!(parse(&["--insecure-http", "--tls-cert", "c", "--tls-key", "k"]).is_err());
+        assert!(parse(&["--tls-cert", "c"]).is_err());
+        assert!(parse(&["--grant-duration-secs", "0"]).is_err());
+        let bad_room = parse(&["--preferred-room", "East Wing"]).expect("parses");
+        assert!(matches!(bad_room.config(), Err(Error::BadPreferredRoom(_))));
+        assert!(parse(&["--tokens-file"]).is_err());
+    }
+}

@@ -58,10 +58,7 @@ impl RoomGrants {
                     "restored grant, assumed live for a full grant duration"
                 );
             }
-            arbiters.insert(
-                cluster.to_string(),
-                Arbiter::new(cfg.clone(), record, now),
-            );
+            arbiters.insert(cluster.to_string(), Arbiter::new(cfg.clone(), record, now));
         }
         for cluster in carried.keys() {
             tracing::warn!(
@@ -125,9 +122,7 @@ impl RoomGrants {
                 let presence_ms = a
                     .presence(now)
                     .into_iter()
-                    .map(|(room, age)| {
-                        (room, u64::try_from(age.as_millis()).unwrap_or(u64::MAX))
-                    })
+                    .map(|(room, age)| (room, u64::try_from(age.as_millis()).unwrap_or(u64::MAX)))
                     .collect();
                 (
                     cluster.clone(),
@@ -181,7 +176,9 @@ mod tests {
         let store = StateFile::open(&path).expect("open");
         let mut g = RoomGrants::load(store, &WitnessConfig::default(), ["factory"], MonoTime(0))
             .expect("load");
-        let out = g.claim("factory", &claim("east"), MonoTime(10)).expect("ok");
+        let out = g
+            .claim("factory", &claim("east"), MonoTime(10))
+            .expect("ok");
         assert_eq!(granted(&out), Some(1));
         let on_disk = crate::state::decode(&std::fs::read(&path).expect("read")).expect("decode");
         assert_eq!(on_disk["factory"].epoch, 1);
@@ -212,7 +209,9 @@ mod tests {
         assert!(!path.exists());
         // West may have it at once: east was never granted anything.
         std::fs::remove_dir(&tmp).expect("rmdir");
-        let out = g.claim("factory", &claim("west"), MonoTime(20)).expect("ok");
+        let out = g
+            .claim("factory", &claim("west"), MonoTime(20))
+            .expect("ok");
         assert_eq!(granted(&out), Some(1));
         assert_eq!(
             g.view(MonoTime(20))["factory"].holder,

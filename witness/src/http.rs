@@ -106,8 +106,7 @@ struct ClaimBody {
 
 /// Decodes a claim's body; the error says what is wrong.
 pub fn decode_claim(body: &[u8]) -> Result<Claim> {
-    let b: ClaimBody =
-        serde_json::from_slice(body).map_err(|e| Error::BadClaim(e.to_string()))?;
+    let b: ClaimBody = serde_json::from_slice(body).map_err(|e| Error::BadClaim(e.to_string()))?;
     if !valid_room(&b.room) {
         return Err(Error::Claim(ClaimError::BadRoom));
     }

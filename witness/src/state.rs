@@ -131,8 +131,7 @@ impl StateFile {
         tmp.sync_all()
             .map_err(persist("syncing the temporary file"))?;
         drop(tmp);
-        std::fs::rename(&self.tmp, &self.path)
-            .map_err(persist("renaming the temporary file"))?;
+        std::fs::rename(&self.tmp, &self.path).map_err(persist("renaming the temporary file"))?;
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(persist("syncing the directory"))?;
@@ -216,6 +215,8 @@ mod tests {
         ] {
             assert!(decode(bad).is_err(), "{}", String::from_utf8_lossy(bad));
         }
-        assert!(decode(br#"{"version":1,"clusters":{"c":{"epoch":2,"holder":["east",2]}}}"#).is_ok());
+        assert!(
+            decode(br#"{"version":1,"clusters":{"c":{"epoch":2,"holder":["east",2]}}}"#).is_ok()
+        );
     }
 }

@@ -149,8 +149,10 @@ mod tests {
 
     #[test]
     fn pairs_comments_and_blank_lines() {
-        let t = Tokens::parse("# site tokens\n\nfactory  0123456789abcdef\n  # x\nhospital\tfedcba9876543210fe\n")
-            .expect("valid");
+        let t = Tokens::parse(
+            "# site tokens\n\nfactory  0123456789abcdef\n  # x\nhospital\tfedcba9876543210fe\n",
+        )
+        .expect("valid");
         assert_eq!(t.clusters().collect::<Vec<_>>(), ["factory", "hospital"]);
         assert!(t.check("factory", b"0123456789abcdef"));
         assert!(!t.check("factory", b"0123456789abcdeF"));
@@ -167,7 +169,11 @@ mod tests {
             ("a 0123456789abcdef extra\n", 1, "found 3 field"),
             ("# c\n\nbad/name 0123456789abcdef\n", 3, "cluster name"),
             ("a short\n", 1, "shorter than 16"),
-            ("a 0123456789abcdef\na 0123456789abcdef\n", 2, "listed twice"),
+            (
+                "a 0123456789abcdef\na 0123456789abcdef\n",
+                2,
+                "listed twice",
+            ),
         ];
         for (text, line, what) in cases {
             let err = Tokens::parse(text).map(|_| ()).expect_err(text);

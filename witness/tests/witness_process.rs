@@ -78,7 +78,10 @@ fn grants_survive_a_kill_and_every_bad_input_is_refused() {
         "west was granted {:?} after the restart, before east's grant and the margin ran out",
         w.started.elapsed()
     );
-    assert_eq!(granted_epoch, 2, "a restarted witness never reissues epoch 1");
+    assert_eq!(
+        granted_epoch, 2,
+        "a restarted witness never reissues epoch 1"
+    );
     assert_eq!(
         site.state_json()["clusters"]["factory"]["holder"],
         serde_json::json!(["west", 2])
@@ -110,7 +113,10 @@ fn grants_survive_a_kill_and_every_bad_input_is_refused() {
 
     let wrong = claim(w.addr, "factory", CAMPUS_TOKEN, west);
     assert_eq!(wrong.status, 401, "{wrong:?}");
-    assert!(wrong.headers.contains("www-authenticate: bearer"), "{wrong:?}");
+    assert!(
+        wrong.headers.contains("www-authenticate: bearer"),
+        "{wrong:?}"
+    );
     let unknown_cluster = claim(w.addr, "nowhere", FACTORY_TOKEN, west);
     assert_eq!(unknown_cluster.status, 401, "{unknown_cluster:?}");
     assert_eq!(
@@ -119,11 +125,17 @@ fn grants_survive_a_kill_and_every_bad_input_is_refused() {
     );
     let missing = request(w.addr, "POST", claim_path, None, west.as_bytes());
     assert_eq!(missing.status, 401, "{missing:?}");
-    assert!(missing.error().contains("missing bearer token"), "{missing:?}");
+    assert!(
+        missing.error().contains("missing bearer token"),
+        "{missing:?}"
+    );
 
     let malformed = claim(w.addr, "factory", FACTORY_TOKEN, r#"{"room": "east""#);
     assert_eq!(malformed.status, 400, "{malformed:?}");
-    assert!(malformed.error().starts_with("bad claim: "), "{malformed:?}");
+    assert!(
+        malformed.error().starts_with("bad claim: "),
+        "{malformed:?}"
+    );
     let typo = claim(
         w.addr,
         "factory",
@@ -165,8 +177,14 @@ fn grants_survive_a_kill_and_every_bad_input_is_refused() {
         factory["holder"],
         serde_json::json!({"room": "west", "epoch": 2, "live": true})
     );
-    assert!(factory["presence_ms"]["west"].as_u64().is_some(), "{view:?}");
-    assert!(factory["presence_ms"]["east"].as_u64().is_some(), "{view:?}");
+    assert!(
+        factory["presence_ms"]["west"].as_u64().is_some(),
+        "{view:?}"
+    );
+    assert!(
+        factory["presence_ms"]["east"].as_u64().is_some(),
+        "{view:?}"
+    );
     assert!(
         !view.body.contains(FACTORY_TOKEN) && !view.body.contains(CAMPUS_TOKEN),
         "{view:?}"
@@ -198,7 +216,11 @@ fn refuses_a_malformed_tokens_file_naming_the_line() {
         &format!("# tokens\nfactory {FACTORY_TOKEN}\ncampus\n"),
     );
     let mut args = site.base_args();
-    args.extend(["--insecure-http".into(), "--listen".into(), free_addr().to_string()]);
+    args.extend([
+        "--insecure-http".into(),
+        "--listen".into(),
+        free_addr().to_string(),
+    ]);
     let (status, stderr) = site.run_to_exit(&args);
     assert_eq!(status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("line 3"), "{stderr}");
@@ -211,7 +233,11 @@ fn refuses_a_corrupt_state_file_and_leaves_it_alone() {
     let corrupt = r#"{"version":1,"clusters":{"factory":{"epoch":"#;
     write(&site.state(), corrupt);
     let mut args = site.base_args();
-    args.extend(["--insecure-http".into(), "--listen".into(), free_addr().to_string()]);
+    args.extend([
+        "--insecure-http".into(),
+        "--listen".into(),
+        free_addr().to_string(),
+    ]);
     let (status, stderr) = site.run_to_exit(&args);
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("corrupt"), "{stderr}");
@@ -223,7 +249,11 @@ fn a_second_witness_on_the_same_state_file_refuses_and_sigterm_stops_cleanly() {
     let site = Site::new();
     let mut first = site.start(&flags(), "first.log");
     let mut args = site.base_args();
-    args.extend(["--insecure-http".into(), "--listen".into(), free_addr().to_string()]);
+    args.extend([
+        "--insecure-http".into(),
+        "--listen".into(),
+        free_addr().to_string(),
+    ]);
     let (status, stderr) = site.run_to_exit(&args);
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("in use by another witness"), "{stderr}");
