@@ -8,6 +8,12 @@
 //! it stays lost until the node reboots: the agent stops the HA workloads and stops feeding the
 //! watchdog, which reboots the node. The controller's fence deadline relies on exactly that.
 //!
+//! With a witness configured, a room that has lost contact with the other room (no partner
+//! answer and no fresh heartbeat of the other room for `vouch_after_silence`) may run only
+//! while the witness grants it the right: the loser of a partition stops even if it still
+//! reaches the API server, and the controller fences only while it holds the grant for the
+//! opposite room.
+//!
 //! When the controller fences a node it first writes a fence marker onto the node's heartbeat
 //! Lease, conditional on the resourceVersion it judged dead. An agent that sees the marker on
 //! its Lease never gains (or keeps) the right to run until the controller clears it, so a node
@@ -39,6 +45,8 @@ pub enum RunBasis {
     Lease,
     /// Its partner in the other room vouched that the API server is gone for both.
     Vouched { by: String },
+    /// The rooms lost each other and the witness granted this room the right to run.
+    Witness { epoch: u64 },
 }
 
 /// Why the node lost the right to run.
@@ -48,6 +56,8 @@ pub enum LossReason {
     LeaseExpired,
     /// The controller's fence marker appeared on the heartbeat Lease.
     FenceMarker,
+    /// The rooms lost each other and the witness did not grant this room the right to run.
+    NoWitnessGrant,
 }
 
 /// What the agent must do now.
@@ -77,6 +87,11 @@ pub struct AgentCore {
     last_feed: Option<MonoTime>,
     consecutive_failures: u32,
     fence_marker: bool,
+    witness: bool,
+    /// Last evidence (agent's clock) that the other room is alive and in contact.
+    other_room_seen: Option<MonoTime>,
+    /// The witness grant for this room: its epoch and until when it lasts (agent's clock).
+    grant: Option<(u64, MonoTime)>,
 }
 
 impl AgentCore {
@@ -93,7 +108,65 @@ impl AgentCore {
             last_feed: None,
             consecutive_failures: 0,
             fence_marker: false,
+            witness: false,
+            other_room_seen: None,
+            grant: None,
         }
+    }
+
+    /// A witness is configured: losing contact with the other room needs its grant.
+    pub fn set_witness_configured(&mut self, configured: bool) {
+        self.witness = configured;
+    }
+
+    /// Evidence at `at` that the other room is alive and in contact: a probe answer from a node
+    /// of the other room that has the right to run, or a heartbeat of the other room that this
+    /// agent saw change.
+    pub fn observe_other_room(&mut self, at: MonoTime) {
+        if self.other_room_seen.is_none_or(|t| t < at) {
+            self.other_room_seen = Some(at);
+        }
+    }
+
+    /// The rooms are in contact at `now`: the other room was heard from within an agent lease.
+    /// (The controller's proof never relies on this timeout: it holds the witness grant for the
+    /// other room, so this room cannot hold one.)
+    pub fn rooms_in_contact(&self, now: MonoTime) -> bool {
+        self.other_room_seen
+            .is_some_and(|t| now.since(t) <= self.timing.agent_lease)
+    }
+
+    /// Whether the agent should claim its room's right at the witness now (and keep claiming,
+    /// to renew a grant, while it needs it).
+    pub fn needs_witness(&self, now: MonoTime) -> bool {
+        // Claim well before the contact timeout, so a grant is in hand when it is needed.
+        let claim_after = self.timing.probe_interval;
+        self.witness
+            && self.armed
+            && self.lost.is_none()
+            && self
+                .other_room_seen
+                .is_none_or(|t| now.since(t) > claim_after)
+    }
+
+    /// The witness answered a claim sent at `sent_at`: granted for `valid_for` with `epoch`.
+    pub fn witness_granted(
+        &mut self,
+        sent_at: MonoTime,
+        epoch: u64,
+        valid_for: std::time::Duration,
+    ) {
+        let until = sent_at + shrink(valid_for, self.timing.drift_ppm);
+        if self
+            .grant
+            .is_none_or(|(e, u)| e < epoch || (e == epoch && u < until))
+        {
+            self.grant = Some((epoch, until));
+        }
+    }
+
+    fn grant_valid(&self, now: MonoTime) -> Option<u64> {
+        self.grant.filter(|(_, until)| now < *until).map(|(e, _)| e)
     }
 
     /// The partner in the other room, as the latest pairing says.
@@ -155,6 +228,12 @@ impl AgentCore {
             return None;
         }
         let t = &self.timing;
+        if self.witness && self.armed && !self.rooms_in_contact(now) {
+            // The rooms lost each other: only the witness's grant lets this room go on.
+            return self
+                .grant_valid(now)
+                .map(|epoch| RunBasis::Witness { epoch });
+        }
         if self
             .last_renewal
             .is_some_and(|r| now < r + shrink(t.agent_lease, t.drift_ppm))
@@ -167,6 +246,9 @@ impl AgentCore {
             Some((v, by)) if self.armed && now < *v + shrink(t.vouch_validity, t.drift_ppm) => {
                 Some(RunBasis::Vouched { by: by.clone() })
             }
+            _ if self.armed => self
+                .grant_valid(now)
+                .map(|epoch| RunBasis::Witness { epoch }),
             _ => None,
         }
     }
@@ -209,6 +291,8 @@ impl AgentCore {
                 if !self.armed {
                     self.armed = true;
                     step.armed = true;
+                    // Give the other room the benefit of the doubt for one contact timeout.
+                    self.observe_other_room(now);
                 }
                 if self
                     .last_feed
@@ -221,6 +305,8 @@ impl AgentCore {
             None if self.armed => {
                 let why = if self.fence_marker {
                     LossReason::FenceMarker
+                } else if self.witness && !self.rooms_in_contact(now) {
+                    LossReason::NoWitnessGrant
                 } else {
                     LossReason::LeaseExpired
                 };
@@ -360,6 +446,61 @@ mod tests {
         let s = a.tick(MonoTime(2_200));
         assert_eq!(s.lost, Some(LossReason::FenceMarker));
         assert!(s.stop_workloads && !s.feed);
+    }
+
+    fn witness_agent() -> AgentCore {
+        let mut a = agent();
+        a.set_witness_configured(true);
+        a.renewal_succeeded(MonoTime(0));
+        assert!(a.tick(MonoTime(0)).armed);
+        a
+    }
+
+    #[test]
+    fn with_a_witness_losing_the_other_room_needs_a_grant() {
+        let mut a = witness_agent();
+        // The other room is seen alive: the lease alone is enough.
+        a.observe_other_room(MonoTime(1_000));
+        a.renewal_succeeded(MonoTime(2_000));
+        assert!(!a.needs_witness(MonoTime(2_000)));
+        assert_eq!(a.right_to_run(MonoTime(2_000)), Some(RunBasis::Lease));
+        // Silent for 1 s: claim early, still running on the lease.
+        assert!(a.needs_witness(MonoTime(2_001)));
+        a.renewal_succeeded(MonoTime(6_000));
+        assert_eq!(a.right_to_run(MonoTime(9_000)), Some(RunBasis::Lease));
+        // Out of contact for more than an agent lease: even with a fresh lease, a grant is
+        // needed.
+        assert_eq!(a.right_to_run(MonoTime(9_001)), None);
+        a.witness_granted(MonoTime(8_000), 4, std::time::Duration::from_secs(10));
+        assert_eq!(
+            a.right_to_run(MonoTime(9_001)),
+            Some(RunBasis::Witness { epoch: 4 })
+        );
+        assert!(a.tick(MonoTime(9_001)).feed);
+        // The grant runs out (10 s shrunk by 1%: 9.9 s) and is not renewed: the room stops.
+        a.renewal_succeeded(MonoTime(15_000));
+        assert!(a.tick(MonoTime(17_899)).lost.is_none());
+        let s = a.tick(MonoTime(17_900));
+        assert_eq!(s.lost, Some(LossReason::NoWitnessGrant));
+        assert!(s.stop_workloads);
+    }
+
+    #[test]
+    fn with_a_witness_a_held_claim_stops_the_room_even_with_the_api_server() {
+        let mut a = witness_agent();
+        // Armed at 0 with the benefit of the doubt; the other room is never heard from.
+        for t in (1_000..=8_000).step_by(1_000) {
+            a.renewal_succeeded(MonoTime(t));
+            assert!(
+                a.tick(MonoTime(t)).lost.is_none(),
+                "within the contact timeout"
+            );
+        }
+        assert!(a.needs_witness(MonoTime(8_001)));
+        assert_eq!(
+            a.tick(MonoTime(8_001)).lost,
+            Some(LossReason::NoWitnessGrant)
+        );
     }
 
     #[test]

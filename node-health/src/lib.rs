@@ -17,5 +17,5 @@ pub use leader::{LeaderAction, LeaderConfig, LeaderElector, LeaseRecord, LeaseWr
 pub use remediation::{Action, EventReason, NodeRemediation, Phase, RemediationInput};
 pub use rooms::{NodeFacts, Pair, Pairing, Room, RoomConfig, RoomError, pair_nodes};
 pub use time::{Clock, MonoTime, SystemClock};
-pub use witness::{Arbiter, Claim, ClaimError, ClaimOutcome, WitnessConfig, WitnessRecord};
 pub use verdict::{HealthTiming, Heartbeat, NodeObservation, NodeVerdict, Readiness, judge};
+pub use witness::{Arbiter, Claim, ClaimError, ClaimOutcome, WitnessConfig, WitnessRecord};

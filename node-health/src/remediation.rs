@@ -39,6 +39,8 @@ pub enum WaitReason {
     VoucherNotClear,
     /// Remediation is paused for the whole cluster.
     Paused,
+    /// A witness is configured and the controller does not hold its grant for the other room.
+    NoWitnessGrant,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -161,6 +163,9 @@ pub struct RemediationInput {
     pub fence_marker: bool,
     /// Remediation is paused for the whole cluster (stale watches, storm).
     pub paused: bool,
+    /// No witness is configured, or the controller holds a valid witness grant for the room
+    /// opposite this node's (so this node's room cannot hold one).
+    pub witness_ok: bool,
 }
 
 /// One node's remediation, from the controller's side.
@@ -324,6 +329,8 @@ impl NodeRemediation {
                     Phase::FenceWaiting(WaitReason::Deadline)
                 } else if i.vouchers_clear_since.is_none_or(|c| now < c + settle) {
                     Phase::FenceWaiting(WaitReason::VoucherNotClear)
+                } else if !i.witness_ok {
+                    Phase::FenceWaiting(WaitReason::NoWitnessGrant)
                 } else {
                     Phase::Committing
                 }
@@ -348,6 +355,10 @@ impl NodeRemediation {
             Phase::FenceWaiting(WaitReason::VoucherNotClear) => out.push(event(
                 EventReason::NodeFenceWaiting,
                 "the node is dead; waiting until its partner in the other room is proven not to vouch for it",
+            )),
+            Phase::FenceWaiting(WaitReason::NoWitnessGrant) => out.push(event(
+                EventReason::NodeFenceWaiting,
+                "the node is dead; waiting for the witness to grant the other room the right to run",
             )),
             Phase::NoAgent => out.push(event(
                 EventReason::NodeNoAgent,
@@ -426,6 +437,7 @@ mod tests {
             heartbeat: Some("rv-7".into()),
             fence_marker: false,
             paused: false,
+            witness_ok: true,
         }
     }
 
@@ -564,6 +576,13 @@ mod tests {
                 "paused",
                 RemediationInput {
                     paused: true,
+                    ..input(dead(T0))
+                },
+            ),
+            (
+                "the witness grant is not held for the other room",
+                RemediationInput {
+                    witness_ok: false,
                     ..input(dead(T0))
                 },
             ),

@@ -23,8 +23,11 @@ pub struct WitnessConfig {
     /// How long after a grant expired the other room may be granted: the holder's watchdog plus
     /// a safety margin.
     pub handover_margin: Duration,
-    /// The room that wins an exact tie (claims within `tie_window` of each other).
+    /// The room that wins a tie.
     pub preferred_room: Option<String>,
+    /// Claims of both rooms within this window are a tie: a room that does not reach the API
+    /// server (or is not the preferred room) must have been claiming for this long before it is
+    /// granted, so the better-ranked room, which may notice the partition later, gets in first.
     pub tie_window: Duration,
     pub drift_ppm: u64,
 }
@@ -35,7 +38,7 @@ impl Default for WitnessConfig {
             grant_duration: Duration::from_secs(10),
             handover_margin: Duration::from_secs(7),
             preferred_room: None,
-            tie_window: Duration::from_millis(500),
+            tie_window: Duration::from_secs(3),
             drift_ppm: crate::time::DEFAULT_DRIFT_PPM,
         }
     }
@@ -103,8 +106,9 @@ pub struct Arbiter {
     cfg: WitnessConfig,
     record: WitnessRecord,
     live: Option<Live>,
-    /// The last claim of each room (witness clock) and its rank, for ties and presence.
-    last_claim: BTreeMap<String, (MonoTime, u8)>,
+    /// The last claim of each room (witness clock), its rank, and when its current streak of
+    /// claims began, for ties and presence.
+    last_claim: BTreeMap<String, (MonoTime, u8, MonoTime)>,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -158,7 +162,7 @@ impl Arbiter {
     pub fn presence(&self, now: MonoTime) -> BTreeMap<String, Duration> {
         self.last_claim
             .iter()
-            .map(|(r, (t, _))| (r.clone(), now.since(*t)))
+            .map(|(r, (t, _, _))| (r.clone(), now.since(*t)))
             .collect()
     }
 
@@ -198,10 +202,12 @@ impl Arbiter {
         let preferred = self.cfg.preferred_room.as_deref();
         let rank = u8::from(c.api_reachable) * 2 + u8::from(preferred.is_none_or(|p| p == c.room));
         let best = 2 + 1;
-        let previous_claim = self
-            .last_claim
-            .insert(c.room.clone(), (now, rank))
-            .map(|(t, _)| t);
+        // A claim more than two tie windows after the room's previous one starts a new streak.
+        let streak = match self.last_claim.get(&c.room) {
+            Some((t, _, start)) if now.since(*t) <= self.cfg.tie_window * 2 => *start,
+            _ => now,
+        };
+        self.last_claim.insert(c.room.clone(), (now, rank, streak));
         let duration = self.cfg.grant_duration;
         let handover = self.handover();
 
@@ -233,11 +239,11 @@ impl Arbiter {
         // The right is free. On a tie the better-ranked room wins: a lower-ranked room's first
         // claim after a quiet spell waits one tie window, and it yields to a better-ranked claim
         // of the other room made within that window.
-        let fresh = previous_claim.is_none_or(|t| now.since(t) > self.cfg.tie_window * 4);
-        let outranked = self.last_claim.iter().any(|(room, (t, r))| {
+        let waited = now.since(streak) >= self.cfg.tie_window;
+        let outranked = self.last_claim.iter().any(|(room, (t, r, _))| {
             *room != c.room && *r > rank && now.since(*t) <= self.cfg.tie_window
         });
-        if (rank < best && fresh) || outranked {
+        if (rank < best && !waited) || outranked {
             return Ok((
                 ClaimOutcome::Held {
                     holder: None,
@@ -359,25 +365,28 @@ mod tests {
     }
 
     #[test]
-    fn preferred_room_wins_an_exact_tie() {
+    fn preferred_room_wins_a_tie() {
         let mut w = arbiter(Some("east"));
-        // West first by a hair: it is told to retry after the tie window.
+        // West first: it is told to retry until it has claimed for a whole tie window.
         assert_eq!(
             granted(&w.claim(&claim("west", None), MonoTime(1_000))),
             None
         );
         assert_eq!(
-            granted(&w.claim(&claim("east", None), MonoTime(1_010))),
+            granted(&w.claim(&claim("west", None), MonoTime(3_000))),
+            None
+        );
+        assert_eq!(
+            granted(&w.claim(&claim("east", None), MonoTime(3_500))),
             Some(1)
         );
-        // Without a competing preferred claim, west gets it on its retry.
+        // Without a competing preferred claim, west gets it once it has waited.
         let mut w = arbiter(Some("east"));
+        for t in [1_000, 2_000, 3_000] {
+            assert_eq!(granted(&w.claim(&claim("west", None), MonoTime(t))), None);
+        }
         assert_eq!(
-            granted(&w.claim(&claim("west", None), MonoTime(1_000))),
-            None
-        );
-        assert_eq!(
-            granted(&w.claim(&claim("west", None), MonoTime(1_600))),
+            granted(&w.claim(&claim("west", None), MonoTime(4_000))),
             Some(1)
         );
     }
@@ -396,12 +405,12 @@ mod tests {
             "not preferred: waits"
         );
         assert_eq!(
-            granted(&w.claim(&blind, MonoTime(1_500))),
+            granted(&w.claim(&blind, MonoTime(4_000))),
             None,
-            "outranked by east"
+            "waited, but outranked by east"
         );
         assert_eq!(
-            granted(&w.claim(&claim("east", None), MonoTime(1_600))),
+            granted(&w.claim(&claim("east", None), MonoTime(4_100))),
             Some(1)
         );
     }

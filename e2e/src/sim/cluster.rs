@@ -13,6 +13,7 @@ use node_health::{
     LeaseRecord, MonoTime, NodeFacts, NodeObservation, NodeRemediation, NodeVerdict, Pair, Pairing,
     Readiness, RemediationInput, RoomConfig, judge, pair_nodes,
 };
+use node_health::{Arbiter, Claim, ClaimOutcome, RunBasis, WitnessConfig, WitnessRecord};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -74,6 +75,21 @@ struct SimNode {
     next_kubelet: MonoTime,
     next_agent: MonoTime,
     next_probe: MonoTime,
+    /// The other room's heartbeat resourceVersions as this agent last read them.
+    other_rvs: BTreeMap<String, u64>,
+    next_claim: MonoTime,
+}
+
+/// The witness in the third site.
+#[derive(Debug)]
+struct SimWitness {
+    arbiter: Arbiter,
+    clock: SimClock,
+    up: bool,
+    /// The highest epoch it ever granted (for S4).
+    max_epoch: u64,
+    /// The persisted record, which survives a restart.
+    record: WitnessRecord,
 }
 
 #[derive(Debug)]
@@ -123,6 +139,9 @@ struct Replica {
     remediation: BTreeMap<String, NodeRemediation>,
     status: Option<(u64, StatusObj)>,
     leading: bool,
+    /// Witness grants this replica holds for a room, until (its clock).
+    grants: BTreeMap<String, MonoTime>,
+    next_claim: MonoTime,
 }
 
 impl Replica {
@@ -141,6 +160,8 @@ impl Replica {
         self.remediation.clear();
         self.status = None;
         self.leading = false;
+        self.grants.clear();
+        self.next_claim = MonoTime::ZERO;
     }
 }
 
@@ -195,6 +216,15 @@ pub struct Record {
     pub app_started_at: BTreeMap<String, Vec<u64>>,
     pub watchdog_fired: Vec<(u64, String)>,
     pub right_lost: Vec<(u64, String)>,
+    /// Power-off faults: (real time, node).
+    pub powered_off: Vec<(u64, String)>,
+}
+
+impl Record {
+    /// The node was powered off (by a fault) at or before `t`.
+    pub fn powered_off_before(&self, node: &str, t: u64) -> bool {
+        self.powered_off.iter().any(|(at, n)| n == node && *at <= t)
+    }
 }
 
 /// The whole simulated world at one instant of real (virtual) time.
@@ -216,6 +246,7 @@ pub struct Cluster {
     /// The HA applications (one per initial worker).
     apps: Vec<String>,
     next_pod: u64,
+    witness: Option<SimWitness>,
     pub timeline: Vec<TimelineEntry>,
     pub violations: Vec<Violation>,
     pub record: Record,
@@ -252,11 +283,27 @@ impl Cluster {
             running: BTreeMap::new(),
             apps: Vec::new(),
             next_pod: 0,
+            witness: None,
             timeline: Vec::new(),
             violations: Vec::new(),
             record: Record::default(),
         };
         std::mem::swap(&mut cluster.rng, &mut rng);
+        if scenario.witness {
+            let rate = cluster.draw_rate();
+            let clock = SimClock::new(0, rate);
+            cluster.witness = Some(SimWitness {
+                arbiter: Arbiter::new(
+                    WitnessConfig::default(),
+                    WitnessRecord::default(),
+                    clock.read(0),
+                ),
+                clock,
+                up: true,
+                max_epoch: 0,
+                record: WitnessRecord::default(),
+            });
+        }
         for (room, n) in [
             (Site::RoomA, scenario.nodes_per_room.0),
             (Site::RoomB, scenario.nodes_per_room.1),
@@ -306,6 +353,8 @@ impl Cluster {
                 remediation: BTreeMap::new(),
                 status: None,
                 leading: false,
+                grants: BTreeMap::new(),
+                next_claim: MonoTime::ZERO,
             });
         }
         Ok(cluster)
@@ -329,7 +378,8 @@ impl Cluster {
     fn add_node(&mut self, name: String, room: Site) {
         let rate = self.draw_rate();
         let boot = self.boot_id();
-        let agent = AgentCore::new(name.clone(), zone(room), self.cfg.timing);
+        let mut agent = AgentCore::new(name.clone(), zone(room), self.cfg.timing);
+        agent.set_witness_configured(self.witness.is_some());
         self.nodes.push(SimNode {
             name,
             room,
@@ -343,6 +393,8 @@ impl Cluster {
             next_kubelet: MonoTime::ZERO,
             next_agent: MonoTime::ZERO,
             next_probe: MonoTime::ZERO,
+            other_rvs: BTreeMap::new(),
+            next_claim: MonoTime::ZERO,
         });
     }
 
@@ -522,7 +574,11 @@ impl Cluster {
         n.powered = true;
         n.boot_id = boot;
         n.clock = SimClock::new(now, rate);
-        n.agent = Some(AgentCore::new(n.name.clone(), zone(n.room), timing));
+        let mut agent = AgentCore::new(n.name.clone(), zone(n.room), timing);
+        agent.set_witness_configured(self.witness.is_some());
+        n.agent = Some(agent);
+        n.other_rvs.clear();
+        n.next_claim = MonoTime::ZERO;
         n.last_feed = None;
         n.workloads_running = false;
         n.reboot_at = None;
@@ -541,6 +597,7 @@ impl Cluster {
         self.log("fault", fault.to_string());
         match fault {
             Fault::PowerOff(n) => {
+                self.record.powered_off.push((self.now, n.clone()));
                 if let Some(i) = self.node_idx(n) {
                     self.power_off(i);
                     self.nodes[i].reboot_at = None;
@@ -575,6 +632,21 @@ impl Cluster {
                     self.nodes[i].agent = None;
                 }
             }
+            Fault::WitnessDown => {
+                if let Some(w) = self.witness.as_mut() {
+                    w.up = false;
+                }
+            }
+            Fault::WitnessUp => {
+                if let Some(w) = self.witness.as_mut()
+                    && !w.up
+                {
+                    // A restart: it knows only what it persisted.
+                    let now = w.clock.read(self.now);
+                    w.arbiter = Arbiter::new(WitnessConfig::default(), w.record.clone(), now);
+                    w.up = true;
+                }
+            }
         }
     }
 
@@ -588,6 +660,9 @@ impl Cluster {
         }
         self.check_single_leader();
         self.check_single_copy();
+        if self.witness.is_some() {
+            self.check_single_grant();
+        }
         self.now += TICK_MS;
     }
 
@@ -759,10 +834,38 @@ impl Cluster {
             } else {
                 None
             };
+            // While it reaches the API server, the agent reads the other room's heartbeats: one
+            // that changed since its last read shows the other room alive.
+            let mut other_alive = false;
+            if ok {
+                let mine = self.nodes[i].room;
+                let others: Vec<(String, u64)> = self
+                    .nodes
+                    .iter()
+                    .filter(|n| n.room != mine)
+                    .filter_map(|n| {
+                        self.api
+                            .get(&Key::AgentLease(n.name.clone()))
+                            .map(|s| (n.name.clone(), s.rv))
+                    })
+                    .collect();
+                for (n, rv) in others {
+                    if self.nodes[i]
+                        .other_rvs
+                        .insert(n, rv)
+                        .is_some_and(|old| old != rv)
+                    {
+                        other_alive = true;
+                    }
+                }
+            }
             if let Some(agent) = self.nodes[i].agent.as_mut() {
                 if ok {
                     agent.renewal_succeeded(local);
                     agent.observe_fence_marker(marker.is_some());
+                    if other_alive {
+                        agent.observe_other_room(local);
+                    }
                     // The agent reads the pairing while it can; it keeps the last one otherwise.
                     agent.set_partner(partner);
                 } else {
@@ -783,7 +886,34 @@ impl Cluster {
                     let report = pn.agent.as_ref().map(|a| a.report(pn.clock.read(self.now)));
                     if let (Some(report), Some(agent)) = (report, self.nodes[i].agent.as_mut()) {
                         agent.peer_answered(local, &report);
+                        if report.has_right {
+                            agent.observe_other_room(local);
+                        }
                     }
+                }
+            }
+        }
+        // Rooms out of contact: claim (or renew) the room's right at the witness, twice a
+        // second.
+        if local >= self.nodes[i].next_claim {
+            self.nodes[i].next_claim = local + Duration::from_millis(500);
+            let needs = self.nodes[i]
+                .agent
+                .as_ref()
+                .is_some_and(|a| a.needs_witness(local));
+            if needs {
+                let claim = Claim {
+                    room: zone(room),
+                    epoch: None,
+                    api_reachable: reach,
+                };
+                if let Some(ClaimOutcome::Granted {
+                    epoch,
+                    valid_for_ms,
+                }) = self.claim_at_witness(room, &claim, &format!("agent/{name}"))
+                    && let Some(agent) = self.nodes[i].agent.as_mut()
+                {
+                    agent.witness_granted(local, epoch, Duration::from_millis(valid_for_ms));
                 }
             }
         }
@@ -805,6 +935,74 @@ impl Cluster {
         }
         if step.feed {
             self.nodes[i].last_feed = Some(self.now);
+        }
+    }
+
+    /// One claim at the witness from `room`, if the link and the witness are up. Checks S4 on
+    /// every new grant and logs it.
+    fn claim_at_witness(&mut self, room: Site, claim: &Claim, actor: &str) -> Option<ClaimOutcome> {
+        if !self.link_up(room, Site::Witness) {
+            return None;
+        }
+        let now = self.now;
+        let w = self.witness.as_mut().filter(|w| w.up)?;
+        let local = w.clock.read(now);
+        let (outcome, record) = w.arbiter.claim(claim, local).ok()?;
+        let mut new_grant = None;
+        if let Some(rec) = record {
+            // Persisted before the answer.
+            w.record = rec;
+            if let ClaimOutcome::Granted { epoch, .. } = &outcome {
+                let stale = *epoch <= w.max_epoch;
+                w.max_epoch = w.max_epoch.max(*epoch);
+                new_grant = Some((*epoch, stale));
+            }
+        }
+        if let Some((epoch, stale)) = new_grant {
+            if stale {
+                self.violate(
+                    "S4-monotonic-epochs",
+                    format!("witness granted epoch {epoch} again"),
+                );
+            }
+            self.log(
+                "witness",
+                format!(
+                    "granted {} the right to run (epoch {epoch}, asked by {actor})",
+                    claim.room
+                ),
+            );
+        }
+        Some(outcome)
+    }
+
+    /// At no instant do two rooms both believe the witness granted them the right to run.
+    fn check_single_grant(&mut self) {
+        let mut rooms: BTreeSet<String> = BTreeSet::new();
+        for n in &self.nodes {
+            if n.powered
+                && let Some(a) = &n.agent
+                && let Some(RunBasis::Witness { .. }) = a.right_to_run(n.clock.read(self.now))
+            {
+                rooms.insert(zone(n.room));
+            }
+        }
+        for r in &self.replicas {
+            if r.up {
+                let local = r.clock.read(self.now);
+                for (room, until) in &r.grants {
+                    if local < *until {
+                        rooms.insert(room.clone());
+                    }
+                }
+            }
+        }
+        if rooms.len() > 1 {
+            let list: Vec<String> = rooms.into_iter().collect();
+            self.violate(
+                "single-witness-grant",
+                format!("{} hold the witness's grant at once", list.join(" and ")),
+            );
         }
     }
 
@@ -1248,8 +1446,7 @@ impl Cluster {
     fn remediate(&mut self, i: usize, local: MonoTime, pairing: &Pairing, settled: bool) {
         let timing = self.cfg.timing;
         let name = self.replicas[i].name.clone();
-        let r = &self.replicas[i];
-        let room_of = |n: &str| {
+        let zone_of = |r: &Replica, n: &str| {
             r.nodes
                 .get(n)
                 .and_then(|v| v.facts.as_ref())
@@ -1257,10 +1454,10 @@ impl Cluster {
         };
         let mut dead = (0, 0);
         let mut workers = 0;
-        for (n, v) in &r.verdicts {
+        for (n, v) in &self.replicas[i].verdicts {
             workers += 1;
             if v.is_dead() {
-                match room_of(n).as_deref() {
+                match zone_of(&self.replicas[i], n).as_deref() {
                     Some("room-a") => dead.0 += 1,
                     Some("room-b") => dead.1 += 1,
                     _ => {}
@@ -1268,6 +1465,47 @@ impl Cluster {
             }
         }
         let paused = pause_reason(settled, dead, workers, MAX_DEAD_SHARE_PCT).is_some();
+        // With a witness, fencing a node of room R needs the grant for the other room: claim it
+        // (at most once a second) while a node of R is dead.
+        let mut witness_ok: BTreeMap<String, bool> = BTreeMap::new();
+        if self.witness.is_some() {
+            let wanted: Vec<(String, String)> =
+                [(dead.0, "room-a", "room-b"), (dead.1, "room-b", "room-a")]
+                    .iter()
+                    .filter(|(d, _, _)| *d > 0)
+                    .map(|(_, r, o)| ((*r).to_string(), (*o).to_string()))
+                    .collect();
+            if !wanted.is_empty() && local >= self.replicas[i].next_claim {
+                self.replicas[i].next_claim = local + Duration::from_secs(1);
+                let my_room = self.replicas[i].room;
+                for (_, other) in &wanted {
+                    let claim = Claim {
+                        room: other.clone(),
+                        epoch: None,
+                        api_reachable: true,
+                    };
+                    if let Some(ClaimOutcome::Granted { valid_for_ms, .. }) =
+                        self.claim_at_witness(my_room, &claim, &name)
+                    {
+                        let until = local
+                            + node_health::time::shrink(
+                                Duration::from_millis(valid_for_ms),
+                                timing.drift_ppm,
+                            );
+                        self.replicas[i].grants.insert(other.clone(), until);
+                    }
+                }
+            }
+            for (room, other) in [("room-a", "room-b"), ("room-b", "room-a")] {
+                let ok = self.replicas[i]
+                    .grants
+                    .get(other)
+                    .is_some_and(|until| local < *until);
+                witness_ok.insert(room.to_string(), ok);
+            }
+        }
+        let r = &self.replicas[i];
+        let room_of = |n: &str| zone_of(r, n);
         let mut inputs = Vec::new();
         for (n, verdict) in &r.verdicts {
             let Some(view) = r.nodes.get(n) else {
@@ -1313,6 +1551,9 @@ impl Cluster {
                     heartbeat: view.obs.agent.as_ref().map(|h| h.fingerprint.clone()),
                     fence_marker: view.fence_marker,
                     paused,
+                    witness_ok: room_of(n)
+                        .and_then(|z| witness_ok.get(&z).copied())
+                        .unwrap_or(self.witness.is_none()),
                 },
             ));
         }
@@ -1690,6 +1931,43 @@ impl Cluster {
                         self.record.right_lost.len()
                     )
                 }),
+                Expectation::RoomStops {
+                    room,
+                    after_ms,
+                    within_ms,
+                } => {
+                    let names: Vec<String> = self
+                        .nodes
+                        .iter()
+                        .filter(|n| n.room == *room)
+                        .map(|n| n.name.clone())
+                        .collect();
+                    let late: Vec<String> = names
+                        .into_iter()
+                        .filter(|n| {
+                            !self.record.right_lost.iter().any(|(t, m)| {
+                                m == n && *t >= *after_ms && *t - after_ms <= *within_ms
+                            }) && !self.record.powered_off_before(n, after_ms + within_ms)
+                        })
+                        .collect();
+                    (!late.is_empty()).then(|| {
+                        format!(
+                            "{} did not stop within {within_ms} ms of {after_ms} ms",
+                            late.join(", ")
+                        )
+                    })
+                }
+                Expectation::RoomRuns(room) => {
+                    let stopped: Vec<String> = self
+                        .record
+                        .right_lost
+                        .iter()
+                        .filter(|(_, n)| self.nodes.iter().any(|x| &x.name == n && x.room == *room))
+                        .map(|(t, n)| format!("{n} at {t} ms"))
+                        .collect();
+                    (!stopped.is_empty())
+                        .then(|| format!("{} stopped: {}", room.name(), stopped.join(", ")))
+                }
                 Expectation::PairsAtEnd(n) => {
                     let got = self.final_pairs().len();
                     (got != *n).then(|| format!("{got} pairs at the end, expected {n}"))

@@ -128,6 +128,7 @@ pub fn run_schedules(seed: u64, n: u64) -> Report {
         figures: BTreeMap::new(),
     };
     let (mut steps, mut faults, mut dead_verdicts, mut failing, mut done) = (0, 0, 0, 0, 0);
+    let (mut taints, mut grants, mut stops) = (0, 0, 0);
     for (s, one, nfaults) in parts.into_iter().flatten() {
         done += 1;
         faults += nfaults as u64;
@@ -136,6 +137,17 @@ pub fn run_schedules(seed: u64, n: u64) -> Report {
             .timeline
             .iter()
             .filter(|e| e.event.ends_with("-> Dead"))
+            .count() as u64;
+        taints += one
+            .timeline
+            .iter()
+            .filter(|e| e.event.starts_with("out-of-service taint applied"))
+            .count() as u64;
+        grants += one.timeline.iter().filter(|e| e.actor == "witness").count() as u64;
+        stops += one
+            .timeline
+            .iter()
+            .filter(|e| e.event.starts_with("lost the right to run"))
             .count() as u64;
         if !one.violations.is_empty() {
             failing += 1;
@@ -159,5 +171,8 @@ pub fn run_schedules(seed: u64, n: u64) -> Report {
     report.figures.insert("faults".into(), faults);
     report.figures.insert("dead_verdicts".into(), dead_verdicts);
     report.figures.insert("failing_schedules".into(), failing);
+    report.figures.insert("taints".into(), taints);
+    report.figures.insert("witness_grants".into(), grants);
+    report.figures.insert("agents_stopped".into(), stops);
     report
 }

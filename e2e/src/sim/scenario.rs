@@ -40,6 +40,8 @@ pub enum Fault {
     DeleteNode(String),
     /// The node's agent process dies; the node keeps running until its watchdog fires.
     AgentCrash(String),
+    WitnessDown,
+    WitnessUp,
 }
 
 impl std::fmt::Display for Fault {
@@ -52,6 +54,8 @@ impl std::fmt::Display for Fault {
             Fault::AddNode { name, room } => write!(f, "add node {name} in {}", room.name()),
             Fault::DeleteNode(n) => write!(f, "delete Node object {n}"),
             Fault::AgentCrash(n) => write!(f, "agent on {n} crashes"),
+            Fault::WitnessDown => f.write_str("witness goes down"),
+            Fault::WitnessUp => f.write_str("witness comes back"),
         }
     }
 }
@@ -101,6 +105,14 @@ pub enum Expectation {
     NoTaint,
     /// No watchdog ever fires and no agent ever loses its right to run.
     NoReboot,
+    /// Every powered node of the room stops its HA workloads within `within_ms` of `after_ms`.
+    RoomStops {
+        room: Site,
+        after_ms: u64,
+        within_ms: u64,
+    },
+    /// No node of the room ever loses its right to run.
+    RoomRuns(Site),
     /// The final status holds this many pairs.
     PairsAtEnd(usize),
 }
@@ -117,6 +129,8 @@ pub struct Scenario {
     pub target: Option<String>,
     /// Every clock at an edge of the drift bound (+1% or -1%) instead of within it.
     pub extreme_drift: bool,
+    /// A witness runs in the third site and agents and controllers use it.
+    pub witness: bool,
 }
 
 fn at(s: u64, fault: Fault) -> ScheduledFault {
@@ -158,6 +172,30 @@ pub const NAMES: &[(&str, &str)] = &[
         "node-loss with every clock at the edge of the 1% drift bound",
     ),
     (
+        "partition-witness",
+        "the rooms lose each other and room B the API server; both reach the witness: A runs on, B stops first",
+    ),
+    (
+        "partition-no-witness",
+        "the same partition without a witness: the room with the API server runs on, B stops",
+    ),
+    (
+        "witness-down",
+        "the witness is down for two minutes while the rooms are healthy: nothing stops",
+    ),
+    (
+        "witness-down-then-room-loss",
+        "the witness goes down, then room A loses power: a double failure, B stops rather than guess",
+    ),
+    (
+        "asymmetric",
+        "rooms cut apart; A keeps the API server but loses the witness, B the reverse: exactly one room runs",
+    ),
+    (
+        "room-loss-witness",
+        "room A loses power with a witness configured: B gets the grant, A's workloads move within 30 s",
+    ),
+    (
         "smallest",
         "1 worker per room; b-1 (with its controller replica) loses power at 40 s",
     ),
@@ -195,6 +233,7 @@ pub fn named(name: &str, seed: u64) -> Option<Scenario> {
         expectations: Vec::new(),
         target: None,
         extreme_drift: false,
+        witness: false,
     };
     match name {
         "node-loss" => {
@@ -382,6 +421,84 @@ pub fn named(name: &str, seed: u64) -> Option<Scenario> {
             // a-2 loses its partner b-2 and stays unpaired: 2 pairs (a-1/b-1, a-9/b-9).
             s.expectations = vec![Expectation::PairsAtEnd(2)];
         }
+        "partition-witness" | "partition-no-witness" => {
+            s.witness = name == "partition-witness";
+            s.faults = vec![
+                at(60, Fault::Cut(Site::RoomA, Site::RoomB)),
+                at(60, Fault::Cut(Site::RoomB, Site::Api)),
+                at(150, Fault::Heal(Site::RoomA, Site::RoomB)),
+                at(150, Fault::Heal(Site::RoomB, Site::Api)),
+            ];
+            s.target = Some("b-2".into());
+            s.expectations = vec![
+                Expectation::RoomStops {
+                    room: Site::RoomB,
+                    after_ms: 60_000,
+                    within_ms: 15_000,
+                },
+                Expectation::RoomRuns(Site::RoomA),
+                Expectation::TaintWithin {
+                    node: "b-2".into(),
+                    after_ms: 60_000,
+                    within_ms: 30_000,
+                },
+            ];
+        }
+        "witness-down" => {
+            s.witness = true;
+            s.faults = vec![at(60, Fault::WitnessDown), at(180, Fault::WitnessUp)];
+            s.expectations = vec![
+                Expectation::NoReboot,
+                Expectation::NoTaint,
+                Expectation::PairsAtEnd(3),
+            ];
+        }
+        "witness-down-then-room-loss" => {
+            s.witness = true;
+            s.faults = vec![at(60, Fault::WitnessDown)];
+            s.faults
+                .extend((1..=3).map(|i| at(90, Fault::PowerOff(node_name(Site::RoomA, i)))));
+            s.expectations = vec![
+                Expectation::RoomStops {
+                    room: Site::RoomB,
+                    after_ms: 90_000,
+                    within_ms: 15_000,
+                },
+                Expectation::NoTaint,
+            ];
+        }
+        "asymmetric" => {
+            s.witness = true;
+            s.faults = vec![
+                at(60, Fault::Cut(Site::RoomA, Site::RoomB)),
+                at(60, Fault::Cut(Site::RoomA, Site::Witness)),
+                at(60, Fault::Cut(Site::RoomB, Site::Api)),
+            ];
+            s.expectations = vec![
+                Expectation::RoomStops {
+                    room: Site::RoomA,
+                    after_ms: 60_000,
+                    within_ms: 15_000,
+                },
+                Expectation::RoomRuns(Site::RoomB),
+                Expectation::NoTaint,
+            ];
+        }
+        "room-loss-witness" => {
+            s.witness = true;
+            s.faults = (1..=3)
+                .map(|i| at(60, Fault::PowerOff(node_name(Site::RoomA, i))))
+                .collect();
+            s.target = Some("a-2".into());
+            s.expectations = vec![
+                Expectation::RoomRuns(Site::RoomB),
+                Expectation::TaintWithin {
+                    node: "a-2".into(),
+                    after_ms: 60_000,
+                    within_ms: 30_000,
+                },
+            ];
+        }
         "random" => return Some(random(seed)),
         _ => return None,
     }
@@ -395,6 +512,7 @@ pub fn random(seed: u64) -> Scenario {
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x7477_6f73_6974_6521);
     let na = rng.random_range(1..=3usize);
     let nb = rng.random_range(1..=3usize);
+    let witness = rng.random_bool(0.5);
     let mut faults = Vec::new();
     let mut added = 0;
     for _ in 0..rng.random_range(1..=5) {
@@ -407,7 +525,27 @@ pub fn random(seed: u64) -> Scenario {
         let n = if room == Site::RoomA { na } else { nb };
         let node = node_name(room, rng.random_range(1..=n));
         let back = t + rng.random_range(5_000..120_000u64);
-        match rng.random_range(0..12) {
+        match rng.random_range(0..14) {
+            12 => {
+                faults.push(ScheduledFault {
+                    at_ms: t,
+                    fault: Fault::WitnessDown,
+                });
+                faults.push(ScheduledFault {
+                    at_ms: back,
+                    fault: Fault::WitnessUp,
+                });
+            }
+            13 => {
+                faults.push(ScheduledFault {
+                    at_ms: t,
+                    fault: Fault::Cut(room, Site::Witness),
+                });
+                faults.push(ScheduledFault {
+                    at_ms: back,
+                    fault: Fault::Heal(room, Site::Witness),
+                });
+            }
             10 => faults.push(ScheduledFault {
                 at_ms: t,
                 fault: Fault::AgentCrash(node),
@@ -490,13 +628,17 @@ pub fn random(seed: u64) -> Scenario {
     faults.sort_by_key(|f| f.at_ms);
     Scenario {
         name: "random".into(),
-        description: format!("random fault schedule from seed {seed}"),
+        description: format!(
+            "random fault schedule from seed {seed}{}",
+            if witness { ", with a witness" } else { "" }
+        ),
         nodes_per_room: (na, nb),
         duration_ms: 300_000,
         faults,
         expectations: Vec::new(),
         target: None,
         extreme_drift: false,
+        witness,
     }
 }
 
