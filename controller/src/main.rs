@@ -1,4 +1,4 @@
-//! The `twosite` command: run the controller, or simulate a two-room cluster.
+//! The `twosite` command: run the controller, simulate a two-room cluster, or run a witness.
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -22,6 +22,8 @@ enum Command {
     Crd,
     /// Run the simulated two-room cluster and check the safety invariants.
     Simulate(controller::simulate::SimulateArgs),
+    /// Run a witness: the third vote that lets one room go on when the rooms lose each other.
+    Witness(witness::WitnessArgs),
 }
 
 fn main() -> ExitCode {
@@ -30,5 +32,6 @@ fn main() -> ExitCode {
         Command::Simulate(args) => controller::simulate::main(args),
         Command::Crd => controller::run::print_crd(),
         Command::Controller(args) => controller::run::main(args),
+        Command::Witness(args) => witness::main(args),
     }
 }

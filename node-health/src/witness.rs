@@ -51,6 +51,10 @@ pub struct WitnessRecord {
     pub epoch: u64,
     /// The room holding the current (or last) grant, and its epoch.
     pub holder: Option<(String, u64)>,
+    /// How long that grant was issued for: a witness restarted with a shorter duration must
+    /// still wait out the longer one it promised.
+    #[serde(default)]
+    pub grant_duration_ms: u64,
 }
 
 /// A room's request for the right to run.
@@ -128,10 +132,13 @@ impl Arbiter {
     /// Starts (or restarts) from the persisted record. A grant that may still be running is
     /// assumed to last a full duration from `now`.
     pub fn new(cfg: WitnessConfig, record: WitnessRecord, now: MonoTime) -> Self {
+        let promised = cfg
+            .grant_duration
+            .max(Duration::from_millis(record.grant_duration_ms));
         let live = record.holder.as_ref().map(|(room, epoch)| Live {
             room: room.clone(),
             epoch: *epoch,
-            expires_at: now + cfg.grant_duration,
+            expires_at: now + promised,
         });
         Arbiter {
             cfg,
@@ -257,6 +264,7 @@ impl Arbiter {
         self.record = WitnessRecord {
             epoch,
             holder: Some((c.room.clone(), epoch)),
+            grant_duration_ms: ms(duration),
         };
         self.live = Some(Live {
             room: c.room.clone(),
@@ -360,6 +368,26 @@ mod tests {
         );
         assert_eq!(
             granted(&w2.claim(&claim("west", None), MonoTime(18_000))),
+            Some(2)
+        );
+    }
+
+    #[test]
+    fn a_restart_with_a_shorter_duration_still_waits_out_the_promised_one() {
+        let mut w = arbiter(None);
+        let (_, rec) = w.claim(&claim("east", None), MonoTime(0)).expect("ok");
+        let short = WitnessConfig {
+            grant_duration: Duration::from_secs(2),
+            ..WitnessConfig::default()
+        };
+        let mut w2 = Arbiter::new(short, rec.expect("persisted"), MonoTime(0));
+        // Promised 10 s plus the 7.07 s margin, not 2 s.
+        assert_eq!(
+            granted(&w2.claim(&claim("west", None), MonoTime(16_000))),
+            None
+        );
+        assert_eq!(
+            granted(&w2.claim(&claim("west", None), MonoTime(17_100))),
             Some(2)
         );
     }

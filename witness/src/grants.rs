@@ -167,6 +167,7 @@ mod tests {
             WitnessRecord {
                 epoch: 7,
                 holder: None,
+                ..WitnessRecord::default()
             },
         );
         StateFile::open(&path)

@@ -172,6 +172,7 @@ mod tests {
         WitnessRecord {
             epoch,
             holder: holder.map(|(r, e)| (r.to_string(), e)),
+            ..WitnessRecord::default()
         }
     }
 
