@@ -233,6 +233,8 @@ pub struct Cluster {
     rng: ChaCha8Rng,
     cfg: SimConfig,
     cut: BTreeSet<(Site, Site)>,
+    /// When each link was last healed.
+    healed_at: BTreeMap<(Site, Site), u64>,
     api: ApiServer,
     nodes: Vec<SimNode>,
     replicas: Vec<Replica>,
@@ -273,6 +275,7 @@ impl Cluster {
             rng: ChaCha8Rng::seed_from_u64(0),
             cfg,
             cut: BTreeSet::new(),
+            healed_at: BTreeMap::new(),
             api: ApiServer::default(),
             nodes: Vec::new(),
             replicas: Vec::new(),
@@ -614,7 +617,9 @@ impl Cluster {
                 self.cut.insert(ordered(*a, *b));
             }
             Fault::Heal(a, b) => {
-                self.cut.remove(&ordered(*a, *b));
+                if self.cut.remove(&ordered(*a, *b)) {
+                    self.healed_at.insert(ordered(*a, *b), self.now);
+                }
             }
             Fault::AddNode { name, room } => {
                 if self.node_idx(name).is_none() {
@@ -1729,7 +1734,14 @@ impl Cluster {
             return;
         };
         let pn = &self.nodes[p];
-        if !pn.powered || !self.link_up(room, pn.room) {
+        let timing = self.cfg.timing;
+        // The partner must have been reachable for a whole probe interval (and a tick).
+        let reachable_long = self.link_up(room, pn.room)
+            && self
+                .healed_at
+                .get(&ordered(room, pn.room))
+                .is_none_or(|t| self.now >= t + ms(timing.probe_interval) + TICK_MS);
+        if !pn.powered || !reachable_long {
             return;
         }
         let Some(agent) = pn.agent.as_ref() else {
@@ -1739,7 +1751,6 @@ impl Cluster {
         let report = agent.report(local);
         // The partner must have been willing to vouch for a whole probe interval (and a tick):
         // a partner that became willing since the last probe could not have been asked yet.
-        let timing = self.cfg.timing;
         let willing_long = agent.last_renewal().is_none_or(|r| {
             local.since(r)
                 > timing.vouch_after_silence
