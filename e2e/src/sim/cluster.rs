@@ -1569,10 +1569,10 @@ impl Cluster {
                 .or_default()
                 .step(&input, local, &timing);
             for a in actions {
-                if let Some(committed) = self.execute(&name, &n, a) {
-                    if let Some(r) = self.replicas[i].remediation.get_mut(&n) {
-                        r.commit_result(committed);
-                    }
+                if let Some(committed) = self.execute(&name, &n, a)
+                    && let Some(r) = self.replicas[i].remediation.get_mut(&n)
+                {
+                    r.commit_result(committed);
                 }
             }
         }
