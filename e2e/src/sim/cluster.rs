@@ -218,6 +218,8 @@ pub struct Record {
     pub right_lost: Vec<(u64, String)>,
     /// Power-off faults: (real time, node).
     pub powered_off: Vec<(u64, String)>,
+    /// New witness grants: (real time, room, epoch).
+    pub witness_grants: Vec<(u64, String, u64)>,
 }
 
 impl Record {
@@ -964,6 +966,9 @@ impl Cluster {
             }
         }
         if let Some((epoch, stale)) = new_grant {
+            self.record
+                .witness_grants
+                .push((self.now, claim.room.clone(), epoch));
             if stale {
                 self.violate(
                     "S4-monotonic-epochs",
@@ -1988,6 +1993,22 @@ impl Cluster {
                 self.violate("expectation", detail);
             }
         }
+    }
+
+    /// The real time by which every node of `room` had lost its right to run after `after`, if
+    /// all of them did.
+    pub fn room_stopped_at(&self, room: Site, after: u64) -> Option<u64> {
+        let mut last = None;
+        for n in self.nodes.iter().filter(|n| n.room == room) {
+            let t = self
+                .record
+                .right_lost
+                .iter()
+                .find(|(t, m)| *m == n.name && *t >= after)
+                .map(|(t, _)| *t)?;
+            last = Some(last.map_or(t, |l: u64| l.max(t)));
+        }
+        last
     }
 
     /// The pairs in the status as the API server holds it.

@@ -88,6 +88,41 @@ pub fn run_with(scenario: &Scenario, seed: u64, cfg: SimConfig) -> Report {
             figure("time_to_untaint_ms", &r.untaint_at, target, back);
         }
     }
+    // Partitions: when the rooms were cut apart, how fast the witness granted one, how fast the
+    // losing room stopped, and how fast the target's app ran again.
+    if let Some(cut) = scenario.faults.iter().find_map(|f| match f.fault {
+        Fault::Cut(Site::RoomA, Site::RoomB) | Fault::Cut(Site::RoomB, Site::RoomA) => {
+            Some(f.at_ms)
+        }
+        _ => None,
+    }) {
+        if let Some((t, _, _)) = cluster
+            .record
+            .witness_grants
+            .iter()
+            .find(|(t, _, _)| *t >= cut)
+        {
+            report.figures.insert("time_to_grant_ms".into(), t - cut);
+        }
+        let loser = scenario.expectations.iter().find_map(|e| match e {
+            scenario::Expectation::RoomStops { room, .. } => Some(*room),
+            _ => None,
+        });
+        if let Some(stopped) = loser.and_then(|room| cluster.room_stopped_at(room, cut)) {
+            report
+                .figures
+                .insert("time_to_loser_stopped_ms".into(), stopped - cut);
+        }
+        if let Some(target) = &scenario.target
+            && let Some(t) = first_after(
+                &cluster.record.app_started_at,
+                &format!("app-{target}"),
+                cut + 1,
+            )
+        {
+            report.figures.insert("time_to_failover_ms".into(), t - cut);
+        }
+    }
     report.timeline = cluster.timeline;
     report.violations = cluster.violations;
     report
