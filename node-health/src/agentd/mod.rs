@@ -14,6 +14,7 @@ pub mod partner;
 pub mod peer;
 pub mod stopper;
 pub mod watchdog;
+pub mod witness_client;
 
 pub use error::{Error, Result};
 
