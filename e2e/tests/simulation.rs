@@ -146,3 +146,28 @@ fn api_outage_stops_nothing_and_agent_crash_reboots_before_the_taint() {
     };
     assert!(t("watchdog fired") < t("out-of-service taint applied"));
 }
+
+#[test]
+fn partition_with_witness_one_room_runs_on_and_the_loser_stops_first() {
+    for seed in [1, 2, 3, 4] {
+        let r = run("partition-witness", seed);
+        assert!(r.ok(), "seed {seed}:\n{}", r.render_text());
+        let stopped = r.figures["time_to_loser_stopped_ms"];
+        let failover = r.figures["time_to_failover_ms"];
+        assert!(r.figures.contains_key("time_to_grant_ms"));
+        assert!(
+            stopped < failover,
+            "seed {seed}: the loser stopped at {stopped} ms, its workload ran elsewhere at {failover} ms"
+        );
+        let grants: Vec<&str> = r
+            .timeline
+            .iter()
+            .filter(|e| e.actor == "witness")
+            .map(|e| e.event.as_str())
+            .collect();
+        assert!(
+            grants.iter().all(|g| g.contains("room-a")),
+            "seed {seed}: only the room with the API server is granted: {grants:?}"
+        );
+    }
+}

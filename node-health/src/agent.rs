@@ -90,6 +90,8 @@ pub struct AgentCore {
     witness: bool,
     /// Last evidence (agent's clock) that the other room is alive and in contact.
     other_room_seen: Option<MonoTime>,
+    /// Real evidence has been seen since boot (not only the benefit of the doubt at arming).
+    other_room_heard: bool,
     /// The witness grant for this room: its epoch and until when it lasts (agent's clock).
     grant: Option<(u64, MonoTime)>,
 }
@@ -110,6 +112,7 @@ impl AgentCore {
             fence_marker: false,
             witness: false,
             other_room_seen: None,
+            other_room_heard: false,
             grant: None,
         }
     }
@@ -123,6 +126,7 @@ impl AgentCore {
     /// of the other room that has the right to run, or a heartbeat of the other room that this
     /// agent saw change.
     pub fn observe_other_room(&mut self, at: MonoTime) {
+        self.other_room_heard = true;
         if self.other_room_seen.is_none_or(|t| t < at) {
             self.other_room_seen = Some(at);
         }
@@ -140,9 +144,19 @@ impl AgentCore {
     /// to renew a grant, while it needs it).
     pub fn needs_witness(&self, now: MonoTime) -> bool {
         // Claim well before the contact timeout, so a grant is in hand when it is needed.
-        let claim_after = self.timing.probe_interval;
+        // A node that has not yet heard from the other room since boot (its partner and the other
+        // room's heartbeats not known yet) does not claim: a spurious grant would block the room
+        // that may need it. It still stops once the contact timeout passes without a grant.
+        // With a partner, its probe answers arrive every probe interval; without one, only the
+        // other room's heartbeats read through the API server tell, every renew interval or two.
+        let claim_after = if self.partner.is_some() {
+            self.timing.probe_interval + self.timing.probe_interval / 2
+        } else {
+            self.timing.agent_renew * 2 + self.timing.probe_interval / 2
+        };
         self.witness
             && self.armed
+            && self.other_room_heard
             && self.lost.is_none()
             && self
                 .other_room_seen
@@ -292,7 +306,7 @@ impl AgentCore {
                     self.armed = true;
                     step.armed = true;
                     // Give the other room the benefit of the doubt for one contact timeout.
-                    self.observe_other_room(now);
+                    self.other_room_seen = Some(now);
                 }
                 if self
                     .last_feed
@@ -462,10 +476,11 @@ mod tests {
         // The other room is seen alive: the lease alone is enough.
         a.observe_other_room(MonoTime(1_000));
         a.renewal_succeeded(MonoTime(2_000));
-        assert!(!a.needs_witness(MonoTime(2_000)));
-        assert_eq!(a.right_to_run(MonoTime(2_000)), Some(RunBasis::Lease));
-        // Silent for 1 s: claim early, still running on the lease.
-        assert!(a.needs_witness(MonoTime(2_001)));
+        assert!(!a.needs_witness(MonoTime(2_500)));
+        assert_eq!(a.right_to_run(MonoTime(2_500)), Some(RunBasis::Lease));
+        // Silent for 1.5 s (it has a partner, probed every second): claim early, still running
+        // on the lease.
+        assert!(a.needs_witness(MonoTime(2_501)));
         a.renewal_succeeded(MonoTime(6_000));
         assert_eq!(a.right_to_run(MonoTime(9_000)), Some(RunBasis::Lease));
         // Out of contact for more than an agent lease: even with a fresh lease, a grant is
@@ -486,9 +501,23 @@ mod tests {
     }
 
     #[test]
+    fn with_a_witness_a_node_that_never_heard_the_other_room_does_not_claim() {
+        let mut a = witness_agent();
+        assert!(
+            !a.needs_witness(MonoTime(7_000)),
+            "no spurious claim at boot"
+        );
+        assert_eq!(
+            a.tick(MonoTime(8_001)).lost,
+            Some(LossReason::NoWitnessGrant)
+        );
+    }
+
+    #[test]
     fn with_a_witness_a_held_claim_stops_the_room_even_with_the_api_server() {
         let mut a = witness_agent();
-        // Armed at 0 with the benefit of the doubt; the other room is never heard from.
+        // Heard from once at boot, then never again.
+        a.observe_other_room(MonoTime(0));
         for t in (1_000..=8_000).step_by(1_000) {
             a.renewal_succeeded(MonoTime(t));
             assert!(

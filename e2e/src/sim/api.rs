@@ -54,6 +54,9 @@ pub struct LeaseObj {
     pub boot_id: u64,
     /// Agent leases: the controller's fence marker (`twosite.dev/fenced-boot-id`).
     pub fence_marker: Option<String>,
+    /// What the holder changes on every renewal (the real Lease's `renewTime`): a write by
+    /// someone else, the fence marker above all, leaves it alone.
+    pub renew_seq: u64,
 }
 
 /// A pod of one HA application, bound to a node.
@@ -109,7 +112,7 @@ pub struct ApiServer {
     /// Real time of the last accepted write of each key (for the invariant checks only: the
     /// actors never read it).
     last_write: BTreeMap<Key, u64>,
-    /// Every accepted write of a Lease: (resourceVersion, real time). For the checks only.
+    /// Every renewal of a Lease: (renew_seq, real time). For the checks only.
     lease_history: BTreeMap<Key, Vec<(u64, u64)>>,
 }
 
@@ -122,10 +125,10 @@ impl ApiServer {
         self.last_write.get(key).copied()
     }
 
-    /// The real time of the write that produced `rv` of `key`, and of the next write after it.
-    pub fn write_and_next(&self, key: &Key, rv: u64) -> Option<(u64, Option<u64>)> {
+    /// The real time of the renewal `seq` of `key`, and of the next renewal after it.
+    pub fn write_and_next(&self, key: &Key, seq: u64) -> Option<(u64, Option<u64>)> {
         let h = self.lease_history.get(key)?;
-        let i = h.iter().position(|(r, _)| *r == rv)?;
+        let i = h.iter().position(|(r, _)| *r == seq)?;
         Some((h[i].1, h.get(i + 1).map(|(_, t)| *t)))
     }
 
@@ -152,11 +155,11 @@ impl ApiServer {
         }
         self.rv += 1;
         let stored = Stored { rv: self.rv, obj };
-        if matches!(stored.obj, Obj::Lease(_)) {
-            self.lease_history
-                .entry(key.clone())
-                .or_default()
-                .push((stored.rv, now));
+        if let Obj::Lease(l) = &stored.obj {
+            let h = self.lease_history.entry(key.clone()).or_default();
+            if h.last().is_none_or(|(seq, _)| *seq != l.renew_seq) {
+                h.push((l.renew_seq, now));
+            }
         }
         self.objects.insert(key.clone(), stored.clone());
         self.last_write.insert(key, now);
@@ -180,6 +183,7 @@ mod tests {
             failures_before: 0,
             boot_id: 0,
             fence_marker: None,
+            renew_seq: 0,
         })
     }
 

@@ -113,6 +113,8 @@ struct NodeView {
     obs: NodeObservation,
     /// The fence marker is on the node's heartbeat Lease.
     fence_marker: bool,
+    /// The heartbeat Lease's resourceVersion as last seen: the fence commit's precondition.
+    agent_rv: u64,
 }
 
 /// One controller replica: the state a real controller process keeps in memory.
@@ -251,6 +253,7 @@ pub struct Cluster {
     apps: Vec<String>,
     next_pod: u64,
     witness: Option<SimWitness>,
+    seq: u64,
     pub timeline: Vec<TimelineEntry>,
     pub violations: Vec<Violation>,
     pub record: Record,
@@ -289,6 +292,7 @@ impl Cluster {
             apps: Vec::new(),
             next_pod: 0,
             witness: None,
+            seq: 0,
             timeline: Vec::new(),
             violations: Vec::new(),
             record: Record::default(),
@@ -372,6 +376,12 @@ impl Cluster {
         } else {
             self.rng.random_range(-d..=d)
         }
+    }
+
+    /// A fresh renewal mark (a Lease's renewTime).
+    fn next_seq(&mut self) -> u64 {
+        self.seq += 1;
+        self.seq
     }
 
     fn boot_id(&mut self) -> u64 {
@@ -760,6 +770,7 @@ impl Cluster {
                 format!("Ready=True, boot ID {boot}"),
             );
         }
+        let seq = self.next_seq();
         let _ = self.write(
             Key::KubeletLease(name.clone()),
             Precondition::None,
@@ -770,6 +781,7 @@ impl Cluster {
                 failures_before: 0,
                 boot_id: boot,
                 fence_marker: None,
+                renew_seq: seq,
             }),
         );
         // kubelet stops terminating pods on its node and removes them.
@@ -821,6 +833,7 @@ impl Cluster {
                 }) => (Precondition::ResourceVersion(*rv), l.fence_marker.clone()),
                 _ => (Precondition::Create, None),
             };
+            let seq = self.next_seq();
             let ok = reach
                 && self
                     .write(
@@ -833,6 +846,7 @@ impl Cluster {
                             failures_before: failures,
                             boot_id: boot,
                             fence_marker: marker.clone(),
+                            renew_seq: seq,
                         }),
                     )
                     .is_ok();
@@ -1329,6 +1343,7 @@ impl Cluster {
             failures_before: 0,
             boot_id: 0,
             fence_marker: None,
+            renew_seq: self.next_seq(),
         });
         let outcome = match self.write(Key::LeaderLease, pre, obj) {
             Ok(stored) => Outcome::Ok(LeaseRecord {
@@ -1558,7 +1573,7 @@ impl Cluster {
                     terminating_pods: pods.iter().filter(|p| p.terminating).count(),
                     ready: node.ready == Readiness::True,
                     boot_id: Some(node.boot_id.to_string()),
-                    heartbeat: view.obs.agent.as_ref().map(|h| h.fingerprint.clone()),
+                    heartbeat: view.obs.agent.as_ref().map(|_| view.agent_rv.to_string()),
                     fence_marker: view.fence_marker,
                     paused,
                     witness_ok: room_of(n)
@@ -2060,18 +2075,30 @@ fn apply_watch_event(
             r.remediation.remove(&n);
         }
         (Key::KubeletLease(n), Some(s)) => {
+            let seq = match &s.obj {
+                Obj::Lease(l) => l.renew_seq,
+                _ => 0,
+            };
             Heartbeat::observe(
                 &mut r.nodes.entry(n).or_default().obs.kubelet,
-                &s.rv.to_string(),
+                &seq.to_string(),
                 local,
             );
         }
         (Key::AgentLease(n), Some(s)) => {
-            let clean = matches!(&s.obj, Obj::Lease(l) if l.failures_before == 0);
+            let Obj::Lease(l) = &s.obj else {
+                return;
+            };
+            // The renewal mark, not the resourceVersion: our own marker write is no heartbeat.
             let view = r.nodes.entry(n).or_default();
-            view.fence_marker = matches!(&s.obj, Obj::Lease(l) if l.fence_marker.is_some());
-            view.obs
-                .observe_agent(&s.rv.to_string(), clean, local, timing);
+            view.fence_marker = l.fence_marker.is_some();
+            view.agent_rv = s.rv;
+            view.obs.observe_agent(
+                &l.renew_seq.to_string(),
+                l.failures_before == 0,
+                local,
+                timing,
+            );
         }
         (Key::KubeletLease(n), None) => {
             if let Some(v) = r.nodes.get_mut(&n) {
