@@ -4,4 +4,5 @@
 //! same core functions (`node_health`) the controller calls, checks the safety invariants after
 //! every step and records a timeline. `twosite simulate` is its command-line face.
 
+pub mod apiserver;
 pub mod sim;
