@@ -17,6 +17,8 @@ pub const ROOMS_RESOLVED: &str = "RoomsResolved";
 pub const PAIRED: &str = "Paired";
 /// Condition type: whether node remediation (fencing, the out-of-service taint) is paused.
 pub const REMEDIATION_PAUSED: &str = "RemediationPaused";
+/// Condition type: whether the witness answers (only with a witness configured).
+pub const WITNESS_REACHABLE: &str = "WitnessReachable";
 
 /// How the rooms of a cluster spread over two server rooms are chosen.
 // Clippy reads the repeated `type_ = ...` of the printer columns as duplicated attributes.
@@ -87,9 +89,40 @@ pub struct TwoSiteStatus {
     /// Every node's health verdict and remediation phase, as the leader judges them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nodes: Vec<NodeStatus>,
-    /// `RoomsResolved`, `Paired` and `RemediationPaused`.
+    /// The witness: whether one is configured, whether it answers, and the grant the
+    /// controller holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub witness: Option<WitnessStatus>,
+    /// `RoomsResolved`, `Paired`, `RemediationPaused` and, with a witness, `WitnessReachable`.
     #[serde(default)]
     pub conditions: Vec<Condition>,
+}
+
+/// The witness, as the leader sees it. Losing it stops nothing: without its grant the
+/// controller only stops fencing nodes.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WitnessStatus {
+    /// A witness is configured (`--witness-url`).
+    pub configured: bool,
+    /// The witness answered the last claim or health check.
+    pub reachable: bool,
+    /// When the witness last answered (RFC 3339; refreshed about once a minute).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("format" = "date-time"))]
+    pub last_contact: Option<String>,
+    /// The grant the controller holds (the room it may fence the other room's nodes for), or
+    /// null.
+    #[serde(default)]
+    pub grant: Option<WitnessGrantStatus>,
+}
+
+/// A witness grant: a room's right to run, and the witness's epoch.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WitnessGrantStatus {
+    pub room: String,
+    pub epoch: i64,
 }
 
 /// One node's health and remediation, as the leader sees them.
@@ -106,7 +139,8 @@ pub struct NodeStatus {
     /// The remediation phase: `Healthy`, `Suspect`, `FenceWaiting`, `Fenced`, `Tainted`,
     /// `Recovering`, `NoAgent` or `Excluded`.
     pub phase: String,
-    /// Why a dead node is not fenced yet (`Deadline`, `VoucherNotClear`, `Paused`).
+    /// Why a dead node is not fenced yet (`Deadline`, `VoucherNotClear`, `Paused`,
+    /// `NoWitnessGrant`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting_for: Option<String>,
     /// The health verdict: `Healthy`, `Suspect`, `Dead` or `DeadNoAgent`.
@@ -172,7 +206,7 @@ pub struct LeaderStatus {
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
-    /// `RoomsResolved` or `Paired`.
+    /// `RoomsResolved`, `Paired`, `RemediationPaused` or `WitnessReachable`.
     #[serde(rename = "type")]
     pub type_: String,
     /// `True`, `False` or `Unknown`.

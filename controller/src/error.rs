@@ -56,6 +56,10 @@ pub enum Error {
     #[error("could not start the async runtime")]
     Runtime(#[source] std::io::Error),
 
+    /// The witness client could not be set up (its CA file, its token file).
+    #[error("could not set up the witness client: {0}")]
+    WitnessClient(String),
+
     /// A main loop ended; the process must not keep running without it.
     #[error("the {0} loop ended")]
     LoopEnded(&'static str),
@@ -91,6 +95,7 @@ impl Error {
             Error::Json(_) => "json",
             Error::Timing(_) => "timing",
             Error::Runtime(_) => "runtime",
+            Error::WitnessClient(_) => "witness_client",
             Error::LoopEnded(_) => "loop_ended",
             Error::TaskDied { .. } => "task_died",
         }

@@ -9,6 +9,8 @@
 //! - [`pairing`]: the pairing reconciler, which writes the status.
 //! - [`leader_lease`]: who leads, over a `coordination.k8s.io` Lease.
 //! - [`admin`], [`metrics`]: `/livez`, `/readyz`, `/metrics`.
+//! - [`witness_link`], [`witness_port`]: the witness's grants and reachability, for the
+//!   remediation loop and the status.
 //! - [`run`]: `twosite controller` and `twosite crd`.
 
 pub mod admin;
@@ -25,5 +27,7 @@ pub mod run;
 pub mod simulate;
 pub mod status;
 pub mod taint;
+pub mod witness_link;
+pub mod witness_port;
 
 pub use error::{Error, Result};

@@ -20,6 +20,12 @@ pub struct NodePhaseLabels {
     pub phase: String,
 }
 
+/// The `outcome` label of `twosite_witness_claims_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: String,
+}
+
 /// Every remediation phase, for `twosite_node_phase`.
 pub const NODE_PHASES: [&str; 9] = [
     "Healthy",
@@ -46,6 +52,8 @@ pub struct Metrics {
     pub remediations: Counter,
     pub time_to_taint: Histogram,
     pub remediation_errors: Family<ErrorLabels, Counter>,
+    pub witness_reachable: Gauge,
+    pub witness_claims: Family<OutcomeLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -75,6 +83,8 @@ impl Metrics {
         // 1 s to 256 s.
         let time_to_taint = Histogram::new(exponential_buckets(1.0, 2.0, 9));
         let remediation_errors = Family::<ErrorLabels, Counter>::default();
+        let witness_reachable = Gauge::default();
+        let witness_claims = Family::<OutcomeLabels, Counter>::default();
         registry.register(
             "pairs",
             "Pairs in the last status this replica computed",
@@ -130,8 +140,20 @@ impl Metrics {
             "Failed remediation actions, by error",
             remediation_errors.clone(),
         );
+        registry.register(
+            "witness_reachable",
+            "1 while the witness answers (claims and /healthz), 0 otherwise or without a witness",
+            witness_reachable.clone(),
+        );
+        registry.register(
+            "witness_claims",
+            "Claims sent to the witness, by outcome (granted, held, refused, unreachable)",
+            witness_claims.clone(),
+        );
         Metrics {
             registry,
+            witness_reachable,
+            witness_claims,
             node_phase,
             remediations,
             time_to_taint,
@@ -166,6 +188,14 @@ impl Metrics {
         self.remediation_errors
             .get_or_create(&ErrorLabels {
                 error: label.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn witness_claimed(&self, outcome: &str) {
+        self.witness_claims
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.to_string(),
             })
             .inc();
     }

@@ -10,6 +10,10 @@
 //!    publish Events on the Node;
 //! 4. publish what users see: the nodes for the status, the metrics.
 //!
+//! With a witness ([`crate::witness_link`]), stage 1 is followed by the claims: for every room
+//! with a dead node, the opposite room is claimed at the witness, and a node may only be fenced
+//! while the controller holds a valid grant for the room opposite its own.
+//!
 //! Leadership is asked right before every write. A replica that does not lead forgets every
 //! node's remediation state, and picks tainted nodes up again from their annotation when it
 //! leads again.
@@ -24,6 +28,7 @@ use crate::metrics::Metrics;
 use crate::nodes::NodeRecord;
 use crate::status::{Pause, RemediationView};
 use crate::taint::{TaintChange, TaintOutcome, change_taint};
+use crate::witness_link::WitnessLink;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, ObjectReference, Pod};
 use kube::Api;
@@ -62,6 +67,9 @@ pub struct RemediationContext {
     pub timing: HealthTiming,
     /// Dead nodes in both rooms beyond this share of all workers pause remediation.
     pub max_dead_share_pct: u8,
+    /// The witness, if one is configured: then a node is fenced only while the controller holds
+    /// the witness's grant for the room opposite the node's.
+    pub witness: Option<Arc<WitnessLink>>,
 }
 
 /// One node, assessed.
@@ -185,7 +193,12 @@ pub fn assess(
         .map(|(r, verdict)| {
             let name = r.facts.name.clone();
             let agent = observed.agent(&name);
-            let heartbeat = observed.verdict_observation(r).agent.map(|h| h.fingerprint);
+            // The commit is conditional on the Lease as last seen: any write since (a renewal
+            // above all) makes it fail.
+            let heartbeat = observed
+                .verdict_observation(r)
+                .agent
+                .and(agent.map(|a| a.resource_version.clone()));
             let boot_id = r
                 .boot_id
                 .clone()
@@ -209,8 +222,8 @@ pub fn assess(
                     heartbeat,
                     fence_marker: agent.is_some_and(|a| a.fence_marker),
                     paused: pause.is_some(),
-                    // The controller shell does not talk to a witness yet: only valid for
-                    // clusters without one (the agent is configured the same way).
+                    // Without a witness. With one, [`Remediator::pass`] replaces it with
+                    // whether the grant for the opposite room is held ([`apply_witness`]).
                     witness_ok: true,
                 },
                 agent_lease: agent.map_or_else(
@@ -222,6 +235,56 @@ pub fn assess(
         })
         .collect();
     Assessment { nodes, pause }
+}
+
+/// The room opposite `room`, if `room` is one of the two.
+fn opposite_room<'a>(pairing: Option<&'a Pairing>, room: &str) -> Option<&'a str> {
+    let (a, b) = pairing?.rooms.as_ref()?;
+    if room == a.0 {
+        Some(b.0.as_str())
+    } else if room == b.0 {
+        Some(a.0.as_str())
+    } else {
+        None
+    }
+}
+
+/// The rooms to claim at the witness: the one opposite each room with a dead node that may be
+/// fenced (not excluded, with an agent).
+pub fn rooms_to_claim(assessment: &Assessment, pairing: Option<&Pairing>) -> BTreeSet<String> {
+    assessment
+        .nodes
+        .iter()
+        .filter(|n| {
+            !n.input.excluded
+                && matches!(
+                    n.input.verdict,
+                    NodeVerdict::Dead {
+                        fence_deadline: Some(_)
+                    }
+                )
+        })
+        .filter_map(|n| opposite_room(pairing, n.room.as_deref()?))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Sets every node's `witness_ok`: a valid grant for the room opposite its own, held for at
+/// least `margin` more (the time the fence commit may take). A node outside both rooms has no
+/// opposite room and is never fenced while a witness is configured.
+pub fn apply_witness(
+    assessment: &mut Assessment,
+    pairing: Option<&Pairing>,
+    witness: &WitnessLink,
+    margin: Duration,
+) {
+    for node in &mut assessment.nodes {
+        node.input.witness_ok = node
+            .room
+            .as_deref()
+            .and_then(|r| opposite_room(pairing, r))
+            .is_some_and(|other| witness.grant_valid(other, margin));
+    }
 }
 
 /// Whether `pod` belongs to a DaemonSet (it is never deleted: it would come back at once and
@@ -318,13 +381,19 @@ impl Remediator {
             self.forget_all(ctx);
             return None;
         }
-        let assessment = assess(
+        let mut assessment = assess(
             &observed.lock(),
             pairing,
             now,
             &ctx.timing,
             ctx.max_dead_share_pct,
         );
+        if let Some(witness) = &ctx.witness {
+            witness
+                .claim_rooms(&rooms_to_claim(&assessment, pairing))
+                .await;
+            apply_witness(&mut assessment, pairing, witness, ctx.api_timeout);
+        }
         let present: BTreeSet<&str> = assessment.nodes.iter().map(|n| n.name.as_str()).collect();
         self.states.retain(|n, _| present.contains(n.as_str()));
         self.dead_since.retain(|n, _| present.contains(n.as_str()));
@@ -370,10 +439,14 @@ impl Remediator {
         Some(RemediationView {
             nodes: statuses,
             pause: assessment.pause,
+            witness: ctx.witness.as_ref().map(|w| w.view()),
         })
     }
 
     fn forget_all(&mut self, ctx: &RemediationContext) {
+        if let Some(witness) = &ctx.witness {
+            witness.forget_grants();
+        }
         self.states.clear();
         self.dead_since.clear();
         self.retry.clear();
@@ -669,6 +742,10 @@ mod tests {
             },
             spec: Some(LeaseSpec {
                 holder_identity: Some(node.into()),
+                // Each fixture resourceVersion stands for one renewal: a distinct renewTime.
+                renew_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+                    jiff::Timestamp::from_second(rv.parse::<i64>().unwrap_or(0)).expect("time"),
+                )),
                 ..LeaseSpec::default()
             }),
         }

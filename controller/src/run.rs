@@ -2,7 +2,7 @@
 //!
 //! Eight tasks run side by side: the leader election over the Lease, the Node watch, the two
 //! heartbeat Lease watches, the TwoSite watch, the pairing loop, the remediation loop and the
-//! admin HTTP port. If any of them ends or panics the
+//! admin HTTP port (and, with a witness, its health check). If any of them ends or panics the
 //! process exits non-zero (Kubernetes restarts it); SIGTERM or Ctrl-C stops it cleanly and hands
 //! the Lease back.
 
@@ -14,6 +14,7 @@ use crate::leader_lease::{LeaderLease, Leadership};
 use crate::metrics::Metrics;
 use crate::pairing::{self, Context, FIELD_MANAGER, run_pairing_loop, run_twosite_watch};
 use crate::remediation::{RemediationContext, run_remediation_loop};
+use crate::witness_link::WitnessLink;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use kube::runtime::events::{Recorder, Reporter};
@@ -21,6 +22,7 @@ use kube::{Api, Client};
 use node_health::{Clock, HealthTiming, LeaderConfig, SystemClock};
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,10 +52,126 @@ pub struct RunArgs {
     /// in percent (a whole room lost while the other is healthy never pauses).
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u8).range(1..=100))]
     pub max_dead_share_pct: u8,
+
+    /// URL of the witness (`https://witness.example:8443`). Without it the controller runs
+    /// without a witness: a dead node is fenced on the heartbeat proof alone.
+    #[arg(long)]
+    pub witness_url: Option<String>,
+
+    /// File holding this cluster's bearer token for the witness (required with --witness-url).
+    #[arg(long)]
+    pub witness_token_file: Option<PathBuf>,
+
+    /// PEM file of the CA that signed the witness's certificate (https only) [default: the
+    /// system's roots].
+    #[arg(long)]
+    pub witness_ca_file: Option<PathBuf>,
+
+    /// This cluster's name at the witness (required with --witness-url).
+    #[arg(long, env = "CLUSTER_NAME")]
+    pub cluster_name: Option<String>,
 }
+
+/// How to reach the witness, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WitnessSettings {
+    pub url: String,
+    pub token_file: PathBuf,
+    pub ca_file: Option<PathBuf>,
+    pub cluster: String,
+}
+
+impl RunArgs {
+    /// The witness settings, `None` without `--witness-url`, or a message for a bad
+    /// combination of flags.
+    pub fn witness_settings(&self) -> std::result::Result<Option<WitnessSettings>, String> {
+        let Some(url) = self
+            .witness_url
+            .as_deref()
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+        else {
+            if self.witness_url.is_some() {
+                return Err("--witness-url is empty".into());
+            }
+            for (flag, set) in [
+                ("--witness-token-file", self.witness_token_file.is_some()),
+                ("--witness-ca-file", self.witness_ca_file.is_some()),
+            ] {
+                if set {
+                    return Err(format!("{flag} needs --witness-url"));
+                }
+            }
+            return Ok(None);
+        };
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|e| format!("--witness-url {url:?} is not a URL: {e}"))?;
+        let https = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => {
+                return Err(format!(
+                    "--witness-url {url:?} must start with https:// or http://"
+                ));
+            }
+        };
+        if uri.host().is_none_or(str::is_empty) {
+            return Err(format!("--witness-url {url:?} has no host"));
+        }
+        if uri.query().is_some() || !matches!(uri.path(), "" | "/") {
+            return Err(format!(
+                "--witness-url {url:?} must be the witness's address only, without a path"
+            ));
+        }
+        let cluster = self
+            .cluster_name
+            .as_deref()
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .ok_or("--witness-url needs --cluster-name (or CLUSTER_NAME): this cluster's name at the witness")?;
+        if !witness::tokens::valid_cluster(cluster) {
+            return Err(format!(
+                "--cluster-name {cluster:?} must be 1 to 128 characters of [A-Za-z0-9._-]"
+            ));
+        }
+        let token_file = self
+            .witness_token_file
+            .clone()
+            .ok_or("--witness-url needs --witness-token-file: the witness only answers with this cluster's token")?;
+        let ca_file = self.witness_ca_file.clone();
+        if ca_file.is_some() && !https {
+            return Err("--witness-ca-file needs an https:// --witness-url".into());
+        }
+        Ok(Some(WitnessSettings {
+            url: url.trim_end_matches('/').to_string(),
+            token_file,
+            ca_file,
+            cluster: cluster.to_string(),
+        }))
+    }
+}
+
+/// The exit status for a bad command line (as clap uses).
+pub const USAGE_EXIT: u8 = 2;
 
 /// Runs the controller until SIGTERM/Ctrl-C (success) or until a main loop dies (failure).
 pub fn main(args: RunArgs) -> ExitCode {
+    let witness = match args.witness_settings() {
+        Ok(w) => w,
+        Err(message) => {
+            eprintln!("error: {message}");
+            return ExitCode::from(USAGE_EXIT);
+        }
+    };
+    // Read once here so that a missing or empty token file is a usage error, not a witness
+    // that never answers.
+    if let Some(w) = &witness
+        && let Err(message) = crate::witness_port::check_token_file(&w.token_file)
+    {
+        eprintln!("error: {message}");
+        return ExitCode::from(USAGE_EXIT);
+    }
     init_tracing();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -66,7 +184,7 @@ pub fn main(args: RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(args)) {
+    match runtime.block_on(run(args, witness)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!(error = %report(&err), "controller stopped");
@@ -115,7 +233,7 @@ pub fn resolve_identity(flag: Option<String>) -> Result<String> {
         })
 }
 
-async fn run(args: RunArgs) -> Result<()> {
+async fn run(args: RunArgs, witness: Option<WitnessSettings>) -> Result<()> {
     let identity = resolve_identity(args.identity)?;
     let api_timeout = Duration::from_secs(args.api_timeout_secs);
     let timing = HealthTiming::default();
@@ -159,7 +277,7 @@ async fn run(args: RunArgs) -> Result<()> {
         pairing_out: pairing_tx,
         remediation: view_rx,
     };
-    let remediation_ctx = RemediationContext {
+    let mut remediation_ctx = RemediationContext {
         nodes: Api::all(client.clone()),
         agent_leases: Api::namespaced(client.clone(), &args.namespace),
         pods: Api::all(client.clone()),
@@ -169,7 +287,29 @@ async fn run(args: RunArgs) -> Result<()> {
         api_timeout,
         timing,
         max_dead_share_pct: args.max_dead_share_pct,
+        witness: None,
     };
+    let witness = match witness {
+        Some(w) => {
+            tracing::info!(
+                url = w.url,
+                cluster = w.cluster,
+                "fencing needs the witness's grant"
+            );
+            let port = crate::witness_port::HttpWitness::new(&w)?;
+            Some(Arc::new(WitnessLink::new(
+                Arc::new(port),
+                Arc::clone(&clock),
+                timing.drift_ppm,
+                Arc::clone(&metrics),
+            )))
+        }
+        None => {
+            tracing::info!("no witness configured: fencing on the heartbeat proof alone");
+            None
+        }
+    };
+    remediation_ctx.witness = witness.clone();
     let observed = SharedObserved::default();
     let watches = Arc::new(Watches {
         observed: observed.clone(),
@@ -252,6 +392,15 @@ async fn run(args: RunArgs) -> Result<()> {
             health.register("pairing", pairing_silence),
         )),
     );
+    if let Some(link) = witness {
+        spawn(
+            "witness health",
+            Box::pin(link.run_health_loop(health.register(
+                "witness health",
+                Some(crate::witness_link::HEALTH_EVERY * 3 + crate::witness_link::CALL_TIMEOUT),
+            ))),
+        );
+    }
     spawn(
         "admin server",
         Box::pin(admin::serve(

@@ -4,7 +4,9 @@
 use crate::crd::{
     Condition, LeaderStatus, NodeStatus, PAIRED, PairStatus, REMEDIATION_PAUSED, ROOMS_RESOLVED,
     RoomSource, RoomsStatus, TwoSite, TwoSiteSpec, TwoSiteStatus, UnpairedStatus,
+    WITNESS_REACHABLE, WitnessGrantStatus, WitnessStatus,
 };
+use crate::witness_link::WitnessView;
 use k8s_openapi::api::core::v1::Node;
 use node_health::rooms::{UnpairedReason, ZONE_LABEL};
 use node_health::{NodeFacts, Pair, RoomConfig, pair_nodes};
@@ -25,6 +27,8 @@ pub mod reason {
     pub const NO_PAIRS: &str = "NoPairs";
     pub const ROOMS_UNRESOLVED: &str = "RoomsUnresolved";
     pub const REMEDIATION_ACTIVE: &str = "RemediationActive";
+    pub const WITNESS_ANSWERED: &str = "WitnessAnswered";
+    pub const WITNESS_UNREACHABLE: &str = "WitnessUnreachable";
 }
 
 /// Why node remediation is paused for the whole cluster.
@@ -41,6 +45,8 @@ pub struct Pause {
 pub struct RemediationView {
     pub nodes: Vec<NodeStatus>,
     pub pause: Option<Pause>,
+    /// The witness; `None` when none is configured.
+    pub witness: Option<WitnessView>,
 }
 
 /// What the pairing needs to know of a Node.
@@ -145,6 +151,7 @@ pub fn desired_status(input: &StatusInput<'_>) -> TwoSiteStatus {
                 unpaired: kept.unpaired,
                 leader: Some(input.leader.clone()),
                 nodes: remediation_nodes(input),
+                witness: witness_status(input),
                 conditions: [
                     condition(ROOMS_RESOLVED, false, reason::INVALID_SPEC, message),
                     condition(
@@ -157,6 +164,7 @@ pub fn desired_status(input: &StatusInput<'_>) -> TwoSiteStatus {
                 ]
                 .into_iter()
                 .chain(remediation_condition(input))
+                .chain(witness_condition(input))
                 .collect(),
             };
         }
@@ -270,9 +278,11 @@ pub fn desired_status(input: &StatusInput<'_>) -> TwoSiteStatus {
         unpaired,
         leader: Some(input.leader.clone()),
         nodes: remediation_nodes(input),
+        witness: witness_status(input),
         conditions: [rooms_condition, paired_condition]
             .into_iter()
             .chain(remediation_condition(input))
+            .chain(witness_condition(input))
             .collect(),
     }
 }
@@ -303,6 +313,53 @@ fn remediation_condition(input: &StatusInput<'_>) -> Option<Condition> {
         previous,
         REMEDIATION_PAUSED,
         paused,
+        reason,
+        message,
+        input.generation,
+        input.now,
+    ))
+}
+
+/// `status.witness`, once the remediation loop has run.
+fn witness_status(input: &StatusInput<'_>) -> Option<WitnessStatus> {
+    let view = input.remediation?;
+    Some(match &view.witness {
+        None => WitnessStatus::default(),
+        Some(w) => WitnessStatus {
+            configured: true,
+            reachable: w.reachable == Some(true),
+            last_contact: w.last_contact.clone(),
+            grant: w.grant.as_ref().map(|(room, epoch)| WitnessGrantStatus {
+                room: room.clone(),
+                epoch: i64::try_from(*epoch).unwrap_or(i64::MAX),
+            }),
+        },
+    })
+}
+
+/// `WitnessReachable`, with a witness configured, once it answered or failed to.
+fn witness_condition(input: &StatusInput<'_>) -> Option<Condition> {
+    let w: &WitnessView = input.remediation?.witness.as_ref()?;
+    let reachable = w.reachable?;
+    let previous = input
+        .previous
+        .map(|p| p.conditions.as_slice())
+        .unwrap_or(&[]);
+    let (reason, message) = if reachable {
+        (reason::WITNESS_ANSWERED, w.message.clone())
+    } else {
+        (
+            reason::WITNESS_UNREACHABLE,
+            format!(
+                "{}; nothing stops, but dead nodes are not fenced without the witness's grant",
+                w.message
+            ),
+        )
+    };
+    Some(next_condition(
+        previous,
+        WITNESS_REACHABLE,
+        reachable,
         reason,
         message,
         input.generation,
@@ -370,12 +427,26 @@ pub mod event_reason {
     pub const INVALID_SPEC: &str = "InvalidSpec";
     pub const ROOMS_UNRESOLVED: &str = "RoomsUnresolved";
     pub const ROOMS_RESOLVED: &str = "RoomsResolved";
+    pub const WITNESS_UNREACHABLE: &str = "WitnessUnreachable";
 }
 
 /// The events that going from `old` to `new` deserves: a changed set of pairs, a spec that
-/// became invalid (or invalid differently), rooms that became unknown or known again.
+/// became invalid (or invalid differently), rooms that became unknown or known again, a witness
+/// that stopped answering.
 pub fn transitions(old: Option<&TwoSiteStatus>, new: &TwoSiteStatus) -> Vec<Transition> {
     let mut out = Vec::new();
+    if let Some(c) = condition(new, WITNESS_REACHABLE).filter(|c| c.status == "False") {
+        let was_false = old
+            .and_then(|o| condition(o, WITNESS_REACHABLE))
+            .is_some_and(|o| o.status == "False");
+        if !was_false {
+            out.push(Transition {
+                warning: true,
+                reason: event_reason::WITNESS_UNREACHABLE,
+                note: c.message.clone(),
+            });
+        }
+    }
     let old_rooms = old.and_then(|o| condition(o, ROOMS_RESOLVED));
     if let Some(c) = condition(new, ROOMS_RESOLVED) {
         let same = old_rooms.is_some_and(|o| {

@@ -9,15 +9,20 @@ use common::*;
 use controller::heartbeats::{Observed, SharedObserved};
 use controller::leader_lease::{LeaderLease, Leadership, RoundOutcome};
 use controller::metrics::Metrics;
+use controller::pairing::{Context, Outcome, reconcile_pairing};
 use controller::remediation::{RemediationContext, Remediator};
+use controller::status::RemediationView;
 use controller::taint::{TaintChange, TaintOutcome, change_taint};
+use controller::witness_link::WitnessLink;
+use controller::witness_port::{PortError, PortFuture, WitnessPort};
 use http::Method;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::watcher::Event as W;
-use node_health::remediation::Phase;
-use node_health::{HealthTiming, LeaderConfig, MonoTime, Pair, Pairing, Room};
+use node_health::remediation::{Phase, WaitReason};
+use node_health::witness::{Claim, ClaimOutcome};
+use node_health::{HealthTiming, LeaderConfig, MonoTime, NodeFacts, Pair, Pairing, Room};
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::Duration;
@@ -70,6 +75,7 @@ fn context(client: kube::Client, leadership: Leadership) -> RemediationContext {
         api_timeout: Duration::from_secs(5),
         timing: HealthTiming::default(),
         max_dead_share_pct: 50,
+        witness: None,
     }
 }
 
@@ -120,7 +126,10 @@ fn agent(node: &str, rv: &str, failures: &str, watchdog: &str, marker: bool) -> 
         "metadata": {"name": format!("twosite-agent-{node}"), "namespace": NAMESPACE,
                      "resourceVersion": rv, "labels": {"twosite.dev/agent-heartbeat": "true"},
                      "annotations": annotations},
-        "spec": {"holderIdentity": node},
+        // Each fixture resourceVersion stands for one renewal: a distinct renewTime.
+        "spec": {"holderIdentity": node,
+                 "renewTime": format!("2026-01-01T00:00:00.{:06}Z",
+                                      rv.parse::<u64>().unwrap_or(0) % 1_000_000)},
     })
 }
 
@@ -567,4 +576,363 @@ async fn a_replica_that_does_not_lead_does_nothing() {
     );
     let r = run.await.expect("passes");
     assert_eq!(r.phase("a1"), None);
+}
+
+// ---------------------------------------------------------------------------------------------
+// With a witness: a1 (east) dead is fenced only while the controller holds the grant for west.
+
+/// How the fake witness answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WitnessMode {
+    Grant,
+    Held,
+    Down,
+}
+
+/// A witness that answers as told and remembers every claim.
+struct FakeWitness {
+    mode: std::sync::Mutex<WitnessMode>,
+    claims: std::sync::Mutex<Vec<Claim>>,
+}
+
+impl FakeWitness {
+    fn new(mode: WitnessMode) -> Arc<Self> {
+        Arc::new(FakeWitness {
+            mode: std::sync::Mutex::new(mode),
+            claims: std::sync::Mutex::new(Vec::new()),
+        })
+    }
+
+    fn mode(&self) -> WitnessMode {
+        *self.mode.lock().expect("lock")
+    }
+
+    fn claims(&self) -> Vec<Claim> {
+        self.claims.lock().expect("lock").clone()
+    }
+}
+
+impl WitnessPort for FakeWitness {
+    fn claim<'a>(&'a self, claim: &'a Claim) -> PortFuture<'a, ClaimOutcome> {
+        self.claims.lock().expect("lock").push(claim.clone());
+        let answer = match self.mode() {
+            WitnessMode::Grant => Ok(ClaimOutcome::Granted {
+                epoch: 7,
+                valid_for_ms: 10_000,
+            }),
+            WitnessMode::Held => Ok(ClaimOutcome::Held {
+                holder: Some("east".into()),
+                epoch: 6,
+                retry_after_ms: 1_000,
+            }),
+            WitnessMode::Down => Err(PortError::Unreachable("connection refused".into())),
+        };
+        Box::pin(async move { answer })
+    }
+
+    fn healthz(&self) -> PortFuture<'_, ()> {
+        let answer = match self.mode() {
+            WitnessMode::Down => Err(PortError::Unreachable("connection refused".into())),
+            _ => Ok(()),
+        };
+        Box::pin(async move { answer })
+    }
+}
+
+/// A clock the test sets.
+#[derive(Default)]
+struct TestClock(std::sync::atomic::AtomicU64);
+
+impl node_health::Clock for TestClock {
+    fn now(&self) -> MonoTime {
+        MonoTime(self.0.load(std::sync::atomic::Ordering::SeqCst))
+    }
+}
+
+/// A context with the fake witness, and the clock its link reads.
+fn witness_context(
+    client: kube::Client,
+    leadership: Leadership,
+    fake: Arc<FakeWitness>,
+) -> (RemediationContext, Arc<TestClock>) {
+    let mut ctx = context(client, leadership);
+    let clock = Arc::new(TestClock::default());
+    ctx.witness = Some(Arc::new(WitnessLink::new(
+        fake,
+        clock.clone(),
+        ctx.timing.drift_ppm,
+        Arc::clone(&ctx.metrics),
+    )));
+    (ctx, clock)
+}
+
+/// Like [`passes`], moving the witness link's clock along; returns the last pass's view too.
+fn witness_passes(
+    ctx: RemediationContext,
+    clock: Arc<TestClock>,
+    observed: SharedObserved,
+    times: Vec<u64>,
+) -> tokio::task::JoinHandle<(Remediator, Option<RemediationView>)> {
+    tokio::spawn(async move {
+        let mut r = Remediator::default();
+        let p = pairing();
+        let mut view = None;
+        for ms in times {
+            clock.0.store(ms, std::sync::atomic::Ordering::SeqCst);
+            view = r.pass(&ctx, &observed, Some(&p), at(ms)).await;
+        }
+        (r, view)
+    })
+}
+
+#[tokio::test]
+async fn with_a_witness_and_no_grant_a_dead_node_is_not_touched() {
+    for mode in [WitnessMode::Held, WitnessMode::Down] {
+        let (client, mut api) = mock_client();
+        let leadership = leading(client.clone(), &mut api).await;
+        let fake = FakeWitness::new(mode);
+        let (ctx, clock) = witness_context(client, leadership, fake.clone());
+        let metrics = Arc::clone(&ctx.metrics);
+        let run = witness_passes(
+            ctx,
+            clock,
+            observed(Setup::default()),
+            vec![30_000, 30_500, 31_000, 32_000],
+        );
+        let (requests, reasons) = api.drain().await;
+        let (r, view) = run.await.expect("passes");
+        assert!(
+            requests.is_empty(),
+            "{mode:?}: no commit, delete or patch: {requests:?}"
+        );
+        assert_eq!(reasons, ["NodeFenceWaiting"], "{mode:?}");
+        assert_eq!(
+            r.phase("a1"),
+            Some(Phase::FenceWaiting(WaitReason::NoWitnessGrant)),
+            "{mode:?}"
+        );
+        // The opposite room was claimed, at most once a second.
+        let claims = fake.claims();
+        assert_eq!(claims.len(), 3, "{mode:?}: {claims:?}");
+        assert!(claims.iter().all(|c| c
+            == &Claim {
+                room: "west".into(),
+                epoch: None,
+                api_reachable: true,
+            }));
+        let view = view.expect("leader's view");
+        let status = view.nodes.iter().find(|n| n.name == "a1").expect("a1");
+        assert_eq!(status.waiting_for.as_deref(), Some("NoWitnessGrant"));
+        let w = view.witness.expect("witness configured");
+        assert_eq!(w.grant, None);
+        assert_eq!(w.reachable, Some(mode == WitnessMode::Held));
+        let text = metrics.encode().expect("metrics");
+        let label = if mode == WitnessMode::Held {
+            "held"
+        } else {
+            "unreachable"
+        };
+        assert!(
+            text.contains(&format!(
+                "twosite_witness_claims_total{{outcome=\"{label}\"}} 3"
+            )),
+            "{text}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn with_the_witness_grant_for_the_other_room_a_dead_node_is_fenced() {
+    let (client, mut api) = mock_client();
+    let leadership = leading(client.clone(), &mut api).await;
+    let fake = FakeWitness::new(WitnessMode::Grant);
+    let (ctx, clock) = witness_context(client, leadership, fake.clone());
+    let metrics = Arc::clone(&ctx.metrics);
+    let run = witness_passes(ctx, clock, observed(Setup::default()), vec![30_000]);
+
+    let (get, reasons) = api.expect_after_events(Method::GET, AGENT_A1).await;
+    assert_eq!(reasons, ["NodeFenced"]);
+    get.respond(200, agent("a1", "1", "0", "enabled", false));
+    let commit = api.expect(Method::PATCH, AGENT_A1).await;
+    assert_rv_test(&commit.body, "1");
+    commit.respond(200, agent("a1", "2", "0", "enabled", true));
+    let (r, view) = run.await.expect("passes");
+    assert_eq!(r.phase("a1"), Some(Phase::Fenced));
+    let w = view.and_then(|v| v.witness).expect("witness view");
+    assert_eq!(w.grant, Some(("west".to_string(), 7)));
+    assert_eq!(w.reachable, Some(true));
+    assert_eq!(fake.claims().len(), 1);
+    let text = metrics.encode().expect("metrics");
+    assert!(
+        text.contains(r#"twosite_witness_claims_total{outcome="granted"} 1"#),
+        "{text}"
+    );
+    assert!(text.contains("twosite_witness_reachable 1"), "{text}");
+}
+
+#[tokio::test]
+async fn a_healthy_cluster_makes_no_claims() {
+    let (client, mut api) = mock_client();
+    let leadership = leading(client.clone(), &mut api).await;
+    let fake = FakeWitness::new(WitnessMode::Grant);
+    let (ctx, clock) = witness_context(client, leadership, fake.clone());
+    // At 6 s a1 is only late.
+    let run = witness_passes(ctx, clock, observed(Setup::default()), vec![6_000, 7_000]);
+    let (requests, _) = api.drain().await;
+    run.await.expect("passes");
+    assert!(requests.is_empty(), "{requests:?}");
+    assert!(fake.claims().is_empty());
+}
+
+fn status_condition<'a>(status: &'a Value, type_: &str) -> Option<&'a Value> {
+    status["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == type_))
+}
+
+/// The remediation loop's view with the fake witness in `mode`, then the status the pairing
+/// reconciler applies from it, and the Events it publishes.
+async fn witness_status(mode: WitnessMode, previous: Option<Value>) -> (Value, Vec<String>) {
+    let (client, mut api) = mock_client();
+    let leadership = leading(client.clone(), &mut api).await;
+    let fake = FakeWitness::new(mode);
+    let (ctx, clock) = witness_context(client.clone(), leadership.clone(), fake);
+    let link = ctx.witness.clone().expect("link");
+    link.check_health().await;
+    // Nobody dead: the view comes from the health check alone.
+    let run = witness_passes(ctx, clock, observed(Setup::default()), vec![6_000]);
+    let (requests, _) = api.drain().await;
+    assert!(requests.is_empty(), "{requests:?}");
+    let (_, view) = run.await.expect("passes");
+    assert!(view.is_some());
+
+    let mut pairing_ctx = Context::new(
+        kube::Api::all(client.clone()),
+        Recorder::new(
+            client,
+            Reporter {
+                controller: "twosite-controller".into(),
+                instance: Some(ME.into()),
+            },
+        ),
+        leadership,
+        Arc::new(Metrics::new()),
+        Duration::from_secs(5),
+    );
+    pairing_ctx.remediation = tokio::sync::watch::channel(view).1;
+    let facts: Vec<NodeFacts> = ["a1", "b1", "b2"]
+        .iter()
+        .map(|n| NodeFacts {
+            name: n.to_string(),
+            zone: Some(if *n == "a1" { "east" } else { "west" }.into()),
+            control_plane: false,
+            ready: true,
+        })
+        .collect();
+    let reconcile = tokio::spawn(async move { reconcile_pairing(&pairing_ctx, &facts).await });
+    api.expect(Method::GET, TWOSITE_PATH)
+        .await
+        .respond(200, twosite(json!({}), previous));
+    let apply = api.expect(Method::PATCH, STATUS_PATH).await;
+    let status = apply.body["status"].clone();
+    apply.respond(200, twosite(json!({}), Some(status.clone())));
+    let (rest, reasons) = api.drain().await;
+    assert!(rest.is_empty(), "{rest:?}");
+    assert_eq!(
+        reconcile.await.expect("joined").expect("reconciled"),
+        Outcome::Written
+    );
+    (status, reasons)
+}
+
+#[tokio::test]
+async fn a_witness_that_does_not_answer_is_reported_once_and_stops_nothing() {
+    let (status, reasons) = witness_status(WitnessMode::Down, None).await;
+    let c = status_condition(&status, "WitnessReachable").expect("condition");
+    assert_eq!(c["status"], "False");
+    assert_eq!(c["reason"], "WitnessUnreachable");
+    assert!(
+        c["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("connection refused")),
+        "{c}"
+    );
+    assert_eq!(status["witness"]["configured"], true);
+    assert_eq!(status["witness"]["reachable"], false);
+    assert_eq!(status["witness"]["grant"], Value::Null);
+    assert!(status["witness"].get("lastContact").is_none(), "{status}");
+    assert!(
+        reasons.contains(&"WitnessUnreachable".to_string()),
+        "{reasons:?}"
+    );
+    // Remediation itself is not paused by it.
+    let paused = status_condition(&status, "RemediationPaused").expect("paused condition");
+    assert_eq!(paused["status"], "False");
+
+    // Still down on the next write: no second Event.
+    let mut previous = status.clone();
+    previous["pairs"] = json!([]);
+    let (again, reasons) = witness_status(WitnessMode::Down, Some(previous)).await;
+    assert_eq!(
+        status_condition(&again, "WitnessReachable").map(|c| c["status"].clone()),
+        Some(json!("False"))
+    );
+    assert!(
+        !reasons.contains(&"WitnessUnreachable".to_string()),
+        "{reasons:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_witness_that_answers_is_reported_reachable() {
+    let (status, reasons) = witness_status(WitnessMode::Held, None).await;
+    let c = status_condition(&status, "WitnessReachable").expect("condition");
+    assert_eq!(c["status"], "True");
+    assert_eq!(c["reason"], "WitnessAnswered");
+    assert_eq!(status["witness"]["reachable"], true);
+    let contact = status["witness"]["lastContact"]
+        .as_str()
+        .expect("lastContact");
+    assert!(contact.parse::<jiff::Timestamp>().is_ok(), "{contact}");
+    assert!(
+        !reasons.contains(&"WitnessUnreachable".to_string()),
+        "{reasons:?}"
+    );
+}
+
+#[tokio::test]
+async fn without_a_witness_the_status_says_so_and_has_no_witness_condition() {
+    let (client, mut api) = mock_client();
+    let leadership = leading(client.clone(), &mut api).await;
+    let run = passes(
+        context(client.clone(), leadership.clone()),
+        observed(Setup::default()),
+        vec![6_000],
+    );
+    api.drain().await;
+    let r = run.await.expect("passes");
+    assert_eq!(r.phase("a1"), Some(Phase::Suspect));
+    let view = controller::status::RemediationView::default();
+    assert_eq!(view.witness, None);
+    let status = controller::status::desired_status(
+        &controller::status::StatusInput {
+            spec: &Default::default(),
+            generation: Some(1),
+            previous: None,
+            nodes: &[],
+            leader: controller::crd::LeaderStatus {
+                identity: ME.into(),
+                epoch: 0,
+            },
+            now: "2026-11-01T10:00:00Z",
+            remediation: None,
+        }
+        .with_remediation(Some(&view)),
+    );
+    let witness = status.witness.clone().expect("witness status");
+    assert!(!witness.configured && !witness.reachable && witness.grant.is_none());
+    assert!(
+        controller::status::condition(&status, "WitnessReachable").is_none(),
+        "no condition without a witness"
+    );
 }
