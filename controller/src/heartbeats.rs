@@ -76,6 +76,8 @@ pub struct AgentRecord {
     pub watchdog: bool,
     /// `twosite.dev/boot-id`.
     pub boot_id: Option<String>,
+    /// The Lease's resourceVersion: the precondition of the fence commit.
+    pub resource_version: String,
 }
 
 /// One agent heartbeat Lease, read.
@@ -105,9 +107,21 @@ pub fn agent_lease(lease: &Lease) -> Option<AgentLease> {
             .and_then(|a| a.get(key))
             .map(|v| v.trim().to_string())
     };
+    // A renewal is what the agent changes: its renewTime (and boot ID). Not the resourceVersion:
+    // the controller's own fence-marker write changes that, and must not look like a heartbeat.
+    let renew_time = lease
+        .spec
+        .as_ref()
+        .and_then(|s| s.renew_time.as_ref())
+        .map(|t| t.0.to_string())
+        .unwrap_or_default();
+    let fingerprint = format!(
+        "{renew_time}/{}",
+        annotation(BOOT_ID_ANNOTATION).unwrap_or_default()
+    );
     Some(AgentLease {
         node,
-        fingerprint: lease.metadata.resource_version.clone().unwrap_or_default(),
+        fingerprint,
         clean: annotation(RENEW_FAILURES_ANNOTATION).as_deref() == Some("0"),
         record: AgentRecord {
             lease_name: name.to_string(),
@@ -115,6 +129,7 @@ pub fn agent_lease(lease: &Lease) -> Option<AgentLease> {
                 .is_some_and(|a| a.contains_key(crate::fence_marker::FENCE_MARKER_ANNOTATION)),
             watchdog: annotation(WATCHDOG_ANNOTATION).as_deref() == Some("enabled"),
             boot_id: annotation(BOOT_ID_ANNOTATION).filter(|b| !b.is_empty()),
+            resource_version: lease.metadata.resource_version.clone().unwrap_or_default(),
         },
     })
 }
