@@ -5,7 +5,13 @@ use std::process::Command;
 
 fn agent() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_twosite-agent"));
-    for var in ["NODE_NAME", "NODE_ZONE", "POD_NAMESPACE", "KUBECONFIG"] {
+    for var in [
+        "NODE_NAME",
+        "NODE_ZONE",
+        "POD_NAMESPACE",
+        "KUBECONFIG",
+        "CLUSTER_NAME",
+    ] {
         cmd.env_remove(var);
     }
     cmd
@@ -50,4 +56,128 @@ fn acknowledged_no_watchdog_gets_past_the_check() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("WITHOUT a watchdog"), "{stderr}");
     assert!(stderr.contains("/nonexistent/boot_id"), "{stderr}");
+}
+
+const BASE: [&str; 4] = ["--node-name", "a-1", "--room", "room-a"];
+
+/// Runs the agent with `args` after the base flags; expects exit 2 naming `flag`.
+fn refused(args: &[&str], envs: &[(&str, &str)], flag: &str) {
+    let out = agent()
+        .args(BASE)
+        .args(args)
+        .envs(envs.iter().copied())
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(flag), "{args:?}: {stderr}");
+}
+
+#[test]
+fn witness_flags_that_do_not_go_together_are_refused_naming_the_flag() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token = dir.path().join("token");
+    std::fs::write(&token, "s3cret\n").expect("write");
+    let token = token.to_str().expect("utf-8");
+    let empty = dir.path().join("empty");
+    std::fs::write(&empty, "\n").expect("write");
+    let empty = empty.to_str().expect("utf-8");
+    let url = "https://witness.example:8443";
+
+    refused(
+        &["--witness-url", url, "--witness-token-file", token],
+        &[],
+        "--cluster-name",
+    );
+    refused(
+        &["--witness-url", url, "--cluster-name", "prod"],
+        &[],
+        "--witness-token-file",
+    );
+    refused(
+        &["--witness-url", url, "--witness-token-file", empty],
+        &[("CLUSTER_NAME", "prod")],
+        "--witness-token-file",
+    );
+    refused(
+        &[
+            "--witness-url",
+            url,
+            "--cluster-name",
+            "prod",
+            "--witness-token-file",
+            "/nonexistent/t",
+        ],
+        &[],
+        "/nonexistent/t",
+    );
+    refused(
+        &[
+            "--witness-url",
+            "witness.example:8443",
+            "--cluster-name",
+            "prod",
+            "--witness-token-file",
+            token,
+        ],
+        &[],
+        "--witness-url",
+    );
+    refused(
+        &[
+            "--witness-url",
+            url,
+            "--cluster-name",
+            "a/b",
+            "--witness-token-file",
+            token,
+        ],
+        &[],
+        "--cluster-name",
+    );
+    refused(
+        &[
+            "--witness-url",
+            url,
+            "--cluster-name",
+            "prod",
+            "--witness-token-file",
+            token,
+            "--witness-ca-file",
+            "/nonexistent/ca.crt",
+        ],
+        &[],
+        "--witness-ca-file",
+    );
+    refused(&["--witness-token-file", token], &[], "--witness-url");
+}
+
+#[test]
+fn a_complete_witness_configuration_gets_past_the_flag_checks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token = dir.path().join("token");
+    std::fs::write(&token, "s3cret\n").expect("write");
+    // CLUSTER_NAME from the environment; with no cluster to talk to it fails later (exit 1).
+    let out = agent()
+        .args(BASE)
+        .args([
+            "--no-watchdog",
+            "--i-understand-no-fencing",
+            "--boot-id-file",
+            "/nonexistent/boot_id",
+            "--witness-url",
+            "http://127.0.0.1:1",
+            "--witness-token-file",
+        ])
+        .arg(&token)
+        .env("CLUSTER_NAME", "prod")
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("/nonexistent/boot_id"), "{stderr}");
+    assert!(
+        !stderr.contains("s3cret"),
+        "the token is never logged: {stderr}"
+    );
 }

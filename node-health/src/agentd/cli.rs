@@ -1,11 +1,14 @@
 //! `twosite-agent`: flags, and wiring the agent's tasks together.
 //!
 //! Five tasks share one [`SharedCore`]: the heartbeat renewal, the partner refresh, the partner
-//! probes, the peer port and the decision loop. If any ends the process exits non-zero; the
+//! probes, the peer port and the decision loop; with `--witness-url`, two more: the other
+//! room's heartbeats and the claims at the witness. If any ends the process exits non-zero; the
 //! watchdog, once armed, then reboots the node unless a new agent feeds it in time — exactly
 //! what the controller's fence deadline assumes of a node whose agent stopped.
 
 use super::SharedCore;
+use super::claims::{CLAIM_EVERY, run_claims};
+use super::contact::{KubeContact, OtherRoomWatch, run_other_room_watch};
 use super::error::{Error, Result, report, with_timeout};
 use super::heartbeat::{KubeLeases, NodeFacts, read_boot_id, run_heartbeat};
 use super::node_agent::{NodeAgent, TICK};
@@ -13,6 +16,7 @@ use super::partner::{KubePairing, PartnerCache, run_partner_refresh, zone};
 use super::peer::{self, HttpProbe, run_probes};
 use super::stopper::CommandStopper;
 use super::watchdog::{DEFAULT_DEVICE, DeviceWatchdog, NoWatchdog, Watchdog};
+use super::witness_client::{WitnessClient, WitnessError, read_token_file};
 use crate::agent::AgentCore;
 use crate::time::{Clock, SystemClock};
 use crate::verdict::HealthTiming;
@@ -71,6 +75,26 @@ pub struct Args {
     /// Where the kernel's boot ID is read.
     #[arg(long, default_value = "/proc/sys/kernel/random/boot_id")]
     pub boot_id_file: PathBuf,
+
+    /// The witness's base URL (https://host:port, or http:// behind a trusted tunnel). Without
+    /// it the agent uses no witness. With it, a room out of contact with the other room runs
+    /// on only while the witness grants it the right. Needs --cluster-name and
+    /// --witness-token-file.
+    #[arg(long)]
+    pub witness_url: Option<String>,
+
+    /// File holding this cluster's bearer token at the witness (a mounted Secret).
+    #[arg(long)]
+    pub witness_token_file: Option<PathBuf>,
+
+    /// PEM file of the CA certificates that sign the witness's certificate (a private CA);
+    /// default: the system's trusted roots.
+    #[arg(long)]
+    pub witness_ca_file: Option<PathBuf>,
+
+    /// This cluster's name at the witness.
+    #[arg(long, env = "CLUSTER_NAME")]
+    pub cluster_name: Option<String>,
 }
 
 impl Args {
@@ -80,6 +104,57 @@ impl Args {
             return Err(Error::FencingNotAcknowledged);
         }
         Ok(())
+    }
+
+    /// The witness client, when `--witness-url` is given; refuses flags that do not go together
+    /// and reads the token (and CA) file.
+    pub fn witness(&self) -> Result<Option<WitnessClient>> {
+        let Some(url) = self.witness_url.as_deref() else {
+            for (given, flag) in [
+                (self.witness_token_file.is_some(), "--witness-token-file"),
+                (self.witness_ca_file.is_some(), "--witness-ca-file"),
+            ] {
+                if given {
+                    return Err(Error::WitnessFlags {
+                        flag,
+                        what: "only goes with --witness-url".into(),
+                    });
+                }
+            }
+            return Ok(None);
+        };
+        let cluster = self
+            .cluster_name
+            .as_deref()
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .ok_or_else(|| Error::WitnessFlags {
+                flag: "--cluster-name",
+                what: "required with --witness-url (or set CLUSTER_NAME)".into(),
+            })?;
+        let token_file = self
+            .witness_token_file
+            .as_deref()
+            .ok_or_else(|| Error::WitnessFlags {
+                flag: "--witness-token-file",
+                what: "required with --witness-url".into(),
+            })?;
+        let token = read_token_file(token_file).map_err(|source| Error::Witness {
+            flag: "--witness-token-file",
+            source,
+        })?;
+        let flag_of = |err: &WitnessError| match err {
+            WitnessError::BadCluster(_) => "--cluster-name",
+            WitnessError::CaFile { .. } | WitnessError::BadCa { .. } => "--witness-ca-file",
+            WitnessError::BadToken { .. } => "--witness-token-file",
+            _ => "--witness-url",
+        };
+        WitnessClient::new(url, cluster, &token, self.witness_ca_file.as_deref())
+            .map(Some)
+            .map_err(|source| Error::Witness {
+                flag: flag_of(&source),
+                source,
+            })
     }
 }
 
@@ -91,6 +166,13 @@ pub fn main(args: Args) -> ExitCode {
         eprintln!("error: {err}");
         return ExitCode::from(2);
     }
+    let witness = match args.witness() {
+        Ok(w) => w,
+        Err(err) => {
+            eprintln!("error: {}", report(&err));
+            return ExitCode::from(2);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -101,7 +183,7 @@ pub fn main(args: Args) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(args)) {
+    match runtime.block_on(run(args, witness)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!(error = %report(&err), "agent stopped");
@@ -161,7 +243,7 @@ fn watchdog(args: &Args, timing: &HealthTiming) -> Result<Box<dyn Watchdog>> {
     )?))
 }
 
-async fn run(args: Args) -> Result<()> {
+async fn run(args: Args, witness: Option<WitnessClient>) -> Result<()> {
     let timing = HealthTiming::default();
     timing.validate().map_err(Error::Timing)?;
     let watchdog = watchdog(&args, &timing)?;
@@ -182,11 +264,15 @@ async fn run(args: Args) -> Result<()> {
         peer = %args.peer_addr,
         boot_id,
         watchdog = watchdog.fences(),
+        witness = witness.as_ref().map(|w| w.base_url()),
+        cluster = witness.as_ref().map(|w| w.cluster()),
         "starting twosite agent"
     );
 
     let clock: Arc<dyn Clock + Send + Sync> = Arc::new(SystemClock::new());
-    let core = SharedCore::new(AgentCore::new(&*args.node_name, room, timing));
+    let mut agent_core = AgentCore::new(&*args.node_name, room.clone(), timing);
+    agent_core.set_witness_configured(witness.is_some());
+    let core = SharedCore::new(agent_core);
     let partners = PartnerCache::new();
     let facts = NodeFacts {
         node: args.node_name.clone(),
@@ -232,6 +318,27 @@ async fn run(args: Args) -> Result<()> {
         let (core, clock) = (core.clone(), clock.clone());
         async move { ("peer port", peer::serve(listener, core, clock).await) }
     });
+    if let Some(witness) = witness {
+        tasks.spawn({
+            let api = KubeContact::new(client.clone(), &args.namespace, timing.request_timeout);
+            let watch = OtherRoomWatch::new(room.clone());
+            let (core, clock) = (core.clone(), clock.clone());
+            let every = timing.agent_renew;
+            async move {
+                let done = run_other_room_watch(api, watch, core, clock, every);
+                ("other-room watch", done.await)
+            }
+        });
+        tasks.spawn({
+            let (core, clock) = (core.clone(), clock.clone());
+            async move {
+                (
+                    "witness claims",
+                    run_claims(witness, core, clock, CLAIM_EVERY).await,
+                )
+            }
+        });
+    }
     tasks.spawn({
         let stopper =
             CommandStopper::new(args.stop_command.clone(), &args.node_name, timing.watchdog);

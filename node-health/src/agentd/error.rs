@@ -13,6 +13,18 @@ pub enum Error {
     )]
     FencingNotAcknowledged,
 
+    /// A witness flag is missing or does not go with the others.
+    #[error("{flag}: {what}")]
+    WitnessFlags { flag: &'static str, what: String },
+
+    /// The witness client could not be set up from `flag`.
+    #[error("{flag}")]
+    Witness {
+        flag: &'static str,
+        #[source]
+        source: super::witness_client::WitnessError,
+    },
+
     /// The agent's timing is unsafe.
     #[error("invalid agent timing")]
     Timing(#[source] crate::verdict::TimingError),

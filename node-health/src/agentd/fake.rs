@@ -264,3 +264,212 @@ impl PeerProbe for FakePeer {
         })
     }
 }
+
+#[derive(Debug, Default)]
+struct Contact {
+    /// Node → the resourceVersion and the renewal mark of its heartbeat Lease.
+    versions: std::collections::BTreeMap<String, (u64, i64)>,
+    zones: std::collections::BTreeMap<String, String>,
+    zone_reads: std::collections::BTreeMap<String, u32>,
+    next_version: u64,
+    down: bool,
+}
+
+/// The other agents' heartbeat Leases and the Nodes' zones, as the contact watch lists them.
+#[derive(Debug, Clone, Default)]
+pub struct FakeContact(Arc<Mutex<Contact>>);
+
+impl FakeContact {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn set_zone(&self, node: &str, zone: &str) {
+        lock(&self.0).zones.insert(node.into(), zone.into());
+    }
+    /// `node`'s agent renews its heartbeat: its Lease gets a new renewTime and
+    /// resourceVersion.
+    pub fn renew(&self, node: &str) {
+        let mut c = lock(&self.0);
+        c.next_version += 1;
+        let v = c.next_version;
+        let mark = c.versions.get(node).map_or(0, |(_, m)| *m) + 1;
+        c.versions.insert(node.into(), (v, mark));
+    }
+    /// Someone else (the controller's fence marker) writes `node`'s Lease: a new
+    /// resourceVersion, the same renewTime.
+    pub fn controller_write(&self, node: &str) {
+        let mut c = lock(&self.0);
+        c.next_version += 1;
+        let v = c.next_version;
+        if let Some(entry) = c.versions.get_mut(node) {
+            entry.0 = v;
+        }
+    }
+    /// Every call fails as if the API server were unreachable.
+    pub fn set_down(&self, down: bool) {
+        lock(&self.0).down = down;
+    }
+    /// How often the zone of `node` was read.
+    pub fn zone_reads(&self, node: &str) -> u32 {
+        lock(&self.0).zone_reads.get(node).copied().unwrap_or(0)
+    }
+}
+
+impl super::contact::ContactApi for FakeContact {
+    async fn list_heartbeats(&self) -> Result<Vec<Lease>> {
+        let c = lock(&self.0);
+        if c.down {
+            return Err(FakeHeartbeatApi::unreachable());
+        }
+        Ok(c.versions
+            .iter()
+            .map(|(node, (v, mark))| {
+                let mut lease = Lease::default();
+                lease.metadata.name = Some(super::heartbeat::lease_name(node));
+                lease.metadata.resource_version = Some(v.to_string());
+                let renewed = jiff::Timestamp::from_second(1_700_000_000 + mark)
+                    .unwrap_or(jiff::Timestamp::UNIX_EPOCH);
+                lease.spec = Some(k8s_openapi::api::coordination::v1::LeaseSpec {
+                    holder_identity: Some(node.clone()),
+                    renew_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+                        renewed,
+                    )),
+                    ..Default::default()
+                });
+                lease
+            })
+            .collect())
+    }
+    async fn zone_of(&self, node: &str) -> Result<Option<String>> {
+        let mut c = lock(&self.0);
+        if c.down {
+            return Err(FakeHeartbeatApi::unreachable());
+        }
+        *c.zone_reads.entry(node.into()).or_default() += 1;
+        Ok(c.zones.get(node).cloned())
+    }
+}
+
+/// How the fake witness answers claims.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WitnessAnswer {
+    /// `granted` with this epoch and duration.
+    Grant { epoch: u64, valid_for_ms: u64 },
+    /// `held` by the other room.
+    Held,
+    /// This status with this raw body.
+    Raw { status: u16, body: String },
+}
+
+/// A claim as the fake witness received it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceivedClaim {
+    pub cluster: String,
+    /// The `Authorization` header.
+    pub authorization: Option<String>,
+    /// The claim, or `None` when the body was not one.
+    pub claim: Option<crate::witness::Claim>,
+}
+
+#[derive(Debug)]
+struct WitnessState {
+    answer: WitnessAnswer,
+    received: Vec<ReceivedClaim>,
+}
+
+/// A witness on 127.0.0.1 that records claims and answers as told (over plain HTTP).
+#[derive(Debug, Clone)]
+pub struct FakeWitness {
+    state: Arc<Mutex<WitnessState>>,
+    addr: SocketAddr,
+}
+
+impl FakeWitness {
+    /// Starts serving on an ephemeral port of 127.0.0.1 (until the runtime ends).
+    pub async fn start(answer: WitnessAnswer) -> std::io::Result<Self> {
+        use axum::body::Bytes;
+        use axum::extract::{Path, State};
+        use axum::http::HeaderMap;
+        use axum::response::IntoResponse;
+        use axum::routing::{get, post};
+
+        async fn claim(
+            State(state): State<Arc<Mutex<WitnessState>>>,
+            Path(cluster): Path<String>,
+            headers: HeaderMap,
+            body: Bytes,
+        ) -> axum::response::Response {
+            let answer = {
+                let mut s = lock(&state);
+                s.received.push(ReceivedClaim {
+                    cluster,
+                    authorization: headers
+                        .get(http::header::AUTHORIZATION)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string),
+                    claim: serde_json::from_slice(&body).ok(),
+                });
+                s.answer.clone()
+            };
+            let (status, body) = match answer {
+                WitnessAnswer::Grant {
+                    epoch,
+                    valid_for_ms,
+                } => (
+                    200,
+                    serde_json::json!({"outcome": "granted", "epoch": epoch,
+                                       "valid_for_ms": valid_for_ms})
+                    .to_string(),
+                ),
+                WitnessAnswer::Held => (
+                    200,
+                    serde_json::json!({"outcome": "held", "holder": "room-b", "epoch": 1,
+                                       "retry_after_ms": 1000})
+                    .to_string(),
+                ),
+                WitnessAnswer::Raw { status, body } => (status, body),
+            };
+            let status = http::StatusCode::from_u16(status)
+                .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+            (
+                status,
+                [(http::header::CONTENT_TYPE, "application/json")],
+                body,
+            )
+                .into_response()
+        }
+
+        let state = Arc::new(Mutex::new(WitnessState {
+            answer,
+            received: Vec::new(),
+        }));
+        let router = axum::Router::new()
+            .route("/healthz", get(|| async { "ok" }))
+            .route("/v1/clusters/{cluster}/claim", post(claim))
+            .with_state(Arc::clone(&state));
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+        let addr = listener.local_addr()?;
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
+        Ok(FakeWitness { state, addr })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn set_answer(&self, answer: WitnessAnswer) {
+        lock(&self.state).answer = answer;
+    }
+
+    /// Every claim received, in order.
+    pub fn received(&self) -> Vec<ReceivedClaim> {
+        lock(&self.state).received.clone()
+    }
+}

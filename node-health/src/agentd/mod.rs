@@ -3,9 +3,13 @@
 //! Four tasks share one core: the heartbeat Lease renewal ([`heartbeat`]), the partner lookup
 //! ([`partner`]), the peer probes and the peer port ([`peer`]), and the decision loop
 //! ([`node_agent`]) that stops workloads and feeds the watchdog ([`watchdog`], [`stopper`]).
+//! With a witness configured two more run: the other room's heartbeats read through the API
+//! server ([`contact`]) and the claims at the witness ([`claims`], [`witness_client`]).
 //! The tasks only report what they saw to the core; what the node may do is the core's call.
 
+pub mod claims;
 pub mod cli;
+pub mod contact;
 pub mod error;
 pub mod fake;
 pub mod heartbeat;

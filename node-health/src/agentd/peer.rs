@@ -1,10 +1,13 @@
 //! Peer probes: every agent answers `GET /v1/peer` with [`AgentCore::report`], and asks its
 //! partner in the other room the same question every probe interval. A partner that cannot
 //! reach the API server either, and still has the right to run, vouches for this node
-//! ([`AgentCore::peer_answered`]): a whole-cluster API outage stops nothing.
+//! ([`AgentCore::peer_answered`]): a whole-cluster API outage stops nothing. An answer from a
+//! partner of the other room that has the right to run is also evidence that the rooms are in
+//! contact ([`AgentCore::observe_other_room`]).
 //!
 //! [`AgentCore::report`]: crate::AgentCore::report
 //! [`AgentCore::peer_answered`]: crate::AgentCore::peer_answered
+//! [`AgentCore::observe_other_room`]: crate::AgentCore::observe_other_room
 
 use super::SharedCore;
 use super::error::{Error, Result, report};
@@ -145,7 +148,13 @@ pub async fn probe_partner<P: PeerProbe>(
     let sent_at = clock.now();
     let answer = probe.probe(addr).await;
     if let Ok(report) = &answer {
-        core.lock().peer_answered(sent_at, report);
+        let mut c = core.lock();
+        c.peer_answered(sent_at, report);
+        // A partner of the other room that may run is evidence that the rooms are in contact
+        // (counted from when the probe was sent, never from the answer).
+        if report.has_right && report.room != c.report(sent_at).room {
+            c.observe_other_room(sent_at);
+        }
     }
     Some(answer)
 }

@@ -210,12 +210,13 @@ impl WitnessClient {
             url: base_url.to_string(),
             what: what.to_string(),
         };
-        let uri: Uri = base_url.parse().map_err(|e: http::uri::InvalidUri| {
-            WitnessError::BadUrl {
-                url: base_url.to_string(),
-                what: e.to_string(),
-            }
-        })?;
+        let uri: Uri =
+            base_url
+                .parse()
+                .map_err(|e: http::uri::InvalidUri| WitnessError::BadUrl {
+                    url: base_url.to_string(),
+                    what: e.to_string(),
+                })?;
         let https = match uri.scheme_str() {
             Some("https") => true,
             Some("http") => false,
@@ -237,8 +238,8 @@ impl WitnessClient {
         if !valid_cluster(cluster) {
             return Err(WitnessError::BadCluster(cluster.to_string()));
         }
-        let authorization = check_token(token)
-            .map_err(|what| WitnessError::BadToken { path: None, what })?;
+        let authorization =
+            check_token(token).map_err(|what| WitnessError::BadToken { path: None, what })?;
 
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = hyper_rustls::HttpsConnectorBuilder::new();
@@ -445,7 +446,13 @@ mod tests {
         let ok = WitnessClient::new("http://127.0.0.1:8443/", "prod", "tok", None).expect("ok");
         assert_eq!(ok.base_url(), "http://127.0.0.1:8443");
         assert!(!format!("{ok:?}").contains("tok\""));
-        for url in ["127.0.0.1:80", "ftp://x", "http://", "http://u:p@x", "http://x/?a=b"] {
+        for url in [
+            "127.0.0.1:80",
+            "ftp://x",
+            "http://",
+            "http://u:p@x",
+            "http://x/?a=b",
+        ] {
             assert!(
                 matches!(
                     WitnessClient::new(url, "prod", "tok", None),
