@@ -241,7 +241,7 @@ impl ApiServer {
             return Err(Error::Missing {
                 what: "kube-apiserver",
                 path: apiserver_bin,
-                hint: format!("run {BUILD_SCRIPT} (builds it once, about 10 minutes)"),
+                hint: format!("run {BUILD_SCRIPT} (builds it once; 10 to 25 minutes on 2 cores)"),
             });
         }
         let etcd_bin = etcd_binary();
