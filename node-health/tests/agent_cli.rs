@@ -29,6 +29,45 @@ fn no_watchdog_without_acknowledging_no_fencing_is_refused() {
 }
 
 #[test]
+fn the_test_watchdog_file_without_acknowledging_no_fencing_is_refused() {
+    let out = agent()
+        .args(["--node-name", "a-1", "--room", "room-a"])
+        .args(["--test-watchdog-file", "/tmp/twosite-test-watchdog"])
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--test-watchdog-file"), "{stderr}");
+    assert!(stderr.contains("--i-understand-no-fencing"), "{stderr}");
+}
+
+#[test]
+fn a_regular_file_as_watchdog_device_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("watchdog");
+    std::fs::write(&file, b"").expect("write");
+    let out = agent()
+        .args([
+            "--node-name",
+            "a-1",
+            "--room",
+            "room-a",
+            "--watchdog-device",
+        ])
+        .arg(&file)
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("not a watchdog device"), "{stderr}");
+    assert_eq!(
+        std::fs::metadata(&file).expect("file").len(),
+        0,
+        "never fed"
+    );
+}
+
+#[test]
 fn the_node_name_is_required() {
     let out = agent().output().expect("runs");
     assert_eq!(out.status.code(), Some(2), "{out:?}");

@@ -15,7 +15,7 @@ use super::node_agent::{NodeAgent, TICK};
 use super::partner::{KubePairing, PartnerCache, run_partner_refresh, zone};
 use super::peer::{self, HttpProbe, run_probes};
 use super::stopper::CommandStopper;
-use super::watchdog::{DEFAULT_DEVICE, DeviceWatchdog, NoWatchdog, Watchdog};
+use super::watchdog::{DEFAULT_DEVICE, DeviceWatchdog, FileWatchdog, NoWatchdog, Watchdog};
 use super::witness_client::{WitnessClient, WitnessError, read_token_file};
 use crate::agent::AgentCore;
 use crate::time::{Clock, SystemClock};
@@ -59,9 +59,15 @@ pub struct Args {
     #[arg(long)]
     pub no_watchdog: bool,
 
-    /// Accept that --no-watchdog leaves this node unfenced.
+    /// Accept that --no-watchdog or --test-watchdog-file leaves this node unfenced.
     #[arg(long)]
     pub i_understand_no_fencing: bool,
+
+    /// Tests and development only: feed this regular file instead of a watchdog device and
+    /// report the watchdog as enabled. Nothing reboots the node; the test harness must treat
+    /// it as rebooted once the feeds stop. Refused unless --i-understand-no-fencing is given.
+    #[arg(long, conflicts_with_all = ["no_watchdog", "watchdog_device"])]
+    pub test_watchdog_file: Option<PathBuf>,
 
     /// Address of the peer port (GET /v1/peer); the partner is probed on the same port.
     #[arg(long, default_value = "0.0.0.0:9477")]
@@ -101,7 +107,14 @@ impl Args {
     /// Refuses `--no-watchdog` unless the operator acknowledged running without fencing.
     pub fn check_fencing(&self) -> Result<()> {
         if self.no_watchdog && !self.i_understand_no_fencing {
-            return Err(Error::FencingNotAcknowledged);
+            return Err(Error::FencingNotAcknowledged {
+                flag: "--no-watchdog",
+            });
+        }
+        if self.test_watchdog_file.is_some() && !self.i_understand_no_fencing {
+            return Err(Error::FencingNotAcknowledged {
+                flag: "--test-watchdog-file",
+            });
         }
         Ok(())
     }
@@ -236,6 +249,14 @@ fn watchdog(args: &Args, timing: &HealthTiming) -> Result<Box<dyn Watchdog>> {
              does not fence itself; the controller must not rely on it"
         );
         return Ok(Box::new(NoWatchdog));
+    }
+    if let Some(file) = &args.test_watchdog_file {
+        tracing::warn!(
+            file = %file.display(),
+            "TEST WATCHDOG (--test-watchdog-file --i-understand-no-fencing): the agent reports a \
+             watchdog, but nothing reboots this node"
+        );
+        return Ok(Box::new(FileWatchdog::new(file)));
     }
     Ok(Box::new(DeviceWatchdog::prepare(
         &args.watchdog_device,

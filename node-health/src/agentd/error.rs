@@ -6,12 +6,12 @@ use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum Error {
-    /// `--no-watchdog` without `--i-understand-no-fencing`.
+    /// `--no-watchdog` or `--test-watchdog-file` without `--i-understand-no-fencing`.
     #[error(
-        "--no-watchdog turns self-fencing off: the controller may then release this node's \
+        "{flag} turns self-fencing off: the controller may then release this node's \
          workloads while they still run here. Pass --i-understand-no-fencing as well to accept that"
     )]
-    FencingNotAcknowledged,
+    FencingNotAcknowledged { flag: &'static str },
 
     /// A witness flag is missing or does not go with the others.
     #[error("{flag}: {what}")]

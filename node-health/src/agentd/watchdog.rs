@@ -34,17 +34,26 @@ pub struct DeviceWatchdog {
 }
 
 impl DeviceWatchdog {
-    /// Makes sure the device exists without opening it (opening would start it). When the
-    /// default device is missing, loads `softdog` once with the agent's watchdog timeout.
+    /// Makes sure the device exists and is a character device without opening it (opening
+    /// would start it). When the default device is missing, loads `softdog` once with the
+    /// agent's watchdog timeout. A regular file is refused: feeding it would report a watchdog
+    /// that reboots nothing (tests use [`FileWatchdog`], behind its own flag).
     pub fn prepare(path: &Path, timeout: Duration) -> Result<Self> {
         if !path.exists() && path == Path::new(DEFAULT_DEVICE) {
             load_softdog(timeout, path)?;
         }
-        std::fs::metadata(path).map_err(|source| Error::Watchdog {
+        let meta = std::fs::metadata(path).map_err(|source| Error::Watchdog {
             path: path.to_path_buf(),
             what: "no such device",
             source,
         })?;
+        if !is_char_device(&meta) {
+            return Err(Error::Watchdog {
+                path: path.to_path_buf(),
+                what: "not a watchdog device",
+                source: std::io::Error::other("not a character device"),
+            });
+        }
         Ok(DeviceWatchdog {
             path: path.to_path_buf(),
             timeout,
@@ -102,6 +111,17 @@ impl Watchdog for DeviceWatchdog {
     fn fences(&self) -> bool {
         true
     }
+}
+
+#[cfg(unix)]
+fn is_char_device(meta: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    meta.file_type().is_char_device()
+}
+
+#[cfg(not(unix))]
+fn is_char_device(_meta: &std::fs::Metadata) -> bool {
+    false
 }
 
 /// `modprobe softdog soft_margin=<seconds>`, once.
@@ -177,6 +197,64 @@ impl Watchdog for NoWatchdog {
     }
 }
 
+/// A regular file stands in for the watchdog device (`--test-watchdog-file`, with
+/// `--i-understand-no-fencing`): each feed appends one byte, and the agent reports its watchdog
+/// as enabled. Nothing reboots the node: whoever runs the agent this way (the real-API-server
+/// tests) plays the kernel and treats the node as rebooted once the feeds stop.
+#[derive(Debug)]
+pub struct FileWatchdog {
+    path: PathBuf,
+    file: Option<File>,
+}
+
+impl FileWatchdog {
+    pub fn new(path: &Path) -> Self {
+        FileWatchdog {
+            path: path.to_path_buf(),
+            file: None,
+        }
+    }
+}
+
+impl Watchdog for FileWatchdog {
+    fn arm(&mut self) -> Result<()> {
+        if self.file.is_none() {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)
+                .map_err(|source| Error::Watchdog {
+                    path: self.path.clone(),
+                    what: "could not open the test watchdog file",
+                    source,
+                })?;
+            tracing::warn!(
+                file = %self.path.display(),
+                "test watchdog armed: a file stands in for the device, nothing reboots this node"
+            );
+            self.file = Some(file);
+        }
+        Ok(())
+    }
+
+    fn feed(&mut self) -> Result<()> {
+        self.arm()?;
+        let path = self.path.clone();
+        match self.file.as_mut() {
+            Some(file) => file.write_all(b"\0").map_err(|source| Error::Watchdog {
+                path,
+                what: "could not feed the test watchdog file",
+                source,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn fences(&self) -> bool {
+        true
+    }
+}
+
 impl<W: Watchdog + ?Sized> Watchdog for Box<W> {
     fn arm(&mut self) -> Result<()> {
         (**self).arm()
@@ -186,5 +264,45 @@ impl<W: Watchdog + ?Sized> Watchdog for Box<W> {
     }
     fn fences(&self) -> bool {
         (**self).fences()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_regular_file_is_refused_as_the_watchdog_device() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("watchdog");
+        std::fs::write(&file, b"").expect("write");
+        let err = DeviceWatchdog::prepare(&file, Duration::from_secs(5)).expect_err("refused");
+        assert!(err.to_string().contains("not a watchdog device"), "{err}");
+        let missing = dir.path().join("missing");
+        let err = DeviceWatchdog::prepare(&missing, Duration::from_secs(5)).expect_err("refused");
+        assert!(err.to_string().contains("no such device"), "{err}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_character_device_is_accepted_without_being_opened() {
+        // /dev/null is a character device; prepare must not open (start) it.
+        let w = DeviceWatchdog::prepare(Path::new("/dev/null"), Duration::from_secs(5))
+            .expect("a character device");
+        assert!(!w.is_open());
+        assert!(w.fences());
+    }
+
+    #[test]
+    fn the_test_watchdog_file_records_every_feed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("feeds");
+        let mut w = FileWatchdog::new(&file);
+        assert!(!file.exists(), "nothing is written before the agent arms");
+        w.arm().expect("arm");
+        w.feed().expect("feed");
+        w.feed().expect("feed");
+        assert_eq!(std::fs::metadata(&file).expect("file").len(), 2);
+        assert!(w.fences());
     }
 }
