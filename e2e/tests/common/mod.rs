@@ -480,3 +480,85 @@ where
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+// Helpers of apiserver_leader.rs and apiserver_invalid_input.rs.
+
+impl Process {
+    /// The controller under any identity the fixture knows (`kubeconfig`, e.g. one without the
+    /// controller's RBAC), with `identity` in the leader Lease and its admin port.
+    pub fn controller_with_kubeconfig(
+        server: &ApiServer,
+        kubeconfig: &Path,
+        identity: &str,
+        admin_port: u16,
+    ) -> Process {
+        let args: Vec<String> = [
+            "controller",
+            "--identity",
+            identity,
+            "--namespace",
+            NAMESPACE,
+            "--admin-addr",
+            &format!("127.0.0.1:{admin_port}"),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        Process::start(server, identity, &binary("twosite"), kubeconfig, &args)
+    }
+}
+
+/// The value of one exact series on an admin port's /metrics, labels included, e.g.
+/// `twosite_leader_election_errors_total{error="forbidden"}`; `None` when the port does not
+/// answer or the series is not there.
+pub fn metric_series(port: u16, series: &str) -> Option<f64> {
+    let (code, body) = http_get(port, "/metrics")?;
+    if code != 200 {
+        return None;
+    }
+    body.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (key, value) = l.rsplit_once(' ')?;
+        (key == series).then(|| value.trim().parse().ok())?
+    })
+}
+
+/// The holder of Lease `name` (`None`: no Lease, or no holder), and its `leaseTransitions`.
+pub async fn lease_holder(
+    leases: &Api<Lease>,
+    name: &str,
+) -> Result<(Option<String>, i32), String> {
+    let lease = leases
+        .get_opt(name)
+        .await
+        .map_err(|e| format!("get Lease {name}: {e}"))?;
+    let spec = lease.and_then(|l| l.spec);
+    Ok((
+        spec.as_ref().and_then(|s| s.holder_identity.clone()),
+        spec.and_then(|s| s.lease_transitions).unwrap_or(0),
+    ))
+}
+
+/// The `default` TwoSite's status (`Null` while it has none), or why it could not be read.
+pub async fn twosite_status(twosites: &Api<DynamicObject>) -> Result<Value, String> {
+    match twosites.get_opt("default").await {
+        Ok(Some(ts)) => Ok(ts.data["status"].clone()),
+        Ok(None) => Err("no TwoSite default".into()),
+        Err(e) => Err(format!("get TwoSite default: {e}")),
+    }
+}
+
+/// Condition `type_` of a TwoSite status.
+pub fn status_condition<'a>(status: &'a Value, type_: &str) -> Option<&'a Value> {
+    status["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+}
+
+/// The entry of `node` in a TwoSite status's `nodes`.
+pub fn status_node<'a>(status: &'a Value, node: &str) -> Option<&'a Value> {
+    status["nodes"]
+        .as_array()?
+        .iter()
+        .find(|n| n["name"] == node)
+}
