@@ -107,20 +107,8 @@ impl Error {
     }
 }
 
-/// The error and all its sources, joined with `: `, for logs.
-pub fn report(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        let message = e.to_string();
-        if !out.contains(&message) {
-            out.push_str(": ");
-            out.push_str(&message);
-        }
-        cur = e.source();
-    }
-    out
-}
+/// The error and all its sources on one line, for logs (shared with the controller).
+pub use crate::report::report;
 
 /// Runs one Kubernetes API call with a deadline, naming it for errors and logs.
 pub async fn with_timeout<T>(
