@@ -71,6 +71,10 @@ pub struct AgentStep {
     pub lost: Option<LossReason>,
     /// The right was gained for the first time since boot at this step.
     pub armed: bool,
+    /// Reboot the node now, after stopping the workloads: the right is lost and the watchdog
+    /// that should reboot it is broken. The controller may have seen it `enabled` and will
+    /// treat the node as fenced after the fence deadline, so the agent must fence it itself.
+    pub reboot: bool,
 }
 
 /// The agent's state, from boot to reboot.
@@ -94,6 +98,8 @@ pub struct AgentCore {
     other_room_heard: bool,
     /// The witness grant for this room: its epoch and until when it lasts (agent's clock).
     grant: Option<(u64, MonoTime)>,
+    /// The watchdog could not be armed or fed: it may never reboot this node.
+    watchdog_failed: bool,
 }
 
 impl AgentCore {
@@ -114,7 +120,19 @@ impl AgentCore {
             other_room_seen: None,
             other_room_heard: false,
             grant: None,
+            watchdog_failed: false,
         }
+    }
+
+    /// The watchdog could not be armed or fed. Latched until the agent restarts: the heartbeat
+    /// reports it (the controller then never treats the node as fenced by time), and losing
+    /// the right to run reboots the node directly ([`AgentStep::reboot`]).
+    pub fn watchdog_failed(&mut self) {
+        self.watchdog_failed = true;
+    }
+
+    pub fn is_watchdog_failed(&self) -> bool {
+        self.watchdog_failed
     }
 
     /// A witness is configured: losing contact with the other room needs its grant.
@@ -327,6 +345,7 @@ impl AgentCore {
                 self.lost = Some(why.clone());
                 step.lost = Some(why);
                 step.stop_workloads = true;
+                step.reboot = self.watchdog_failed;
             }
             // Not admitted since boot: nothing runs, the watchdog is not armed yet.
             None => {}
@@ -386,6 +405,32 @@ mod tests {
             assert_eq!(a.tick(MonoTime(t)), AgentStep::default());
         }
         assert!(!a.report(MonoTime(9_000)).has_right);
+    }
+
+    #[test]
+    fn a_broken_watchdog_reboots_directly_when_the_right_is_lost() {
+        let mut a = agent();
+        a.renewal_succeeded(MonoTime(0));
+        assert!(a.tick(MonoTime(0)).armed);
+        a.watchdog_failed();
+        assert!(a.is_watchdog_failed());
+        // Still running while the right holds: a broken watchdog alone stops nothing.
+        let s = a.tick(MonoTime(1_000));
+        assert!(s.feed && !s.reboot && !s.stop_workloads);
+        let s = a.tick(MonoTime(7_920));
+        assert_eq!(s.lost, Some(LossReason::LeaseExpired));
+        assert!(s.stop_workloads && s.reboot, "{s:?}");
+        // Once: the reboot is not asked again.
+        assert_eq!(a.tick(MonoTime(9_000)), AgentStep::default());
+    }
+
+    #[test]
+    fn a_working_watchdog_is_left_to_reboot_the_node() {
+        let mut a = agent();
+        a.renewal_succeeded(MonoTime(0));
+        a.tick(MonoTime(0));
+        let s = a.tick(MonoTime(7_920));
+        assert!(s.stop_workloads && !s.reboot, "{s:?}");
     }
 
     #[test]

@@ -186,6 +186,40 @@ async fn lost_right_stops_workloads_then_never_feeds_again() {
 }
 
 #[tokio::test]
+async fn a_broken_watchdog_is_reported_and_the_node_reboots_itself_on_loss() {
+    let mut h = Harness::new();
+    h.run_for(10_000).await;
+    let annotations = |h: &Harness| {
+        h.api
+            .stored()
+            .expect("the Lease exists")
+            .metadata
+            .annotations
+            .expect("annotations")
+    };
+    assert_eq!(annotations(&h)[heartbeat::WATCHDOG_ANNOTATION], "enabled");
+
+    // The device goes away: the next renewal says so, and nothing stops while the right holds.
+    h.agent.watchdog().break_it();
+    h.run_for(5_000).await;
+    assert!(h.core().lock().is_watchdog_failed());
+    assert_eq!(annotations(&h)[heartbeat::WATCHDOG_ANNOTATION], "failed");
+    assert!(h.log.times_of(Event::Stopped).is_empty());
+    assert!(h.log.times_of(Event::Rebooted).is_empty());
+
+    // The right is lost: stop the workloads, then reboot (nothing else would).
+    let outage = h.clock.now();
+    h.api.set_mode(ApiMode::Down);
+    h.run_for(20_000).await;
+    let stops = h.log.times_of(Event::Stopped);
+    let reboots = h.log.times_of(Event::Rebooted);
+    assert_eq!(stops.len(), 1, "{:?}", h.log.events());
+    assert_eq!(reboots.len(), 1, "rebooted once: {:?}", h.log.events());
+    assert!(stops[0] <= reboots[0], "the stop comes first");
+    assert!(reboots[0] <= outage + h.timing.agent_lease, "{reboots:?}");
+}
+
+#[tokio::test]
 async fn the_watchdog_is_not_opened_before_the_first_successful_renewal() {
     let mut h = Harness::new();
     h.api.set_mode(ApiMode::Down);

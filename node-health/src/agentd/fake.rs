@@ -49,6 +49,8 @@ pub enum Event {
     Fed,
     /// The HA workloads were stopped.
     Stopped,
+    /// The agent rebooted the node itself (its watchdog was broken).
+    Rebooted,
 }
 
 /// A shared, timestamped record of what the fakes did, in order.
@@ -82,11 +84,32 @@ impl EventLog {
 pub struct FakeWatchdog {
     clock: FakeClock,
     log: EventLog,
+    broken: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl FakeWatchdog {
     pub fn new(clock: FakeClock, log: EventLog) -> Self {
-        FakeWatchdog { clock, log }
+        FakeWatchdog {
+            clock,
+            log,
+            broken: Arc::default(),
+        }
+    }
+
+    /// From now on every arm and feed fails, as a device that went away would.
+    pub fn break_it(&self) {
+        self.broken.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.broken.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(super::error::Error::Watchdog {
+                path: "/dev/fake-watchdog".into(),
+                what: "could not feed",
+                source: std::io::Error::other("the fake watchdog is broken"),
+            });
+        }
+        Ok(())
     }
     pub fn is_open(&self) -> bool {
         !self.log.times_of(Event::Armed).is_empty()
@@ -95,10 +118,12 @@ impl FakeWatchdog {
 
 impl Watchdog for FakeWatchdog {
     fn arm(&mut self) -> Result<()> {
+        self.check()?;
         self.log.push(self.clock.now(), Event::Armed);
         Ok(())
     }
     fn feed(&mut self) -> Result<()> {
+        self.check()?;
         // Like the device: feeding an unopened watchdog opens it first.
         if !self.is_open() {
             self.log.push(self.clock.now(), Event::Armed);
@@ -108,6 +133,10 @@ impl Watchdog for FakeWatchdog {
     }
     fn fences(&self) -> bool {
         true
+    }
+    fn reboot(&mut self) -> Result<()> {
+        self.log.push(self.clock.now(), Event::Rebooted);
+        Ok(())
     }
 }
 

@@ -136,6 +136,7 @@ pub fn heartbeat_lease(
     base: Option<&Lease>,
     failures_before: u32,
     right_to_run: Option<&RunBasis>,
+    watchdog_failed: bool,
     now: jiff::Timestamp,
 ) -> Lease {
     let name = lease_name(&facts.node);
@@ -161,10 +162,10 @@ pub fn heartbeat_lease(
         (RENEW_FAILURES_ANNOTATION, failures_before.to_string()),
         (
             WATCHDOG_ANNOTATION,
-            if facts.watchdog_enabled {
-                "enabled"
-            } else {
-                "disabled"
+            match (facts.watchdog_enabled, watchdog_failed) {
+                (true, false) => "enabled",
+                (true, true) => "failed",
+                (false, _) => "disabled",
             }
             .to_string(),
         ),
@@ -226,6 +227,7 @@ async fn write_heartbeat<A: HeartbeatApi>(
             current.as_ref(),
             c.failures_before_next_renewal(),
             c.right_to_run(now).as_ref(),
+            c.is_watchdog_failed(),
             jiff::Timestamp::now(),
         )
     };

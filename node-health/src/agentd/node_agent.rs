@@ -66,18 +66,37 @@ impl<W: Watchdog, S: WorkloadStopper> NodeAgent<W, S> {
             );
             self.stopper.stop().await;
         }
+        if step.reboot {
+            tracing::error!("the watchdog is broken: rebooting the node directly");
+            if let Err(err) = self.watchdog.reboot() {
+                tracing::error!(error = %report(&err), "could not reboot the node");
+            }
+        }
         if step.armed {
             tracing::info!("right to run gained: arming the watchdog");
             if let Err(err) = self.watchdog.arm() {
-                tracing::error!(error = %report(&err), "could not arm the watchdog");
+                self.watchdog_failed("could not arm the watchdog", &err);
             }
         }
         if step.feed
             && let Err(err) = self.watchdog.feed()
         {
-            tracing::error!(error = %report(&err), "could not feed the watchdog");
+            self.watchdog_failed("could not feed the watchdog", &err);
         }
         step
+    }
+
+    /// Tells the core, which reports it in the heartbeat and reboots directly on loss.
+    fn watchdog_failed(&self, what: &str, err: &super::error::Error) {
+        let mut core = self.core.lock();
+        if !core.is_watchdog_failed() {
+            tracing::error!(
+                error = %report(err),
+                "{what}: reporting the watchdog as failed; the node reboots itself directly if \
+                 it loses the right to run"
+            );
+        }
+        core.watchdog_failed();
     }
 
     /// Ticks every `every` until the process ends.

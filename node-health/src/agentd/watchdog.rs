@@ -23,6 +23,9 @@ pub trait Watchdog: Send {
     fn feed(&mut self) -> Result<()>;
     /// Whether a stopped feed reboots the node (`false` only when fencing is switched off).
     fn fences(&self) -> bool;
+    /// Reboots the node now: the last resort when this watchdog failed and the node lost the
+    /// right to run (see [`crate::AgentStep::reboot`]).
+    fn reboot(&mut self) -> Result<()>;
 }
 
 /// A Linux watchdog device (`/dev/watchdog`, softdog or hardware).
@@ -111,6 +114,26 @@ impl Watchdog for DeviceWatchdog {
     fn fences(&self) -> bool {
         true
     }
+
+    fn reboot(&mut self) -> Result<()> {
+        sysrq_reboot()
+    }
+}
+
+/// The kernel's immediate reboot (`b` to /proc/sysrq-trigger): no sync, no shutdown, like a
+/// watchdog reset; root may write it whatever `kernel.sysrq` says.
+fn sysrq_reboot() -> Result<()> {
+    const TRIGGER: &str = "/proc/sysrq-trigger";
+    tracing::error!("rebooting the node now through {TRIGGER}");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(TRIGGER)
+        .and_then(|mut f| f.write_all(b"b"))
+        .map_err(|source| Error::Watchdog {
+            path: PathBuf::from(TRIGGER),
+            what: "could not reboot",
+            source,
+        })
 }
 
 #[cfg(unix)]
@@ -195,6 +218,10 @@ impl Watchdog for NoWatchdog {
     fn fences(&self) -> bool {
         false
     }
+    /// Never asked (nothing here fails); fencing was switched off by the operator anyway.
+    fn reboot(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// A regular file stands in for the watchdog device (`--test-watchdog-file`, with
@@ -253,6 +280,20 @@ impl Watchdog for FileWatchdog {
     fn fences(&self) -> bool {
         true
     }
+
+    /// The test harness plays the kernel: the reboot is a line in the file.
+    fn reboot(&mut self) -> Result<()> {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .and_then(|mut f| f.write_all(b"REBOOT\n"))
+            .map_err(|source| Error::Watchdog {
+                path: self.path.clone(),
+                what: "could not record the reboot in the test watchdog file",
+                source,
+            })
+    }
 }
 
 impl<W: Watchdog + ?Sized> Watchdog for Box<W> {
@@ -264,6 +305,9 @@ impl<W: Watchdog + ?Sized> Watchdog for Box<W> {
     }
     fn fences(&self) -> bool {
         (**self).fences()
+    }
+    fn reboot(&mut self) -> Result<()> {
+        (**self).reboot()
     }
 }
 
