@@ -19,10 +19,10 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::{Api, Client};
+use node_health::agentd::witness_flags::{WitnessFlagError, WitnessFlags, WitnessSettings};
 use node_health::{Clock, HealthTiming, LeaderConfig, SystemClock};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,103 +53,67 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u8).range(1..=100))]
     pub max_dead_share_pct: u8,
 
-    /// URL of the witness (`https://witness.example:8443`). Without it the controller runs
-    /// without a witness: a dead node is fenced on the heartbeat proof alone.
-    #[arg(long)]
-    pub witness_url: Option<String>,
-
-    /// File holding this cluster's bearer token for the witness (required with --witness-url).
-    #[arg(long)]
-    pub witness_token_file: Option<PathBuf>,
-
-    /// PEM file of the CA that signed the witness's certificate (https only) [default: the
-    /// system's roots].
-    #[arg(long)]
-    pub witness_ca_file: Option<PathBuf>,
-
-    /// This cluster's name at the witness (required with --witness-url).
-    #[arg(long, env = "CLUSTER_NAME")]
-    pub cluster_name: Option<String>,
-}
-
-/// How to reach the witness, validated.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WitnessSettings {
-    pub url: String,
-    pub token_file: PathBuf,
-    pub ca_file: Option<PathBuf>,
-    pub cluster: String,
+    /// Without a witness a dead node is fenced on the heartbeat proof alone.
+    #[command(flatten)]
+    pub witness: WitnessFlags,
 }
 
 impl RunArgs {
-    /// The witness settings, `None` without `--witness-url`, or a message for a bad
-    /// combination of flags.
-    pub fn witness_settings(&self) -> std::result::Result<Option<WitnessSettings>, String> {
-        let Some(url) = self
-            .witness_url
-            .as_deref()
-            .map(str::trim)
-            .filter(|u| !u.is_empty())
-        else {
-            if self.witness_url.is_some() {
-                return Err("--witness-url is empty".into());
-            }
-            for (flag, set) in [
-                ("--witness-token-file", self.witness_token_file.is_some()),
-                ("--witness-ca-file", self.witness_ca_file.is_some()),
-            ] {
-                if set {
-                    return Err(format!("{flag} needs --witness-url"));
-                }
-            }
+    /// The witness settings, `None` without `--witness-url`: the checks the agent makes too
+    /// (and the token read), then the controller's own rules.
+    pub fn witness_settings(
+        &self,
+    ) -> std::result::Result<Option<WitnessSettings>, WitnessFlagError> {
+        let Some(settings) = self.witness.check()? else {
             return Ok(None);
         };
-        let uri: http::Uri = url
-            .parse()
-            .map_err(|e| format!("--witness-url {url:?} is not a URL: {e}"))?;
-        let https = match uri.scheme_str() {
-            Some("https") => true,
-            Some("http") => false,
-            _ => {
-                return Err(format!(
-                    "--witness-url {url:?} must start with https:// or http://"
-                ));
-            }
-        };
-        if uri.host().is_none_or(str::is_empty) {
-            return Err(format!("--witness-url {url:?} has no host"));
-        }
-        if uri.query().is_some() || !matches!(uri.path(), "" | "/") {
-            return Err(format!(
-                "--witness-url {url:?} must be the witness's address only, without a path"
-            ));
-        }
-        let cluster = self
-            .cluster_name
-            .as_deref()
-            .map(str::trim)
-            .filter(|c| !c.is_empty())
-            .ok_or("--witness-url needs --cluster-name (or CLUSTER_NAME): this cluster's name at the witness")?;
-        if !witness::tokens::valid_cluster(cluster) {
-            return Err(format!(
-                "--cluster-name {cluster:?} must be 1 to 128 characters of [A-Za-z0-9._-]"
-            ));
-        }
-        let token_file = self
-            .witness_token_file
-            .clone()
-            .ok_or("--witness-url needs --witness-token-file: the witness only answers with this cluster's token")?;
-        let ca_file = self.witness_ca_file.clone();
-        if ca_file.is_some() && !https {
-            return Err("--witness-ca-file needs an https:// --witness-url".into());
-        }
-        Ok(Some(WitnessSettings {
-            url: url.trim_end_matches('/').to_string(),
-            token_file,
-            ca_file,
-            cluster: cluster.to_string(),
-        }))
+        controller_witness_rules(&settings)?;
+        Ok(Some(settings))
     }
+}
+
+/// What the controller asks of the witness flags beyond the shared checks: the witness's bare
+/// address (no path), a cluster name the witness itself accepts (stricter than the client's),
+/// and a CA file only for https.
+fn controller_witness_rules(
+    settings: &WitnessSettings,
+) -> std::result::Result<(), WitnessFlagError> {
+    let url = &settings.url;
+    let refused = |what: String| WitnessFlagError::refused("--witness-url", what);
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| refused(format!("{url:?} is not a URL: {e}")))?;
+    let https = match uri.scheme_str() {
+        Some("https") => true,
+        Some("http") => false,
+        _ => {
+            return Err(refused(format!(
+                "{url:?} must start with https:// or http://"
+            )));
+        }
+    };
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(refused(format!("{url:?} has no host")));
+    }
+    if uri.query().is_some() || !matches!(uri.path(), "" | "/") {
+        return Err(refused(format!(
+            "{url:?} must be the witness's address only, without a path"
+        )));
+    }
+    let cluster = &settings.cluster;
+    if !witness::tokens::valid_cluster(cluster) {
+        return Err(WitnessFlagError::refused(
+            "--cluster-name",
+            format!("{cluster:?} must be 1 to 128 characters of [A-Za-z0-9._-]"),
+        ));
+    }
+    if settings.ca_file.is_some() && !https {
+        return Err(WitnessFlagError::refused(
+            "--witness-ca-file",
+            "needs an https:// --witness-url",
+        ));
+    }
+    Ok(())
 }
 
 /// The exit status for a bad command line (as clap uses).
@@ -159,19 +123,11 @@ pub const USAGE_EXIT: u8 = 2;
 pub fn main(args: RunArgs) -> ExitCode {
     let witness = match args.witness_settings() {
         Ok(w) => w,
-        Err(message) => {
-            eprintln!("error: {message}");
+        Err(err) => {
+            eprintln!("error: {}", report(&err));
             return ExitCode::from(USAGE_EXIT);
         }
     };
-    // Read once here so that a missing or empty token file is a usage error, not a witness
-    // that never answers.
-    if let Some(w) = &witness
-        && let Err(message) = crate::witness_port::check_token_file(&w.token_file)
-    {
-        eprintln!("error: {message}");
-        return ExitCode::from(USAGE_EXIT);
-    }
     init_tracing();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

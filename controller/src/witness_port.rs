@@ -2,10 +2,11 @@
 //!
 //! A small object-safe trait, so the remediation loop and its tests do not depend on the HTTP
 //! client: the real one ([`HttpWitness`], over `node_health::agentd::witness_client`) and the
-//! tests' fakes implement it. The token is read once at start-up (a rotated token needs a
-//! restart).
+//! tests' fakes implement it. The token is read once, when the flags are checked (a rotated
+//! token needs a restart).
 
-use node_health::agentd::witness_client::{WitnessClient, WitnessError, read_token_file};
+use node_health::agentd::witness_client::{WitnessClient, WitnessError};
+use node_health::agentd::witness_flags::WitnessSettings;
 use node_health::witness::{Claim, ClaimOutcome};
 use std::future::Future;
 use std::pin::Pin;
@@ -39,13 +40,6 @@ pub trait WitnessPort: Send + Sync {
     fn healthz(&self) -> PortFuture<'_, ()>;
 }
 
-/// Checks that the token file holds a usable token.
-pub fn check_token_file(path: &std::path::Path) -> Result<(), String> {
-    read_token_file(path)
-        .map(|_| ())
-        .map_err(|e| format!("--witness-token-file: {}", crate::error::report(&e)))
-}
-
 /// The real witness, over HTTP(S): `node_health::agentd::witness_client`.
 #[derive(Debug)]
 pub struct HttpWitness {
@@ -58,18 +52,12 @@ pub struct HttpWitness {
 pub const HTTP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl HttpWitness {
-    /// A client for `settings`, with the token read from its file now.
-    pub fn new(settings: &crate::run::WitnessSettings) -> crate::Result<Self> {
-        let setup = |e: WitnessError| crate::Error::WitnessClient(crate::error::report(&e));
-        let token = read_token_file(&settings.token_file).map_err(setup)?;
-        let client = WitnessClient::new(
-            &settings.url,
-            &settings.cluster,
-            &token,
-            settings.ca_file.as_deref(),
-        )
-        .map_err(setup)?
-        .with_timeout(HTTP_TIMEOUT);
+    /// A client for `settings` (their token was read when the flags were checked).
+    pub fn new(settings: &WitnessSettings) -> crate::Result<Self> {
+        let client = settings
+            .client()
+            .map_err(|e| crate::Error::WitnessClient(crate::error::report(&e)))?
+            .with_timeout(HTTP_TIMEOUT);
         Ok(HttpWitness { client })
     }
 }

@@ -16,7 +16,8 @@ use super::partner::{KubePairing, PartnerCache, run_partner_refresh, zone};
 use super::peer::{self, HttpProbe, run_probes};
 use super::stopper::CommandStopper;
 use super::watchdog::{DEFAULT_DEVICE, DeviceWatchdog, FileWatchdog, NoWatchdog, Watchdog};
-use super::witness_client::{WitnessClient, WitnessError, read_token_file};
+use super::witness_client::WitnessClient;
+use super::witness_flags::WitnessFlags;
 use crate::agent::AgentCore;
 use crate::time::{Clock, SystemClock};
 use crate::verdict::HealthTiming;
@@ -82,25 +83,10 @@ pub struct Args {
     #[arg(long, default_value = "/proc/sys/kernel/random/boot_id")]
     pub boot_id_file: PathBuf,
 
-    /// The witness's base URL (https://host:port, or http:// behind a trusted tunnel). Without
-    /// it the agent uses no witness. With it, a room out of contact with the other room runs
-    /// on only while the witness grants it the right. Needs --cluster-name and
-    /// --witness-token-file.
-    #[arg(long)]
-    pub witness_url: Option<String>,
-
-    /// File holding this cluster's bearer token at the witness (a mounted Secret).
-    #[arg(long)]
-    pub witness_token_file: Option<PathBuf>,
-
-    /// PEM file of the CA certificates that sign the witness's certificate (a private CA);
-    /// default: the system's trusted roots.
-    #[arg(long)]
-    pub witness_ca_file: Option<PathBuf>,
-
-    /// This cluster's name at the witness.
-    #[arg(long, env = "CLUSTER_NAME")]
-    pub cluster_name: Option<String>,
+    /// With a witness, a room out of contact with the other room runs on only while the
+    /// witness grants it the right.
+    #[command(flatten)]
+    pub witness: WitnessFlags,
 }
 
 impl Args {
@@ -122,52 +108,11 @@ impl Args {
     /// The witness client, when `--witness-url` is given; refuses flags that do not go together
     /// and reads the token (and CA) file.
     pub fn witness(&self) -> Result<Option<WitnessClient>> {
-        let Some(url) = self.witness_url.as_deref() else {
-            for (given, flag) in [
-                (self.witness_token_file.is_some(), "--witness-token-file"),
-                (self.witness_ca_file.is_some(), "--witness-ca-file"),
-            ] {
-                if given {
-                    return Err(Error::WitnessFlags {
-                        flag,
-                        what: "only goes with --witness-url".into(),
-                    });
-                }
-            }
-            return Ok(None);
+        let client = match self.witness.check()? {
+            Some(settings) => Some(settings.client()?),
+            None => None,
         };
-        let cluster = self
-            .cluster_name
-            .as_deref()
-            .map(str::trim)
-            .filter(|c| !c.is_empty())
-            .ok_or_else(|| Error::WitnessFlags {
-                flag: "--cluster-name",
-                what: "required with --witness-url (or set CLUSTER_NAME)".into(),
-            })?;
-        let token_file = self
-            .witness_token_file
-            .as_deref()
-            .ok_or_else(|| Error::WitnessFlags {
-                flag: "--witness-token-file",
-                what: "required with --witness-url".into(),
-            })?;
-        let token = read_token_file(token_file).map_err(|source| Error::Witness {
-            flag: "--witness-token-file",
-            source,
-        })?;
-        let flag_of = |err: &WitnessError| match err {
-            WitnessError::BadCluster(_) => "--cluster-name",
-            WitnessError::CaFile { .. } | WitnessError::BadCa { .. } => "--witness-ca-file",
-            WitnessError::BadToken { .. } => "--witness-token-file",
-            _ => "--witness-url",
-        };
-        WitnessClient::new(url, cluster, &token, self.witness_ca_file.as_deref())
-            .map(Some)
-            .map_err(|source| Error::Witness {
-                flag: flag_of(&source),
-                source,
-            })
+        Ok(client)
     }
 }
 

@@ -13,17 +13,9 @@ pub enum Error {
     )]
     FencingNotAcknowledged { flag: &'static str },
 
-    /// A witness flag is missing or does not go with the others.
-    #[error("{flag}: {what}")]
-    WitnessFlags { flag: &'static str, what: String },
-
-    /// The witness client could not be set up from `flag`.
-    #[error("{flag}")]
-    Witness {
-        flag: &'static str,
-        #[source]
-        source: super::witness_client::WitnessError,
-    },
+    /// A witness flag is missing, does not go with the others, or is unusable.
+    #[error(transparent)]
+    WitnessFlags(#[from] super::witness_flags::WitnessFlagError),
 
     /// The agent's timing is unsafe.
     #[error("invalid agent timing")]

@@ -4,7 +4,8 @@
 //! ([`partner`]), the peer probes and the peer port ([`peer`]), and the decision loop
 //! ([`node_agent`]) that stops workloads and feeds the watchdog ([`watchdog`], [`stopper`]).
 //! With a witness configured two more run: the other room's heartbeats read through the API
-//! server ([`contact`]) and the claims at the witness ([`claims`], [`witness_client`]).
+//! server ([`contact`]) and the claims at the witness ([`claims`], [`witness_client`], set up
+//! from [`witness_flags`]).
 //! The tasks only report what they saw to the core; what the node may do is the core's call.
 
 pub mod claims;
@@ -19,6 +20,7 @@ pub mod peer;
 pub mod stopper;
 pub mod watchdog;
 pub mod witness_client;
+pub mod witness_flags;
 
 pub use error::{Error, Result};
 
