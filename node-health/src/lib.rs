@@ -11,6 +11,7 @@ pub mod report;
 pub mod rooms;
 pub mod time;
 pub mod verdict;
+pub mod volume;
 pub mod witness;
 
 pub use agent::{AgentCore, AgentStep, PeerReport, RunBasis};
@@ -20,4 +21,8 @@ pub use report::report;
 pub use rooms::{NodeFacts, Pair, Pairing, Room, RoomConfig, RoomError, pair_nodes};
 pub use time::{Clock, MonoTime, SystemClock};
 pub use verdict::{HealthTiming, Heartbeat, NodeObservation, NodeVerdict, Readiness, judge};
+pub use volume::{
+    GuardAction, GuardState, LeaseView, TakeRefusal, VolumeGuard, VolumeLease, VolumeTiming,
+    may_take,
+};
 pub use witness::{Arbiter, Claim, ClaimError, ClaimOutcome, WitnessConfig, WitnessRecord};
