@@ -4,53 +4,19 @@
 mod common;
 
 use common::*;
-use controller::leader_lease::{LeaderLease, Leadership, RoundOutcome};
+use controller::leader_lease::RoundOutcome;
 use controller::metrics::Metrics;
-use controller::pairing::{Context, Outcome, reconcile_pairing};
+use controller::pairing::{Outcome, reconcile_pairing};
 use http::Method;
-use kube::runtime::events::{Recorder, Reporter};
-use node_health::{LeaderConfig, NodeFacts};
+use node_health::NodeFacts;
 use serde_json::json;
 use std::sync::Arc;
-use std::time::Duration;
-
-const ME: &str = "ctl-0";
-
-fn lease_shell(client: kube::Client) -> LeaderLease {
-    let leadership = Leadership::new(LeaderConfig::new(ME)).expect("valid config");
-    LeaderLease::new(
-        client,
-        NAMESPACE,
-        leadership,
-        Arc::new(Metrics::new()),
-        Duration::from_secs(5),
-    )
-}
-
-fn context(client: kube::Client, leadership: Leadership) -> Context {
-    Context::new(
-        kube::Api::all(client.clone()),
-        Recorder::new(
-            client,
-            Reporter {
-                controller: "twosite-controller".into(),
-                instance: Some(ME.into()),
-            },
-        ),
-        leadership,
-        Arc::new(Metrics::new()),
-        Duration::from_secs(5),
-    )
-}
 
 #[tokio::test]
 async fn a_missing_lease_is_created_and_makes_us_leader() {
     let (client, mut api) = mock_client();
-    let shell = lease_shell(client);
-    let round = tokio::spawn({
-        let shell = shell.clone();
-        async move { shell.round().await }
-    });
+    let shell = lease_shell(client, Arc::new(Metrics::new()));
+    let round = spawn_round(&shell);
 
     api.expect(Method::GET, LEASE_PATH).await.respond_status(
         404,
@@ -81,11 +47,8 @@ async fn a_missing_lease_is_created_and_makes_us_leader() {
 #[tokio::test]
 async fn a_free_lease_is_acquired_with_the_resource_version_precondition() {
     let (client, mut api) = mock_client();
-    let shell = lease_shell(client);
-    let round = tokio::spawn({
-        let shell = shell.clone();
-        async move { shell.round().await }
-    });
+    let shell = lease_shell(client, Arc::new(Metrics::new()));
+    let round = spawn_round(&shell);
 
     api.expect(Method::GET, LEASE_PATH)
         .await
@@ -115,10 +78,7 @@ async fn a_free_lease_is_acquired_with_the_resource_version_precondition() {
     assert_eq!(shell.leadership().epoch(), Some(3));
 
     // The next round renews: same epoch, acquireTime kept, precondition the new version.
-    let round = tokio::spawn({
-        let shell = shell.clone();
-        async move { shell.round().await }
-    });
+    let round = spawn_round(&shell);
     let mut ours = lease(Some(ME), 3, "42");
     ours["spec"]["acquireTime"] = json!("2026-11-01T10:00:07.000000Z");
     api.expect(Method::GET, LEASE_PATH).await.respond(200, ours);
@@ -141,11 +101,8 @@ async fn a_free_lease_is_acquired_with_the_resource_version_precondition() {
 #[tokio::test]
 async fn a_conflict_means_not_leader_and_no_status_write() {
     let (client, mut api) = mock_client();
-    let shell = lease_shell(client.clone());
-    let round = tokio::spawn({
-        let shell = shell.clone();
-        async move { shell.round().await }
-    });
+    let shell = lease_shell(client.clone(), Arc::new(Metrics::new()));
+    let round = spawn_round(&shell);
 
     api.expect(Method::GET, LEASE_PATH)
         .await
@@ -168,7 +125,7 @@ async fn a_conflict_means_not_leader_and_no_status_write() {
     assert!(!shell.leadership().is_leader());
 
     // The pairing reconciler of this replica neither reads nor writes anything.
-    let ctx = context(client, shell.leadership().clone());
+    let ctx = pairing_context(client, shell.leadership().clone(), Arc::new(Metrics::new()));
     let nodes = [NodeFacts {
         name: "a1".into(),
         zone: Some("east".into()),
@@ -183,11 +140,8 @@ async fn a_conflict_means_not_leader_and_no_status_write() {
 #[tokio::test]
 async fn a_live_holder_is_waited_for() {
     let (client, mut api) = mock_client();
-    let shell = lease_shell(client);
-    let round = tokio::spawn({
-        let shell = shell.clone();
-        async move { shell.round().await }
-    });
+    let shell = lease_shell(client, Arc::new(Metrics::new()));
+    let round = spawn_round(&shell);
     api.expect(Method::GET, LEASE_PATH)
         .await
         .respond(200, lease(Some("ctl-1"), 4, "9"));
@@ -202,11 +156,8 @@ async fn a_live_holder_is_waited_for() {
 #[tokio::test]
 async fn a_lost_create_race_means_not_leader() {
     let (client, mut api) = mock_client();
-    let shell = lease_shell(client);
-    let round = tokio::spawn({
-        let shell = shell.clone();
-        async move { shell.round().await }
-    });
+    let shell = lease_shell(client, Arc::new(Metrics::new()));
+    let round = spawn_round(&shell);
     api.expect(Method::GET, LEASE_PATH)
         .await
         .respond_status(404, "NotFound", "not found");
@@ -225,11 +176,8 @@ async fn a_lost_create_race_means_not_leader() {
 #[tokio::test]
 async fn a_failed_write_is_an_error_and_not_leadership() {
     let (client, mut api) = mock_client();
-    let shell = lease_shell(client);
-    let round = tokio::spawn({
-        let shell = shell.clone();
-        async move { shell.round().await }
-    });
+    let shell = lease_shell(client, Arc::new(Metrics::new()));
+    let round = spawn_round(&shell);
     api.expect(Method::GET, LEASE_PATH)
         .await
         .respond(200, lease(None, 0, "5"));

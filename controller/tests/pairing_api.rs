@@ -6,18 +6,13 @@ mod common;
 
 use common::*;
 use controller::crd::TwoSite;
-use controller::leader_lease::{LeaderLease, Leadership, RoundOutcome};
 use controller::metrics::Metrics;
-use controller::pairing::{Context, Outcome, reconcile_pairing};
+use controller::pairing::{Context, Outcome};
 use controller::status::{StatusInput, desired_status};
 use http::Method;
-use kube::runtime::events::{Recorder, Reporter};
-use node_health::{LeaderConfig, NodeFacts};
+use node_health::NodeFacts;
 use serde_json::{Value, json};
 use std::sync::Arc;
-use std::time::Duration;
-
-const ME: &str = "ctl-0";
 
 fn worker(name: &str, zone: &str) -> NodeFacts {
     NodeFacts {
@@ -28,42 +23,12 @@ fn worker(name: &str, zone: &str) -> NodeFacts {
     }
 }
 
-/// A context whose replica has just created the Lease (epoch 0) and leads.
+/// A context whose replica has just created the Lease (epoch 0) and leads; the Lease shell
+/// counts into the context's metrics.
 async fn leading_context(client: kube::Client, api: &mut ApiServer) -> Context {
     let metrics = Arc::new(Metrics::new());
-    let leadership = Leadership::new(LeaderConfig::new(ME)).expect("valid config");
-    let shell = LeaderLease::new(
-        client.clone(),
-        NAMESPACE,
-        leadership.clone(),
-        Arc::clone(&metrics),
-        Duration::from_secs(5),
-    );
-    let round = tokio::spawn(async move { shell.round().await });
-    api.expect(Method::GET, LEASE_PATH)
-        .await
-        .respond_status(404, "NotFound", "not found");
-    let create = api.expect(Method::POST, LEASES_PATH).await;
-    let body = create.body.clone();
-    create.respond(201, stored(body, "1"));
-    assert_eq!(
-        round.await.expect("joined").expect("round"),
-        RoundOutcome::Created
-    );
-    assert!(leadership.is_leader());
-    Context::new(
-        kube::Api::all(client.clone()),
-        Recorder::new(
-            client,
-            Reporter {
-                controller: "twosite-controller".into(),
-                instance: Some(ME.into()),
-            },
-        ),
-        leadership,
-        metrics,
-        Duration::from_secs(5),
-    )
+    let leadership = lead(client.clone(), api, Arc::clone(&metrics)).await;
+    pairing_context(client, leadership, metrics)
 }
 
 /// Asserts the request is the controller's server-side apply of the status.
@@ -108,10 +73,7 @@ async fn the_pairing_is_server_side_applied_to_the_status() {
             ..worker("cp1", "east")
         },
     ];
-    let reconcile = tokio::spawn({
-        let ctx = ctx.clone();
-        async move { reconcile_pairing(&ctx, &nodes).await }
-    });
+    let reconcile = spawn_reconcile(&ctx, nodes);
 
     // Previous pair a1/b2 survives: pairs are stable across restarts.
     let previous = json!({"pairs": [{"a": "a1", "b": "b2"}]});
@@ -183,11 +145,7 @@ async fn an_unchanged_status_is_not_written() {
         "2026-11-01T09:30:00Z",
     ));
 
-    let reconcile = tokio::spawn({
-        let ctx = ctx.clone();
-        let nodes = nodes.clone();
-        async move { reconcile_pairing(&ctx, &nodes).await }
-    });
+    let reconcile = spawn_reconcile(&ctx, nodes.clone());
     api.expect(Method::GET, TWOSITE_PATH).await.respond(
         200,
         twosite(
@@ -207,10 +165,7 @@ async fn a_missing_twosite_is_created_with_automatic_rooms() {
     let (client, mut api) = mock_client();
     let ctx = leading_context(client, &mut api).await;
     let nodes = vec![worker("a1", "east"), worker("b1", "west")];
-    let reconcile = tokio::spawn({
-        let ctx = ctx.clone();
-        async move { reconcile_pairing(&ctx, &nodes).await }
-    });
+    let reconcile = spawn_reconcile(&ctx, nodes);
 
     api.expect(Method::GET, TWOSITE_PATH).await.respond_status(
         404,
@@ -251,10 +206,7 @@ async fn an_invalid_spec_is_a_condition_and_an_event_not_pairs() {
     let (client, mut api) = mock_client();
     let ctx = leading_context(client, &mut api).await;
     let nodes = vec![worker("a1", "east"), worker("b1", "west")];
-    let reconcile = tokio::spawn({
-        let ctx = ctx.clone();
-        async move { reconcile_pairing(&ctx, &nodes).await }
-    });
+    let reconcile = spawn_reconcile(&ctx, nodes);
 
     api.expect(Method::GET, TWOSITE_PATH)
         .await
@@ -294,10 +246,7 @@ async fn a_failed_status_write_is_an_error_for_the_backoff() {
     let (client, mut api) = mock_client();
     let ctx = leading_context(client, &mut api).await;
     let nodes = vec![worker("a1", "east"), worker("b1", "west")];
-    let reconcile = tokio::spawn({
-        let ctx = ctx.clone();
-        async move { reconcile_pairing(&ctx, &nodes).await }
-    });
+    let reconcile = spawn_reconcile(&ctx, nodes);
     api.expect(Method::GET, TWOSITE_PATH)
         .await
         .respond(200, twosite(json!({}), None));

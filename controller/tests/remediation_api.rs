@@ -7,9 +7,9 @@ mod common;
 
 use common::*;
 use controller::heartbeats::{Observed, SharedObserved};
-use controller::leader_lease::{LeaderLease, Leadership, RoundOutcome};
+use controller::leader_lease::Leadership;
 use controller::metrics::Metrics;
-use controller::pairing::{Context, Outcome, reconcile_pairing};
+use controller::pairing::Outcome;
 use controller::remediation::{RemediationContext, Remediator};
 use controller::status::RemediationView;
 use controller::taint::{TaintChange, TaintOutcome, change_taint};
@@ -18,16 +18,13 @@ use controller::witness_port::{PortError, PortFuture, WitnessPort};
 use http::Method;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
-use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::watcher::Event as W;
 use node_health::remediation::{Phase, WaitReason};
 use node_health::witness::{Claim, ClaimOutcome};
 use node_health::{HealthTiming, LeaderConfig, MonoTime, NodeFacts, Pair, Pairing, Room};
 use serde_json::{Value, json};
 use std::sync::Arc;
-use std::time::Duration;
 
-const ME: &str = "ctl-0";
 const OOS: &str = "node.kubernetes.io/out-of-service";
 const NODE_A1: &str = "/api/v1/nodes/a1";
 const AGENT_A1: &str =
@@ -35,27 +32,7 @@ const AGENT_A1: &str =
 const PODS: &str = "/api/v1/pods";
 
 async fn leading(client: kube::Client, api: &mut ApiServer) -> Leadership {
-    let leadership = Leadership::new(LeaderConfig::new(ME)).expect("valid config");
-    let shell = LeaderLease::new(
-        client,
-        NAMESPACE,
-        leadership.clone(),
-        Arc::new(Metrics::new()),
-        Duration::from_secs(5),
-    );
-    let round = tokio::spawn(async move { shell.round().await });
-    api.expect(Method::GET, LEASE_PATH)
-        .await
-        .respond_status(404, "NotFound", "not found");
-    let create = api.expect(Method::POST, LEASES_PATH).await;
-    let body = create.body.clone();
-    create.respond(201, stored(body, "1"));
-    assert_eq!(
-        round.await.expect("joined").expect("round"),
-        RoundOutcome::Created
-    );
-    assert!(leadership.is_leader());
-    leadership
+    lead(client, api, Arc::new(Metrics::new())).await
 }
 
 fn context(client: kube::Client, leadership: Leadership) -> RemediationContext {
@@ -63,16 +40,10 @@ fn context(client: kube::Client, leadership: Leadership) -> RemediationContext {
         nodes: kube::Api::all(client.clone()),
         agent_leases: kube::Api::namespaced(client.clone(), NAMESPACE),
         pods: kube::Api::all(client.clone()),
-        recorder: Recorder::new(
-            client,
-            Reporter {
-                controller: "twosite-controller".into(),
-                instance: Some(ME.into()),
-            },
-        ),
+        recorder: recorder(client),
         leadership,
         metrics: Arc::new(Metrics::new()),
-        api_timeout: Duration::from_secs(5),
+        api_timeout: API_TIMEOUT,
         timing: HealthTiming::default(),
         max_dead_share_pct: 50,
         witness: None,
@@ -248,6 +219,17 @@ fn taints_of(patch: &Value) -> Vec<Value> {
         .unwrap_or_else(|| panic!("a taints op in {patch}"))
 }
 
+/// `change` of a1's out-of-service taint, in the background.
+fn spawn_taint_change(
+    client: kube::Client,
+    leadership: &Leadership,
+    change: TaintChange,
+) -> tokio::task::JoinHandle<controller::Result<TaintOutcome>> {
+    let nodes: kube::Api<Node> = kube::Api::all(client);
+    let leadership = leadership.clone();
+    tokio::spawn(async move { change_taint(&nodes, &leadership, "a1", &change, API_TIMEOUT).await })
+}
+
 fn assert_rv_test(patch: &Value, rv: &str) {
     assert_eq!(
         patch[0],
@@ -260,16 +242,13 @@ fn assert_rv_test(patch: &Value, rv: &str) {
 async fn the_taint_keeps_other_taints_and_a_stale_read_is_retried_with_the_new_version() {
     let (client, mut api) = mock_client();
     let leadership = leading(client.clone(), &mut api).await;
-    let nodes: kube::Api<Node> = kube::Api::all(client);
-    let write = tokio::spawn({
-        let leadership = leadership.clone();
-        async move {
-            let change = TaintChange::Apply {
-                fenced_boot_id: Some("boot-a1".into()),
-            };
-            change_taint(&nodes, &leadership, "a1", &change, Duration::from_secs(5)).await
-        }
-    });
+    let write = spawn_taint_change(
+        client,
+        &leadership,
+        TaintChange::Apply {
+            fenced_boot_id: Some("boot-a1".into()),
+        },
+    );
     let dedicated = json!({"key": "dedicated", "value": "db", "effect": "NoSchedule"});
     api.expect(Method::GET, NODE_A1).await.respond(
         200,
@@ -325,20 +304,7 @@ async fn the_taint_keeps_other_taints_and_a_stale_read_is_retried_with_the_new_v
 async fn removing_the_taint_keeps_every_other_taint_and_retries_on_conflict() {
     let (client, mut api) = mock_client();
     let leadership = leading(client.clone(), &mut api).await;
-    let nodes: kube::Api<Node> = kube::Api::all(client);
-    let write = tokio::spawn({
-        let leadership = leadership.clone();
-        async move {
-            change_taint(
-                &nodes,
-                &leadership,
-                "a1",
-                &TaintChange::Remove,
-                Duration::from_secs(5),
-            )
-            .await
-        }
-    });
+    let write = spawn_taint_change(client, &leadership, TaintChange::Remove);
     let dedicated = json!({"key": "dedicated", "value": "db", "effect": "NoSchedule"});
     let ours = json!({"key": OOS, "value": "nodeshutdown", "effect": "NoExecute"});
     let operators = json!({"key": OOS, "value": "manual", "effect": "NoSchedule"});
@@ -806,19 +772,7 @@ async fn witness_status(mode: WitnessMode, previous: Option<Value>) -> (Value, V
     let (_, view) = run.await.expect("passes");
     assert!(view.is_some());
 
-    let mut pairing_ctx = Context::new(
-        kube::Api::all(client.clone()),
-        Recorder::new(
-            client,
-            Reporter {
-                controller: "twosite-controller".into(),
-                instance: Some(ME.into()),
-            },
-        ),
-        leadership,
-        Arc::new(Metrics::new()),
-        Duration::from_secs(5),
-    );
+    let mut pairing_ctx = pairing_context(client, leadership, Arc::new(Metrics::new()));
     pairing_ctx.remediation = tokio::sync::watch::channel(view).1;
     let facts: Vec<NodeFacts> = ["a1", "b1", "b2"]
         .iter()
@@ -829,7 +783,7 @@ async fn witness_status(mode: WitnessMode, previous: Option<Value>) -> (Value, V
             ready: true,
         })
         .collect();
-    let reconcile = tokio::spawn(async move { reconcile_pairing(&pairing_ctx, &facts).await });
+    let reconcile = spawn_reconcile(&pairing_ctx, facts);
     api.expect(Method::GET, TWOSITE_PATH)
         .await
         .respond(200, twosite(json!({}), previous));

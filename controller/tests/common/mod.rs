@@ -1,12 +1,20 @@
 //! A scripted mock of the Kubernetes API server on `tower-test`: each test says which request
 //! comes next (method, path, query), inspects its body and answers as the API server would.
+//! Also the controller replica the tests run as ([`ME`]): its Lease shell and its contexts.
 #![allow(dead_code)]
 
+use controller::leader_lease::{LeaderLease, Leadership, RoundOutcome};
+use controller::metrics::Metrics;
+use controller::pairing::{Context, Outcome, reconcile_pairing};
 use http::{Method, Request, Response, StatusCode};
 use kube::Client;
 use kube::client::Body;
+use kube::runtime::events::{Recorder, Reporter};
+use node_health::{LeaderConfig, NodeFacts};
 use serde_json::{Value, json};
+use std::sync::Arc;
 use std::time::Duration;
+use tokio::task::JoinHandle;
 
 pub type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 pub type Responder = tower_test::mock::SendResponse<Response<Body>>;
@@ -36,6 +44,18 @@ pub struct Seen {
 }
 
 impl Seen {
+    /// Asserts that this is `method` on `path`.
+    fn assert_is(&self, method: Method, path: &str) {
+        assert_eq!(
+            (self.method.clone(), self.path.as_str()),
+            (method, path),
+            "unexpected request {} {}?{}",
+            self.method,
+            self.path,
+            self.query
+        );
+    }
+
     /// The value of query parameter `key`.
     pub fn query_param(&self, key: &str) -> Option<String> {
         self.query.split('&').find_map(|kv| {
@@ -107,14 +127,7 @@ impl ApiServer {
     /// The next request, which must be `method` on `path`.
     pub async fn expect(&mut self, method: Method, path: &str) -> Seen {
         let seen = self.next().await;
-        assert_eq!(
-            (seen.method.clone(), seen.path.as_str()),
-            (method.clone(), path),
-            "unexpected request {} {}?{}",
-            seen.method,
-            seen.path,
-            seen.query
-        );
+        seen.assert_is(method, path);
         seen
     }
 
@@ -130,14 +143,7 @@ impl ApiServer {
                 seen.respond(201, body);
                 continue;
             }
-            assert_eq!(
-                (seen.method.clone(), seen.path.as_str()),
-                (method.clone(), path),
-                "unexpected request {} {}?{}",
-                seen.method,
-                seen.path,
-                seen.query
-            );
+            seen.assert_is(method, path);
             return (seen, reasons);
         }
     }
@@ -238,4 +244,71 @@ pub fn twosite(spec: Value, status: Option<Value>) -> Value {
         obj["status"] = s;
     }
     obj
+}
+
+/// The identity of the controller replica under test.
+pub const ME: &str = "ctl-0";
+/// The API call timeout the tests give the controller.
+pub const API_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The Lease shell of replica [`ME`], not leading yet.
+pub fn lease_shell(client: Client, metrics: Arc<Metrics>) -> LeaderLease {
+    let leadership = Leadership::new(LeaderConfig::new(ME)).expect("valid config");
+    LeaderLease::new(client, NAMESPACE, leadership, metrics, API_TIMEOUT)
+}
+
+/// One leader election round of `shell`, in the background.
+pub fn spawn_round(shell: &LeaderLease) -> JoinHandle<controller::Result<RoundOutcome>> {
+    let shell = shell.clone();
+    tokio::spawn(async move { shell.round().await })
+}
+
+/// Makes [`ME`] the leader: its first round finds no Lease and creates it (epoch 0).
+pub async fn lead(client: Client, api: &mut ApiServer, metrics: Arc<Metrics>) -> Leadership {
+    let shell = lease_shell(client, metrics);
+    let round = spawn_round(&shell);
+    api.expect(Method::GET, LEASE_PATH)
+        .await
+        .respond_status(404, "NotFound", "not found");
+    let create = api.expect(Method::POST, LEASES_PATH).await;
+    let body = create.body.clone();
+    create.respond(201, stored(body, "1"));
+    assert_eq!(
+        round.await.expect("joined").expect("round"),
+        RoundOutcome::Created
+    );
+    let leadership = shell.leadership().clone();
+    assert!(leadership.is_leader());
+    leadership
+}
+
+/// The Event recorder of replica [`ME`].
+pub fn recorder(client: Client) -> Recorder {
+    Recorder::new(
+        client,
+        Reporter {
+            controller: "twosite-controller".into(),
+            instance: Some(ME.into()),
+        },
+    )
+}
+
+/// The pairing reconciler's context of replica [`ME`].
+pub fn pairing_context(client: Client, leadership: Leadership, metrics: Arc<Metrics>) -> Context {
+    Context::new(
+        kube::Api::all(client.clone()),
+        recorder(client),
+        leadership,
+        metrics,
+        API_TIMEOUT,
+    )
+}
+
+/// One pairing reconcile over `nodes`, in the background.
+pub fn spawn_reconcile(
+    ctx: &Context,
+    nodes: Vec<NodeFacts>,
+) -> JoinHandle<controller::Result<Outcome>> {
+    let ctx = ctx.clone();
+    tokio::spawn(async move { reconcile_pairing(&ctx, &nodes).await })
 }
