@@ -59,7 +59,9 @@
 //!
 //! # What the shell must provide
 //! - Unique identities; one write in flight at a time, each reported with [`VolumeGuard::
-//!   write_result`]; every write changes the object (`renewTime`), so the `resourceVersion` moves.
+//!   write_result`] (a write unanswered for `renew` counts as failed, so the shell's request
+//!   timeout should be shorter); every write changes the object (`renewTime`), so the
+//!   `resourceVersion` moves.
 //! - On start, no app running (the guard is the wrapper, or stops the app before creating the
 //!   guard); later the app only runs between `StartApp` and a reported stop.
 //! - A node agent that enforces `ArmFence` on the node's monotonic clock even if it stalls itself
@@ -800,6 +802,20 @@ impl VolumeGuard {
         if self.inflight.is_some() {
             return;
         }
+        // Still named on the Lease (a release that conflicted or failed) but not taking it
+        // back: give it up, or the preferred holder waits for the expiry. No app runs here.
+        if let Observed::Seen(v) = &self.view
+            && self.fresh
+            && v.lease.holder() == Some(self.identity.as_str())
+            && v.lease.handover.is_none()
+            && (self.retiring || v.lease.preferred_other(&self.identity).is_some())
+        {
+            let (epoch, rv) = (v.lease.epoch, v.lease.resource_version.clone());
+            self.state = GuardState::Releasing { epoch };
+            let a = self.send(WriteKind::Release, epoch, rv, now);
+            out.push(a);
+            return;
+        }
         if self.retiring {
             self.state = GuardState::Retired;
             return;
@@ -920,9 +936,10 @@ impl VolumeGuard {
             out.push(GuardAction::RequestFence);
             return;
         }
+        // A renewal that was in flight when the demotion began may still move the deadline.
+        self.arm(out);
         if reason.planned() {
             // The lease is still ours: keep it while the app stops, so a slow stop is no fence.
-            self.arm(out);
             self.renew_if_due(epoch, now, out);
         }
     }
@@ -1933,5 +1950,31 @@ mod tests {
         let a = g.step(MonoTime(200));
         assert_eq!(a, [GuardAction::DisarmFence]);
         assert_eq!(g.fence_deadline(), None);
+    }
+
+    #[test]
+    fn a_release_that_conflicted_is_sent_again_from_standby() {
+        let mut api = Api::new(released(0));
+        let mut g = active("me", &mut api);
+        api.prefer(Some("y"));
+        g.observe(Some(api.lease.clone()), MonoTime(100));
+        assert_eq!(g.step(MonoTime(100)), [GuardAction::StopApp]);
+        g.app_stopped();
+        let a = g.step(MonoTime(200));
+        let [GuardAction::DisarmFence, GuardAction::Release { id, .. }] = a[..] else {
+            panic!("{a:?}");
+        };
+        // The controller wrote the Lease meanwhile: the release conflicts.
+        api.bump();
+        g.write_result(id, WriteOutcome::Conflict, MonoTime(250));
+        assert_eq!(run(&mut g, &mut api, 250), [GuardAction::Refresh]);
+        // Named on the Lease, not taking it back (a switchover is under way): release again.
+        let a = run(&mut g, &mut api, 300);
+        assert!(
+            matches!(a[..], [GuardAction::Release { epoch: 1, .. }]),
+            "{a:?}"
+        );
+        assert!(api.lease.released);
+        assert_eq!(g.state(), GuardState::Standby);
     }
 }
