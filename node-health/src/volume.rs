@@ -1977,4 +1977,90 @@ mod tests {
         assert!(api.lease.released);
         assert_eq!(g.state(), GuardState::Standby);
     }
+
+    /// A holder cut off from the API server at 3 s of real time, whose app never finishes
+    /// stopping, on a clock `holder_ppm` off real time; a taker on a clock `taker_ppm` off that
+    /// sees every change at once. Returns (real ms when the holder's node agent fences it,
+    /// real ms when the taker first sends its acquire).
+    fn race(timing: VolumeTiming, holder_ppm: i64, taker_ppm: i64) -> (u64, u64) {
+        let clock = |r: u64, ppm: i64| {
+            MonoTime(
+                u64::try_from(i64::try_from(r).expect("small") * (1_000_000 + ppm) / 1_000_000)
+                    .expect("forward"),
+            )
+        };
+        let mut api = Api::new(released(0));
+        let mut h = VolumeGuard::new("h", timing).expect("valid timing");
+        let mut t = VolumeGuard::new("t", timing).expect("valid timing");
+        let (mut running, mut armed, mut fenced, mut taken) = (false, None, None, None);
+        let mut seen_rv = String::new();
+        for r in 0..60_000 {
+            let h_now = clock(r, holder_ppm);
+            if r == 0 {
+                h.observe(Some(api.lease.clone()), h_now);
+            }
+            for a in h.step(h_now) {
+                match &a {
+                    GuardAction::StartApp { .. } => running = true,
+                    GuardAction::ArmFence { at } => armed = Some(*at),
+                    _ => {}
+                }
+                // Cut off from 3 s: nothing reaches the API server any more.
+                if r < 3_000
+                    && let Some((id, outcome)) = api.write("h", &a)
+                {
+                    h.write_result(id, outcome, h_now);
+                }
+            }
+            if fenced.is_none()
+                && running
+                && armed.is_some_and(|at| h_now >= at + timing.fence_delay)
+            {
+                fenced = Some(r);
+            }
+            if let (Some(f), Some(t)) = (fenced, taken) {
+                return (f, t);
+            }
+            if r < 100 || taken.is_some() {
+                continue;
+            }
+            let t_now = clock(r, taker_ppm) + Duration::from_secs(5);
+            if api.lease.resource_version != seen_rv {
+                seen_rv = api.lease.resource_version.clone();
+                t.observe(Some(api.lease.clone()), t_now);
+            }
+            if t.step(t_now)
+                .iter()
+                .any(|a| matches!(a, GuardAction::Acquire { .. }))
+            {
+                taken = Some(r);
+            }
+        }
+        panic!("no fence or no takeover: {fenced:?} {taken:?}");
+    }
+
+    #[test]
+    fn clock_drift_at_the_bound_the_holder_is_fenced_before_a_takeover() {
+        let d = VolumeTiming::default();
+        // Slow holder, fast taker: the worst pair within 1 %.
+        let (fenced, taken) = race(d, -10_000, 10_000);
+        assert!(fenced < taken, "{fenced} {taken}");
+        assert!(
+            taken - fenced >= 2_000,
+            "the margin is left over: {fenced} {taken}"
+        );
+        // The tightest timing validate() accepts: 6 + 2.9 + 1 s = 10 s shrunk by 1 %, 1 ms margin.
+        let tight = VolumeTiming {
+            stop_budget: ms(2_900),
+            margin: ms(1),
+            ..d
+        };
+        assert_eq!(tight.validate(), Ok(()));
+        let (fenced, taken) = race(tight, -10_000, 10_000);
+        assert!(fenced < taken, "{fenced} {taken}");
+        assert!(taken - fenced < 10, "tight: {fenced} {taken}");
+        // Clocks drifting 1.5 % where 1 % was assumed: the taker is in while the holder writes.
+        let (fenced, taken) = race(tight, -15_000, 15_000);
+        assert!(fenced > taken, "{fenced} {taken}");
+    }
 }
