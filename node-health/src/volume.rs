@@ -33,9 +33,9 @@
 //!   the app stops; after the stop it releases the lease if it still holds it.
 //! - The node agent is told the *fence deadline* `sent + demote_after + stop_budget` before the
 //!   app starts and whenever it moves. If the app has not been reported stopped by then, the
-//!   agent fences the node within `fence_delay`; the guard also asks for it ([`GuardAction::
-//!   RequestFence`]). The agent enforces the deadline on its own, so a guard that hangs (paused,
-//!   stuck in IO) cannot keep the app writing.
+//!   agent fences the node within `fence_delay`; the guard also asks for it
+//!   ([`GuardAction::RequestFence`]). The agent enforces the deadline on its own, so a guard
+//!   that hangs (paused, stuck in IO) cannot keep the app writing.
 //!
 //! # The timing rule ([`VolumeTiming::validate`])
 //! Clock rates differ from real time by at most `d` (`drift_ppm`). Let the holder's last
@@ -58,10 +58,10 @@
 //! must be at most half as far apart as the demote deadline, so one lost renewal never demotes.
 //!
 //! # What the shell must provide
-//! - Unique identities; one write in flight at a time, each reported with [`VolumeGuard::
-//!   write_result`] (a write unanswered for `renew` counts as failed, so the shell's request
-//!   timeout should be shorter); every write changes the object (`renewTime`), so the
-//!   `resourceVersion` moves.
+//! - Unique identities; one write in flight at a time, each reported with
+//!   [`VolumeGuard::write_result`] (a write unanswered for `renew` counts as failed, so the
+//!   shell's request timeout should be shorter); every write changes the object (`renewTime`),
+//!   so the `resourceVersion` moves.
 //! - On start, no app running (the guard is the wrapper, or stops the app before creating the
 //!   guard); later the app only runs between `StartApp` and a reported stop.
 //! - A node agent that enforces `ArmFence` on the node's monotonic clock even if it stalls itself
