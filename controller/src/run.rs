@@ -59,61 +59,12 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
-    /// The witness settings, `None` without `--witness-url`: the checks the agent makes too
-    /// (and the token read), then the controller's own rules.
+    /// The witness settings, `None` without `--witness-url`: the same checks as the agent's.
     pub fn witness_settings(
         &self,
     ) -> std::result::Result<Option<WitnessSettings>, WitnessFlagError> {
-        let Some(settings) = self.witness.check()? else {
-            return Ok(None);
-        };
-        controller_witness_rules(&settings)?;
-        Ok(Some(settings))
+        self.witness.check()
     }
-}
-
-/// What the controller asks of the witness flags beyond the shared checks: the witness's bare
-/// address (no path), a cluster name the witness itself accepts (stricter than the client's),
-/// and a CA file only for https.
-fn controller_witness_rules(
-    settings: &WitnessSettings,
-) -> std::result::Result<(), WitnessFlagError> {
-    let url = &settings.url;
-    let refused = |what: String| WitnessFlagError::refused("--witness-url", what);
-    let uri: http::Uri = url
-        .parse()
-        .map_err(|e| refused(format!("{url:?} is not a URL: {e}")))?;
-    let https = match uri.scheme_str() {
-        Some("https") => true,
-        Some("http") => false,
-        _ => {
-            return Err(refused(format!(
-                "{url:?} must start with https:// or http://"
-            )));
-        }
-    };
-    if uri.host().is_none_or(str::is_empty) {
-        return Err(refused(format!("{url:?} has no host")));
-    }
-    if uri.query().is_some() || !matches!(uri.path(), "" | "/") {
-        return Err(refused(format!(
-            "{url:?} must be the witness's address only, without a path"
-        )));
-    }
-    let cluster = &settings.cluster;
-    if !witness::tokens::valid_cluster(cluster) {
-        return Err(WitnessFlagError::refused(
-            "--cluster-name",
-            format!("{cluster:?} must be 1 to 128 characters of [A-Za-z0-9._-]"),
-        ));
-    }
-    if settings.ca_file.is_some() && !https {
-        return Err(WitnessFlagError::refused(
-            "--witness-ca-file",
-            "needs an https:// --witness-url",
-        ));
-    }
-    Ok(())
 }
 
 /// The exit status for a bad command line (as clap uses).

@@ -119,6 +119,19 @@ fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// A cluster's name at the witness, as it appears in the claim URL's path: 1 to 128 characters
+/// of `[A-Za-z0-9._-]`, not `.` or `..` (a path segment those would rewrite). The witness's
+/// tokens file, the agent and the controller all hold names to this one rule.
+pub fn valid_cluster_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
 /// Validates a room name the way Kubernetes label values are (a zone label value).
 pub fn valid_room(room: &str) -> bool {
     !room.is_empty()

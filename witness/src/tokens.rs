@@ -13,14 +13,8 @@ use subtle::ConstantTimeEq;
 /// The shortest token accepted: 16 characters (for example `openssl rand -hex 16` gives 32).
 pub const MIN_TOKEN_LEN: usize = 16;
 
-/// Cluster names as they appear in the URL: 1 to 128 characters of `[A-Za-z0-9._-]`.
-pub fn valid_cluster(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 128
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
+/// Cluster names as they appear in the URL (the rule the agent and the controller share).
+pub use node_health::witness::valid_cluster_name as valid_cluster;
 
 /// Every cluster this witness serves, with its bearer token.
 #[derive(Clone)]
@@ -79,7 +73,7 @@ impl Tokens {
                 return Err((
                     line,
                     format!(
-                        "cluster name {cluster:?} must be 1 to 128 characters of [A-Za-z0-9._-]"
+                        "cluster name {cluster:?} must be 1 to 128 characters of [A-Za-z0-9._-], not . or .."
                     ),
                 ));
             }

@@ -164,16 +164,6 @@ fn check_token(token: &str) -> Result<HeaderValue, &'static str> {
     Ok(value)
 }
 
-fn valid_cluster(cluster: &str) -> bool {
-    !cluster.is_empty()
-        && cluster.len() <= 253
-        && cluster != "."
-        && cluster != ".."
-        && cluster
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
-}
-
 /// A client of one cluster's witness. Cheap to clone.
 #[derive(Clone)]
 pub struct WitnessClient {
@@ -235,7 +225,7 @@ impl WitnessClient {
         if uri.query().is_some() {
             return Err(bad_url("a query does not belong in the base URL"));
         }
-        if !valid_cluster(cluster) {
+        if !crate::witness::valid_cluster_name(cluster) {
             return Err(WitnessError::BadCluster(cluster.to_string()));
         }
         let authorization =

@@ -130,6 +130,19 @@ impl WitnessFlags {
             flag: "--witness-token-file",
             source,
         })?;
+        let https = url_scheme_is_https(url)?;
+        if !crate::witness::valid_cluster_name(cluster) {
+            return Err(WitnessFlagError::refused(
+                "--cluster-name",
+                format!("{cluster:?} must be 1 to 128 characters of [A-Za-z0-9._-], not . or .."),
+            ));
+        }
+        if self.witness_ca_file.is_some() && !https {
+            return Err(WitnessFlagError::refused(
+                "--witness-ca-file",
+                "needs an https:// --witness-url",
+            ));
+        }
         Ok(Some(WitnessSettings {
             url: url.trim_end_matches('/').to_string(),
             cluster: cluster.to_string(),
@@ -137,6 +150,28 @@ impl WitnessFlags {
             ca_file: self.witness_ca_file.clone(),
         }))
     }
+}
+
+/// Whether the witness URL is https (else http); any other scheme, or no host, is refused. A
+/// path is allowed: the witness may sit behind a reverse proxy under a prefix.
+fn url_scheme_is_https(url: &str) -> Result<bool, WitnessFlagError> {
+    let refused = |what: String| WitnessFlagError::refused("--witness-url", what);
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| refused(format!("{url:?} is not a URL: {e}")))?;
+    let https = match uri.scheme_str() {
+        Some("https") => true,
+        Some("http") => false,
+        _ => {
+            return Err(refused(format!(
+                "{url:?} must start with https:// or http://"
+            )));
+        }
+    };
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(refused(format!("{url:?} has no host")));
+    }
+    Ok(https)
 }
 
 impl WitnessSettings {
