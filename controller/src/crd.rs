@@ -111,9 +111,11 @@ pub struct WitnessStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("format" = "date-time"))]
     pub last_contact: Option<String>,
-    /// The grant the controller holds (the room it may fence the other room's nodes for), or
-    /// null.
-    #[serde(default)]
+    /// The grant the controller holds (the room it may fence the other room's nodes for);
+    /// absent when it holds none.
+    // Never written as null: server-side apply does not count a null as owned, so it could
+    // outlive the rest of `witness` and fail validation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grant: Option<WitnessGrantStatus>,
 }
 

@@ -104,6 +104,8 @@ pub enum Outcome {
     Unchanged,
     /// The status was written.
     Written,
+    /// This replica leads but its remediation loop has not made a pass as leader yet.
+    WaitingForView,
 }
 
 /// The wall-clock time, to the second, RFC 3339 (as Kubernetes writes `metav1.Time`).
@@ -131,6 +133,12 @@ async fn reconcile_pairing_inner(ctx: &Context, nodes: &[NodeFacts]) -> Result<O
         return Ok(Outcome::NotLeader);
     };
     let remediation = ctx.remediation.borrow().clone();
+    // A new leader writes its first status once its remediation loop has made a pass (well
+    // under a second): an apply without `nodes` and `witness` would drop them for a moment.
+    // Without a remediation loop (its sender gone) the status simply lists no nodes.
+    if remediation.is_none() && ctx.remediation.has_changed().is_ok() {
+        return Ok(Outcome::WaitingForView);
+    }
 
     let leader = LeaderStatus {
         identity: ctx.leadership.identity().to_string(),

@@ -310,3 +310,50 @@ async fn the_loop_waits_for_the_first_node_listing_then_reconciles_on_change() {
     assert!(!pairing.is_finished(), "the loop keeps running");
     pairing.abort();
 }
+
+#[tokio::test]
+async fn a_new_leader_writes_no_status_before_its_remediation_view() {
+    let (client, mut api) = mock_client();
+    let mut ctx = leading_context(client, &mut api).await;
+    // A remediation loop exists (its sender is alive) but has not passed as leader yet.
+    let (view_tx, view_rx) = tokio::sync::watch::channel(None);
+    ctx.remediation = view_rx;
+    let nodes = vec![worker("a1", "east"), worker("b1", "west")];
+
+    let reconcile = spawn_reconcile(&ctx, nodes.clone());
+    api.expect(Method::GET, TWOSITE_PATH)
+        .await
+        .respond(200, twosite(json!({}), None));
+    assert_eq!(
+        reconcile.await.expect("joined").expect("reconcile"),
+        Outcome::WaitingForView
+    );
+    api.expect_nothing().await;
+
+    // Once the loop has made its pass, the status is written (with the nodes it saw).
+    view_tx.send_replace(Some(controller::status::RemediationView {
+        witness: Some(controller::witness_link::WitnessView {
+            reachable: Some(true),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }));
+    let reconcile = spawn_reconcile(&ctx, nodes);
+    api.expect(Method::GET, TWOSITE_PATH)
+        .await
+        .respond(200, twosite(json!({}), None));
+    let apply = api.expect(Method::PATCH, STATUS_PATH).await;
+    assert_status_apply(&apply);
+    let witness = &apply.body["status"]["witness"];
+    assert_eq!(witness["configured"], true, "{}", apply.body);
+    assert!(
+        witness.get("grant").is_none(),
+        "no grant is written as absent, never null: {}",
+        apply.body
+    );
+    apply.respond(200, twosite(json!({}), None));
+    assert_eq!(
+        reconcile.await.expect("joined").expect("reconcile"),
+        Outcome::Written
+    );
+}
