@@ -79,6 +79,31 @@ pub fn room_config(spec: &TwoSiteSpec) -> Result<RoomConfig, String> {
     }
 }
 
+/// The spec's rooms held against the nodes: a configured room that no worker carries while
+/// some worker carries a zone outside both rooms looks like a typo (`room-bb` for `room-b`), and
+/// is refused like an invalid spec so the pairs are not torn down. A room no worker carries
+/// while every worker stands in one of the two rooms is a room still being built: accepted.
+pub fn rooms_against_nodes(config: &RoomConfig, nodes: &[NodeFacts]) -> Result<(), String> {
+    let RoomConfig::Explicit(a, b) = config else {
+        return Ok(());
+    };
+    let workers = || nodes.iter().filter(|n| !n.control_plane);
+    let carried = |room: &str| workers().any(|n| n.zone.as_deref() == Some(room));
+    let Some(stray) = workers()
+        .filter_map(|n| n.zone.as_deref())
+        .find(|z| z != a && z != b)
+    else {
+        return Ok(());
+    };
+    match [a, b].into_iter().find(|room| !carried(room)) {
+        Some(empty) => Err(format!(
+            "spec.rooms: no worker carries zone {empty:?}, while workers carry zone {stray:?}, \
+             which is in neither room (a typo?)"
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Everything the desired status is computed from.
 #[derive(Debug, Clone)]
 pub struct StatusInput<'a> {
@@ -138,7 +163,9 @@ pub fn desired_status(input: &StatusInput<'_>) -> TwoSiteStatus {
         )
     };
 
-    let config = match room_config(input.spec) {
+    let config = match room_config(input.spec)
+        .and_then(|c| rooms_against_nodes(&c, input.nodes).map(|()| c))
+    {
         Ok(c) => c,
         Err(message) => {
             let kept = previous.cloned().unwrap_or_default();
@@ -753,6 +780,40 @@ mod tests {
         let fresh = build(&spec(Some(&["east"])), None, &nodes, T0);
         assert!(fresh.pairs.is_empty() && fresh.rooms.is_none());
         assert!(cond(&fresh, ROOMS_RESOLVED).message.contains("exactly two"));
+    }
+
+    #[test]
+    fn a_configured_room_nobody_carries_beside_a_stray_zone_is_a_typo() {
+        let nodes = [worker("a1", "east"), worker("b1", "west")];
+        let good = build(&spec(Some(&["east", "west"])), None, &nodes, T0);
+        assert_eq!(good.pairs, vec![pair("a1", "b1")]);
+        let typo = build(&spec(Some(&["east", "wset"])), Some(&good), &nodes, T1);
+        assert_eq!(typo.pairs, good.pairs, "the pairs are kept");
+        let rooms = cond(&typo, ROOMS_RESOLVED);
+        assert_eq!(
+            (rooms.status.as_str(), rooms.reason.as_str()),
+            ("False", reason::INVALID_SPEC)
+        );
+        assert!(
+            rooms.message.contains("\"wset\"") && rooms.message.contains("\"west\""),
+            "{}",
+            rooms.message
+        );
+        // A room still being built (nobody in it, nobody elsewhere) is fine.
+        let building = build(&spec(Some(&["east", "west"])), None, &nodes[..1], T0);
+        assert_eq!(cond(&building, ROOMS_RESOLVED).status, "True");
+        // A control-plane node in a third zone is no evidence of a typo.
+        let cp = NodeFacts {
+            control_plane: true,
+            ..worker("cp1", "north")
+        };
+        let with_cp = build(
+            &spec(Some(&["east", "west"])),
+            None,
+            &[worker("a1", "east"), cp],
+            T0,
+        );
+        assert_eq!(cond(&with_cp, ROOMS_RESOLVED).status, "True");
     }
 
     #[test]
