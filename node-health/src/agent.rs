@@ -18,10 +18,17 @@
 //! Lease, conditional on the resourceVersion it judged dead. An agent that sees the marker on
 //! its Lease never gains (or keeps) the right to run until the controller clears it, so a node
 //! that boots just as the controller fences it cannot restart the workloads being released.
+//!
+//! An agent process that restarts within one boot (a rolling update, a crash) hands over to the
+//! next through [`AgentCore::handover`] and [`AgentCore::resume`]: the new process inherits the
+//! old one's evidence and latched state, never more, so the right to run it inherits ends no
+//! later than it would have for the old process unless the new one renews (or is vouched for,
+//! or granted) itself.
 
 use crate::time::{MonoTime, shrink};
 use crate::verdict::HealthTiming;
 use serde::{Deserialize, Serialize};
+use std::time::Duration;
 
 /// What a peer agent answers to a probe.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,9 +74,12 @@ pub struct AgentStep {
     pub feed: bool,
     /// Stop the node's HA workloads now (once, when the right is lost).
     pub stop_workloads: bool,
-    /// The right was lost at this step.
+    /// The right was lost at this step (or, on the first step after [`AgentCore::resume`], had
+    /// been lost by the previous agent process of this boot).
     pub lost: Option<LossReason>,
-    /// The right was gained for the first time since boot at this step.
+    /// Open (arm) the watchdog now: the right was gained for the first time since boot at this
+    /// step, or, after [`AgentCore::resume`], the previous process had armed it and its right
+    /// still holds.
     pub armed: bool,
     /// Reboot the node now, after stopping the workloads: the right is lost and the watchdog
     /// that should reboot it is broken. The controller may have seen it `enabled` and will
@@ -100,6 +110,99 @@ pub struct AgentCore {
     grant: Option<(u64, MonoTime)>,
     /// The watchdog could not be armed or fed: it may never reboot this node.
     watchdog_failed: bool,
+    /// Resumed armed: the next step opens the watchdog again (without a new benefit of the doubt
+    /// for the other room: the previous process had it already).
+    arm_pending: bool,
+    /// Resumed a loss: the next step repeats the stop (and the direct reboot when the watchdog
+    /// is broken), which the previous process may not have finished.
+    loss_pending: bool,
+}
+
+/// What an agent process leaves to the next agent process of the same boot: its evidence and
+/// latched state, with instants on its own clock ([`AgentCore::handover`]). Vouches are not in
+/// it: the next process must earn its own.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Handover {
+    /// When the last successful renewal was sent.
+    pub last_renewal: Option<MonoTime>,
+    /// The watchdog was armed (by this process, or inherited armed).
+    pub armed: bool,
+    /// The right to run was lost (latched until reboot), and why.
+    pub lost: Option<LossReason>,
+    /// The controller's fence marker was on the heartbeat Lease at the last read.
+    pub fence_marker: bool,
+    /// The watchdog could not be armed or fed.
+    pub watchdog_failed: bool,
+    /// Failed renewals since the last successful one.
+    pub renew_failures: u32,
+    /// Last evidence that the other room is alive and in contact.
+    pub other_room_seen: Option<MonoTime>,
+    /// Real evidence of the other room has been seen.
+    pub other_room_heard: bool,
+    /// The witness grant for this room: its epoch and until when it lasts.
+    pub grant: Option<(u64, MonoTime)>,
+}
+
+impl Handover {
+    /// The same, with every instant expressed relative to `now` on the clock it was taken on.
+    pub fn at(&self, now: MonoTime) -> ResumeState {
+        ResumeState {
+            renewed_ago: self.last_renewal.map(|t| now.since(t)),
+            armed: self.armed,
+            lost: self.lost.clone(),
+            fence_marker: self.fence_marker,
+            watchdog_failed: self.watchdog_failed,
+            renew_failures: self.renew_failures,
+            other_room_seen_ago: self.other_room_seen.map(|t| now.since(t)),
+            other_room_heard: self.other_room_heard,
+            grant: self
+                .grant
+                .and_then(|(epoch, until)| (until > now).then(|| (epoch, until.since(now)))),
+        }
+    }
+}
+
+/// A [`Handover`] as the next process sees it when it starts: instants as time elapsed since
+/// them (or left until them) on a clock that counts across processes (the boot clock).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ResumeState {
+    /// How long ago the last successful renewal was sent.
+    pub renewed_ago: Option<Duration>,
+    pub armed: bool,
+    pub lost: Option<LossReason>,
+    pub fence_marker: bool,
+    pub watchdog_failed: bool,
+    pub renew_failures: u32,
+    /// How long ago the other room was last seen alive and in contact.
+    pub other_room_seen_ago: Option<Duration>,
+    pub other_room_heard: bool,
+    /// The witness grant's epoch and how long it still lasts.
+    pub grant: Option<(u64, Duration)>,
+}
+
+/// What [`AgentCore::resume`] made of the previous process's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resumed {
+    /// The previous process had armed the watchdog and its right to run still holds: the next
+    /// step arms and feeds, until that right runs out unless this process renews.
+    Running(RunBasis),
+    /// The previous process had lost the right to run: it stays lost until reboot, the
+    /// watchdog is never fed; the next step repeats the stop.
+    Lost(LossReason),
+    /// The previous process had armed the watchdog but its right to run has run out (or a fence
+    /// marker was seen): not armed; the watchdog it armed fires unless this process arms again
+    /// after its own renewal, like a new agent.
+    Expired,
+    /// The previous process had not armed the watchdog: this one starts like a new agent, with
+    /// the previous one's evidence.
+    NotArmed,
+}
+
+/// `now - ago`, rounded to the earlier millisecond; `None` when that is before this clock's
+/// origin (too long ago to place, which is also too long ago to grant anything).
+fn earlier_by(now: MonoTime, ago: Duration) -> Option<MonoTime> {
+    let ago_ms = u64::try_from(ago.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX);
+    now.0.checked_sub(ago_ms).map(MonoTime)
 }
 
 impl AgentCore {
@@ -121,6 +224,74 @@ impl AgentCore {
             other_room_heard: false,
             grant: None,
             watchdog_failed: false,
+            arm_pending: false,
+            loss_pending: false,
+        }
+    }
+
+    /// What this process leaves to the next agent process of this boot (see [`Handover`]).
+    pub fn handover(&self) -> Handover {
+        Handover {
+            last_renewal: self.last_renewal,
+            armed: self.armed,
+            lost: self.lost.clone(),
+            fence_marker: self.fence_marker,
+            watchdog_failed: self.watchdog_failed,
+            renew_failures: self.consecutive_failures,
+            other_room_seen: self.other_room_seen,
+            other_room_heard: self.other_room_heard,
+            grant: self.grant,
+        }
+    }
+
+    /// Takes over from the previous agent process of this boot, on a new core at `now` (after
+    /// [`set_witness_configured`](Self::set_witness_configured), before the first step).
+    ///
+    /// Every inherited instant is placed on this core's clock rounded to the earlier
+    /// millisecond (and a grant's end to the earlier one too), so the inherited right ends no
+    /// later than it would have for the previous process: the controller's fence deadline
+    /// counts from the last renewal it saw, whichever process sent it. Vouches are not
+    /// inherited.
+    pub fn resume(&mut self, previous: &ResumeState, now: MonoTime) -> Resumed {
+        self.last_renewal = previous.renewed_ago.and_then(|ago| earlier_by(now, ago));
+        self.fence_marker = previous.fence_marker;
+        self.watchdog_failed = self.watchdog_failed || previous.watchdog_failed;
+        // The restart counts as a failed renewal: this process may answer probes (and vouch for
+        // its partner) before it first renews, so that renewal must not look clean.
+        self.consecutive_failures = previous.renew_failures.saturating_add(1);
+        self.other_room_seen = previous
+            .other_room_seen_ago
+            .and_then(|ago| earlier_by(now, ago));
+        self.other_room_heard = previous.other_room_heard;
+        self.grant = previous.grant.and_then(|(epoch, left)| {
+            let until = now + Duration::from_millis(u64::try_from(left.as_millis()).ok()?);
+            (until > now).then_some((epoch, until))
+        });
+        self.last_vouch = None;
+        if let Some(why) = &previous.lost {
+            self.armed = true;
+            self.lost = Some(why.clone());
+            self.loss_pending = true;
+            return Resumed::Lost(why.clone());
+        }
+        if !previous.armed {
+            return Resumed::NotArmed;
+        }
+        self.armed = true;
+        match self.right_to_run(now) {
+            Some(basis) => {
+                self.arm_pending = true;
+                Resumed::Running(basis)
+            }
+            None => {
+                // The previous process would lose the right at its next step. Its evidence must
+                // not arm this one (with a witness, a lease that still holds may not be enough):
+                // only this process's own renewal may.
+                self.armed = false;
+                self.last_renewal = None;
+                self.grant = None;
+                Resumed::Expired
+            }
         }
     }
 
@@ -315,7 +486,12 @@ impl AgentCore {
     /// right, stop the workloads and never feed again.
     pub fn tick(&mut self, now: MonoTime) -> AgentStep {
         let mut step = AgentStep::default();
-        if self.lost.is_some() {
+        if let Some(why) = &self.lost {
+            if std::mem::take(&mut self.loss_pending) {
+                step.lost = Some(why.clone());
+                step.stop_workloads = true;
+                step.reboot = self.watchdog_failed;
+            }
             return step;
         }
         match self.right_to_run(now) {
@@ -325,6 +501,8 @@ impl AgentCore {
                     step.armed = true;
                     // Give the other room the benefit of the doubt for one contact timeout.
                     self.other_room_seen = Some(now);
+                } else if std::mem::take(&mut self.arm_pending) {
+                    step.armed = true;
                 }
                 if self
                     .last_feed
@@ -343,6 +521,9 @@ impl AgentCore {
                     LossReason::LeaseExpired
                 };
                 self.lost = Some(why.clone());
+                // Resumed armed but the right ran out before the first step: the watchdog is
+                // not opened again (the one the previous process armed fires).
+                self.arm_pending = false;
                 step.lost = Some(why);
                 step.stop_workloads = true;
                 step.reboot = self.watchdog_failed;
@@ -575,6 +756,257 @@ mod tests {
             a.tick(MonoTime(8_001)).lost,
             Some(LossReason::NoWitnessGrant)
         );
+    }
+
+    /// An agent armed on a renewal sent at 10 s, as its process stops.
+    fn armed_agent() -> AgentCore {
+        let mut a = agent();
+        a.renewal_succeeded(MonoTime(10_000));
+        assert!(a.tick(MonoTime(10_000)).armed);
+        a
+    }
+
+    /// A new process whose clock reads 100 s when it resumes (another origin than the old one's).
+    const B_START: MonoTime = MonoTime(100_000);
+
+    fn resumed(previous: &ResumeState) -> (AgentCore, Resumed) {
+        let mut b = agent();
+        let resumed = b.resume(previous, B_START);
+        (b, resumed)
+    }
+
+    #[test]
+    fn resumed_within_the_lease_feeds_at_once_and_loses_at_the_inherited_deadline() {
+        let a = armed_agent();
+        // B starts 4 s after A's last renewal: 3.92 s of A's right remain.
+        let (mut b, resumed) = resumed(&a.handover().at(MonoTime(14_000)));
+        assert_eq!(resumed, Resumed::Running(RunBasis::Lease));
+        assert!(b.is_armed());
+        let s = b.tick(B_START);
+        assert!(
+            s.armed && s.feed,
+            "opens and feeds the watchdog at once: {s:?}"
+        );
+        assert!(!b.tick(B_START + Duration::from_millis(500)).feed);
+        let s = b.tick(B_START + Duration::from_millis(1_000));
+        assert!(s.feed && !s.armed, "armed once: {s:?}");
+        // A's deadline: 10 s + 7.92 s on A's clock, 3.92 s after B started.
+        assert!(b.tick(B_START + Duration::from_millis(3_919)).feed);
+        let s = b.tick(B_START + Duration::from_millis(3_920));
+        assert_eq!(s.lost, Some(LossReason::LeaseExpired));
+        assert!(s.stop_workloads && !s.feed);
+        assert_eq!(
+            b.tick(B_START + Duration::from_millis(5_000)),
+            AgentStep::default()
+        );
+    }
+
+    #[test]
+    fn a_renewal_after_resuming_extends_the_right_as_usual() {
+        let (mut b, _) = resumed(&armed_agent().handover().at(MonoTime(14_000)));
+        b.tick(B_START);
+        b.renewal_succeeded(B_START + Duration::from_millis(2_000));
+        assert!(
+            b.tick(B_START + Duration::from_millis(5_000))
+                .lost
+                .is_none()
+        );
+        assert!(b.tick(B_START + Duration::from_millis(9_919)).feed);
+        assert_eq!(
+            b.tick(B_START + Duration::from_millis(9_920)).lost,
+            Some(LossReason::LeaseExpired)
+        );
+    }
+
+    #[test]
+    fn a_resumed_loss_stays_lost_and_is_stopped_again() {
+        let mut a = armed_agent();
+        assert!(a.tick(MonoTime(17_920)).lost.is_some());
+        let (mut b, resumed) = resumed(&a.handover().at(MonoTime(18_000)));
+        assert_eq!(resumed, Resumed::Lost(LossReason::LeaseExpired));
+        // The previous process may have died before its stop finished: stop again, never arm.
+        let s = b.tick(B_START);
+        assert!(
+            s.stop_workloads && !s.reboot && !s.feed && !s.armed,
+            "{s:?}"
+        );
+        assert_eq!(s.lost, Some(LossReason::LeaseExpired));
+        // Not even a fresh renewal brings the right back before the node reboots.
+        b.renewal_succeeded(B_START + Duration::from_millis(100));
+        for t in [200, 1_000, 60_000] {
+            assert_eq!(
+                b.tick(B_START + Duration::from_millis(t)),
+                AgentStep::default()
+            );
+        }
+        assert!(!b.report(B_START + Duration::from_millis(200)).has_right);
+        assert!(
+            b.handover().lost.is_some(),
+            "handed on to the next process too"
+        );
+    }
+
+    #[test]
+    fn a_resumed_loss_with_a_broken_watchdog_reboots_directly() {
+        let mut a = armed_agent();
+        a.watchdog_failed();
+        assert!(a.tick(MonoTime(17_920)).reboot);
+        let (mut b, _) = resumed(&a.handover().at(MonoTime(18_000)));
+        assert!(b.is_watchdog_failed());
+        let s = b.tick(B_START);
+        assert!(s.stop_workloads && s.reboot, "{s:?}");
+        assert_eq!(
+            b.tick(B_START + Duration::from_millis(200)),
+            AgentStep::default()
+        );
+    }
+
+    #[test]
+    fn resumed_after_the_right_ran_out_is_not_armed() {
+        // 8 s after the renewal: A's right ended at 7.92 s, though A never saw it.
+        let (mut b, resumed) = resumed(&armed_agent().handover().at(MonoTime(18_000)));
+        assert_eq!(resumed, Resumed::Expired);
+        assert!(!b.is_armed());
+        assert_eq!(
+            b.tick(B_START),
+            AgentStep::default(),
+            "the watchdog is not opened"
+        );
+        assert_eq!(b.right_to_run(B_START), None);
+        // Like a new agent: only its own renewal arms it.
+        b.renewal_succeeded(B_START + Duration::from_millis(1_000));
+        let s = b.tick(B_START + Duration::from_millis(1_100));
+        assert!(s.armed && s.feed, "{s:?}");
+    }
+
+    #[test]
+    fn resumed_under_a_fence_marker_has_no_right() {
+        let mut a = armed_agent();
+        a.renewal_succeeded(MonoTime(12_000));
+        a.observe_fence_marker(true);
+        let (mut b, resumed) = resumed(&a.handover().at(MonoTime(13_000)));
+        assert_eq!(resumed, Resumed::Expired);
+        assert_eq!(b.tick(B_START), AgentStep::default());
+        // Its own renewal still reads the marker: no right.
+        b.renewal_succeeded(B_START + Duration::from_millis(1_000));
+        assert_eq!(
+            b.tick(B_START + Duration::from_millis(1_100)),
+            AgentStep::default()
+        );
+    }
+
+    #[test]
+    fn inherited_instants_are_rounded_to_the_earlier_millisecond() {
+        let previous = ResumeState {
+            renewed_ago: Some(Duration::from_micros(4_000_001)),
+            armed: true,
+            ..ResumeState::default()
+        };
+        let (mut b, _) = resumed(&previous);
+        assert_eq!(b.last_renewal(), Some(MonoTime(95_999)));
+        assert!(
+            b.tick(B_START + Duration::from_millis(3_918))
+                .lost
+                .is_none()
+        );
+        assert!(
+            b.tick(B_START + Duration::from_millis(3_919))
+                .lost
+                .is_some()
+        );
+        // A renewal older than this clock's origin grants nothing (never "at the origin").
+        let mut c = agent();
+        let far = ResumeState {
+            renewed_ago: Some(Duration::from_millis(500)),
+            armed: true,
+            ..ResumeState::default()
+        };
+        assert_eq!(c.resume(&far, MonoTime(400)), Resumed::Expired);
+        assert_eq!(c.last_renewal(), None);
+        // What is left of a grant is rounded down.
+        let mut w = agent();
+        w.set_witness_configured(true);
+        let granted = ResumeState {
+            renewed_ago: Some(Duration::from_secs(20)),
+            armed: true,
+            other_room_heard: true,
+            grant: Some((7, Duration::from_micros(2_999_999))),
+            ..ResumeState::default()
+        };
+        assert_eq!(
+            w.resume(&granted, B_START),
+            Resumed::Running(RunBasis::Witness { epoch: 7 })
+        );
+        assert!(
+            w.tick(B_START + Duration::from_millis(2_998))
+                .lost
+                .is_none()
+        );
+        assert_eq!(
+            w.tick(B_START + Duration::from_millis(2_999)).lost,
+            Some(LossReason::NoWitnessGrant)
+        );
+    }
+
+    #[test]
+    fn a_previous_process_that_had_not_armed_hands_over_its_renewal_only() {
+        let mut a = agent();
+        a.renewal_succeeded(MonoTime(10_000));
+        let (mut b, resumed) = resumed(&a.handover().at(MonoTime(11_000)));
+        assert_eq!(resumed, Resumed::NotArmed);
+        assert!(!b.is_armed());
+        // The core's usual rule: armed after a successful renewal of this boot.
+        let s = b.tick(B_START);
+        assert!(s.armed && s.feed, "{s:?}");
+    }
+
+    #[test]
+    fn vouches_are_not_inherited() {
+        let mut a = armed_agent();
+        a.peer_answered(MonoTime(17_000), &partner_report(false, true));
+        assert_eq!(
+            a.right_to_run(MonoTime(18_000)),
+            Some(RunBasis::Vouched { by: "b-1".into() })
+        );
+        let (b, resumed) = resumed(&a.handover().at(MonoTime(18_000)));
+        assert_eq!(resumed, Resumed::Expired);
+        assert!(!b.is_armed());
+    }
+
+    #[test]
+    fn contact_with_the_other_room_is_inherited_never_extended() {
+        let mut a = witness_agent();
+        a.observe_other_room(MonoTime(1_000));
+        a.renewal_succeeded(MonoTime(6_000));
+        // B starts at A's 7 s; A would lose at 9.001 s (out of contact, no grant).
+        let mut b = agent();
+        b.set_witness_configured(true);
+        assert_eq!(
+            b.resume(&a.handover().at(MonoTime(7_000)), B_START),
+            Resumed::Running(RunBasis::Lease)
+        );
+        assert!(b.tick(B_START).armed);
+        assert!(
+            b.tick(B_START + Duration::from_millis(2_000))
+                .lost
+                .is_none()
+        );
+        assert_eq!(
+            b.tick(B_START + Duration::from_millis(2_001)).lost,
+            Some(LossReason::NoWitnessGrant),
+            "no new benefit of the doubt"
+        );
+    }
+
+    #[test]
+    fn the_first_renewal_after_a_restart_is_not_clean() {
+        let mut a = armed_agent();
+        a.renewal_failed();
+        a.renewal_failed();
+        let (b, _) = resumed(&a.handover().at(MonoTime(14_000)));
+        assert_eq!(b.failures_before_next_renewal(), 3);
+        let (c, _) = resumed(&armed_agent().handover().at(MonoTime(11_000)));
+        assert_eq!(c.failures_before_next_renewal(), 1);
     }
 
     #[test]

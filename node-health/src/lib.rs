@@ -14,7 +14,9 @@ pub mod verdict;
 pub mod volume;
 pub mod witness;
 
-pub use agent::{AgentCore, AgentStep, PeerReport, RunBasis};
+pub use agent::{
+    AgentCore, AgentStep, Handover, LossReason, PeerReport, ResumeState, Resumed, RunBasis,
+};
 pub use leader::{LeaderAction, LeaderConfig, LeaderElector, LeaseRecord, LeaseWrite};
 pub use remediation::{Action, EventReason, NodeRemediation, Phase, RemediationInput};
 pub use report::report;
