@@ -171,3 +171,79 @@ fn partition_with_witness_one_room_runs_on_and_the_loser_stops_first() {
         );
     }
 }
+
+#[test]
+fn a_broken_watchdog_reported_keeps_the_node_untainted_and_its_agent_reboots_it() {
+    for seed in [1, 2, 3, 4] {
+        let r = run("watchdog-broken", seed);
+        assert!(r.ok(), "seed {seed}:\n{}", r.render_text());
+        assert!(
+            r.timeline
+                .iter()
+                .any(|e| e.event.starts_with("verdict a-2:") && e.event.ends_with("DeadNoAgent")),
+            "seed {seed}: judged without an agent:\n{}",
+            r.render_text()
+        );
+        assert!(
+            !r.timeline
+                .iter()
+                .any(|e| e.event.contains("fence of a-2") || e.event.contains("taint applied")),
+            "seed {seed}:\n{}",
+            r.render_text()
+        );
+        assert!(r.figures["time_to_agent_reboot_ms"] <= 10_000);
+    }
+}
+
+#[test]
+fn a_broken_watchdog_unreported_is_fenced_only_after_its_agent_rebooted_it() {
+    for seed in [1, 2, 3, 4] {
+        let r = run("watchdog-broken-unreported", seed);
+        assert!(r.ok(), "seed {seed}:\n{}", r.render_text());
+        let t = |needle: &str| {
+            r.timeline
+                .iter()
+                .find(|e| e.event.contains(needle))
+                .map(|e| e.t_ms)
+                .unwrap_or_else(|| panic!("no {needle:?} in\n{}", r.render_text()))
+        };
+        assert!(
+            t("agent rebooted the node") < t("out-of-service taint applied"),
+            "seed {seed}:\n{}",
+            r.render_text()
+        );
+        assert!(
+            !r.timeline
+                .iter()
+                .any(|e| e.event.contains("watchdog fired"))
+        );
+    }
+}
+
+/// The direct reboot is what keeps S2 when the watchdog broke unreported: an agent that ignores
+/// it (with a stop command that fails, as in the scenario) leaves the node running its
+/// workloads past the controller's fence deadline.
+#[test]
+fn checks_catch_an_agent_that_ignores_the_reboot_step() {
+    let s = scenario::named("watchdog-broken-unreported", 1).expect("scenario");
+    let cfg = sim::SimConfig {
+        stop_command_fails: s.stop_command_fails,
+        ignore_reboot_step: true,
+        ..sim::SimConfig::default()
+    };
+    let r = sim::run_with(&s, 1, cfg);
+    assert!(
+        r.violations
+            .iter()
+            .any(|v| v.invariant == "S2-no-unsafe-taint"),
+        "{}",
+        r.render_text()
+    );
+    assert!(
+        !r.timeline
+            .iter()
+            .any(|e| e.event.starts_with("agent rebooted the node")),
+        "{}",
+        r.render_text()
+    );
+}

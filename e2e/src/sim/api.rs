@@ -54,6 +54,9 @@ pub struct LeaseObj {
     pub boot_id: u64,
     /// Agent leases: the controller's fence marker (`twosite.dev/fenced-boot-id`).
     pub fence_marker: Option<String>,
+    /// Agent leases: `twosite.dev/watchdog` (`enabled`, or `failed` once the agent could not
+    /// arm or feed it); `None` on other Leases.
+    pub watchdog: Option<&'static str>,
     /// What the holder changes on every renewal (the real Lease's `renewTime`): a write by
     /// someone else, the fence marker above all, leaves it alone.
     pub renew_seq: u64,
@@ -183,6 +186,7 @@ mod tests {
             failures_before: 0,
             boot_id: 0,
             fence_marker: None,
+            watchdog: None,
             renew_seq: 0,
         })
     }

@@ -70,8 +70,18 @@ struct SimNode {
     last_feed: Option<u64>,
     /// Ground truth: the node's HA workloads are running.
     workloads_running: bool,
-    /// Powered off by its watchdog; boots again at this real time.
+    /// Powered off by its watchdog (or its agent); boots again at this real time.
     reboot_at: Option<u64>,
+    /// What reset it, for the boot's timeline entry.
+    reset_by: &'static str,
+    /// The watchdog hardware is broken: it never fires, arming and feeding it fail. Survives a
+    /// reboot.
+    watchdog_broken: bool,
+    /// Cut from every other site (the API server, the witness, the other room). Survives a
+    /// reboot.
+    isolated: bool,
+    /// Real time at which its links last came back after an isolation.
+    reconnected_at: Option<u64>,
     next_kubelet: MonoTime,
     next_agent: MonoTime,
     next_probe: MonoTime,
@@ -115,6 +125,22 @@ struct NodeView {
     fence_marker: bool,
     /// The heartbeat Lease's resourceVersion as last seen: the fence commit's precondition.
     agent_rv: u64,
+    /// The heartbeat Lease says `twosite.dev/watchdog=enabled`. Anything else counts as no
+    /// agent for the verdict, as in the real controller.
+    watchdog_enabled: bool,
+}
+
+impl NodeView {
+    /// What the verdict is judged on: without the agent when its watchdog is not enabled
+    /// (nothing would reboot the node), as the real controller's `verdict_observation`.
+    fn verdict_obs(&self) -> NodeObservation {
+        let mut obs = self.obs.clone();
+        if !self.watchdog_enabled {
+            obs.agent = None;
+            obs.clear_since = None;
+        }
+        obs
+    }
 }
 
 /// One controller replica: the state a real controller process keeps in memory.
@@ -185,6 +211,11 @@ pub struct SimConfig {
     /// A watch stall: from `.0` for `.1` ms the controllers' watches stay connected but deliver
     /// nothing (an overloaded API server); what was held back arrives at the end.
     pub watch_stall_ms: Option<(u64, u64)>,
+    /// The agents' stop command does nothing: HA workloads run on until the node resets.
+    pub stop_command_fails: bool,
+    /// A faulty agent: it ignores the core's [`node_health::AgentStep::reboot`] and leaves a
+    /// node whose watchdog is broken running after it lost the right to run.
+    pub ignore_reboot_step: bool,
 }
 
 impl Default for SimConfig {
@@ -199,6 +230,8 @@ impl Default for SimConfig {
             extreme_drift: false,
             watchdog_late_ms: 0,
             watch_stall_ms: None,
+            stop_command_fails: false,
+            ignore_reboot_step: false,
         }
     }
 }
@@ -217,6 +250,11 @@ pub struct Record {
     /// Real times at which a copy of each app started running.
     pub app_started_at: BTreeMap<String, Vec<u64>>,
     pub watchdog_fired: Vec<(u64, String)>,
+    /// Real times at which an agent rebooted its node itself (its watchdog broken).
+    pub agent_rebooted: BTreeMap<String, Vec<u64>>,
+    /// Real times at which the leader's remediation moved a node to a phase, keyed
+    /// `node/Phase`.
+    pub phase_at: BTreeMap<String, Vec<u64>>,
     pub right_lost: Vec<(u64, String)>,
     /// Power-off faults: (real time, node).
     pub powered_off: Vec<(u64, String)>,
@@ -405,6 +443,10 @@ impl Cluster {
             last_feed: None,
             workloads_running: false,
             reboot_at: None,
+            reset_by: "",
+            watchdog_broken: false,
+            isolated: false,
+            reconnected_at: None,
             next_kubelet: MonoTime::ZERO,
             next_agent: MonoTime::ZERO,
             next_probe: MonoTime::ZERO,
@@ -431,6 +473,27 @@ impl Cluster {
 
     fn link_up(&self, a: Site, b: Site) -> bool {
         a == b || !self.cut.contains(&ordered(a, b))
+    }
+
+    /// Node `i` reaches `site`: its room's link is up and the node is not isolated.
+    fn node_reaches(&self, i: usize, site: Site) -> bool {
+        !self.nodes[i].isolated && self.link_up(self.nodes[i].room, site)
+    }
+
+    /// Nodes `i` and `j` reach each other (partner probes).
+    fn nodes_connected(&self, i: usize, j: usize) -> bool {
+        !self.nodes[i].isolated
+            && !self.nodes[j].isolated
+            && self.link_up(self.nodes[i].room, self.nodes[j].room)
+    }
+
+    /// Replica `i` reaches `site`: through its room's link, unless its host is isolated.
+    fn replica_reaches(&self, i: usize, site: Site) -> bool {
+        let r = &self.replicas[i];
+        self.link_up(r.room, site)
+            && self
+                .node_idx(&r.host)
+                .is_none_or(|h| !self.nodes[h].isolated)
     }
 
     fn node_idx(&self, name: &str) -> Option<usize> {
@@ -649,6 +712,26 @@ impl Cluster {
                     self.nodes[i].agent = None;
                 }
             }
+            Fault::WatchdogBreaks(n) => {
+                if let Some(i) = self.node_idx(n) {
+                    // It never fires: what it was last fed no longer counts.
+                    self.nodes[i].watchdog_broken = true;
+                    self.nodes[i].last_feed = None;
+                }
+            }
+            Fault::Isolate(n) => {
+                if let Some(i) = self.node_idx(n) {
+                    self.nodes[i].isolated = true;
+                }
+            }
+            Fault::Reconnect(n) => {
+                if let Some(i) = self.node_idx(n)
+                    && self.nodes[i].isolated
+                {
+                    self.nodes[i].isolated = false;
+                    self.nodes[i].reconnected_at = Some(self.now);
+                }
+            }
             Fault::WitnessDown => {
                 if let Some(w) = self.witness.as_mut() {
                     w.up = false;
@@ -687,11 +770,9 @@ impl Cluster {
         for i in 0..self.nodes.len() {
             if self.nodes[i].reboot_at.is_some_and(|t| t <= self.now) {
                 let name = self.nodes[i].name.clone();
+                let by = self.nodes[i].reset_by;
                 self.power_on(i);
-                self.log(
-                    &format!("node/{name}"),
-                    "booted after its watchdog reset".into(),
-                );
+                self.log(&format!("node/{name}"), format!("booted after {by}"));
             }
         }
     }
@@ -706,6 +787,7 @@ impl Cluster {
             self.step_agent(i);
             // The watchdog: a hardware timer, on real time.
             if let Some(fed) = self.nodes[i].last_feed
+                && !self.nodes[i].watchdog_broken
                 && self.now.saturating_sub(fed)
                     >= ms(self.cfg.timing.watchdog) + self.cfg.watchdog_late_ms
             {
@@ -717,12 +799,13 @@ impl Cluster {
                 );
                 self.power_off(i);
                 self.nodes[i].reboot_at = Some(self.now + REBOOT_MS);
+                self.nodes[i].reset_by = "its watchdog reset";
             }
         }
     }
 
     fn step_kubelet(&mut self, i: usize) {
-        let reach = self.link_up(self.nodes[i].room, Site::Api);
+        let reach = self.node_reaches(i, Site::Api);
         let local = self.nodes[i].clock.read(self.now);
         let name = self.nodes[i].name.clone();
         if local < self.nodes[i].next_kubelet {
@@ -781,6 +864,7 @@ impl Cluster {
                 failures_before: 0,
                 boot_id: boot,
                 fence_marker: None,
+                watchdog: None,
                 renew_seq: seq,
             }),
         );
@@ -812,7 +896,7 @@ impl Cluster {
             return;
         }
         let room = self.nodes[i].room;
-        let reach = self.link_up(room, Site::Api);
+        let reach = self.node_reaches(i, Site::Api);
         let local = self.nodes[i].clock.read(self.now);
         let name = self.nodes[i].name.clone();
         let timing = self.cfg.timing;
@@ -824,6 +908,15 @@ impl Cluster {
                 .agent
                 .as_ref()
                 .map_or(0, AgentCore::failures_before_next_renewal);
+            let watchdog = if self.nodes[i]
+                .agent
+                .as_ref()
+                .is_some_and(AgentCore::is_watchdog_failed)
+            {
+                "failed"
+            } else {
+                "enabled"
+            };
             // Read-modify-write with the resourceVersion: the controller's fence marker is kept,
             // and a marker written between the read and the write makes the renewal fail.
             let (pre, marker) = match self.api.get(&Key::AgentLease(name.clone())) {
@@ -846,6 +939,7 @@ impl Cluster {
                             failures_before: failures,
                             boot_id: boot,
                             fence_marker: marker.clone(),
+                            watchdog: Some(watchdog),
                             renew_seq: seq,
                         }),
                     )
@@ -903,7 +997,7 @@ impl Cluster {
                 .and_then(|a| a.partner().map(str::to_string));
             if let Some(p) = partner.and_then(|p| self.node_idx(&p)) {
                 let pn = &self.nodes[p];
-                if pn.powered && self.link_up(room, pn.room) {
+                if pn.powered && self.nodes_connected(i, p) {
                     let report = pn.agent.as_ref().map(|a| a.report(pn.clock.read(self.now)));
                     if let (Some(report), Some(agent)) = (report, self.nodes[i].agent.as_mut()) {
                         agent.peer_answered(local, &report);
@@ -931,8 +1025,11 @@ impl Cluster {
                 if let Some(ClaimOutcome::Granted {
                     epoch,
                     valid_for_ms,
-                }) = self.claim_at_witness(room, &claim, &format!("agent/{name}"))
-                    && let Some(agent) = self.nodes[i].agent.as_mut()
+                }) = self.claim_at_witness(
+                    self.node_reaches(i, Site::Witness),
+                    &claim,
+                    &format!("agent/{name}"),
+                ) && let Some(agent) = self.nodes[i].agent.as_mut()
                 {
                     agent.witness_granted(local, epoch, Duration::from_millis(valid_for_ms));
                 }
@@ -945,24 +1042,80 @@ impl Cluster {
         if step.armed {
             self.nodes[i].workloads_running = true;
         }
+        // As the real agent's shell: stop, reboot, arm, feed.
         if step.stop_workloads {
-            self.nodes[i].workloads_running = false;
             self.record.right_lost.push((self.now, name.clone()));
-            self.log(
-                &format!("agent/{name}"),
-                "lost the right to run: HA workloads stopped, watchdog no longer fed".into(),
-            );
+            if self.cfg.stop_command_fails {
+                self.log(
+                    &format!("agent/{name}"),
+                    "lost the right to run: the stop command failed, HA workloads still running, \
+                     watchdog no longer fed"
+                        .into(),
+                );
+            } else {
+                self.nodes[i].workloads_running = false;
+                self.log(
+                    &format!("agent/{name}"),
+                    "lost the right to run: HA workloads stopped, watchdog no longer fed".into(),
+                );
+            }
             self.check_no_storm(i);
         }
-        if step.feed {
-            self.nodes[i].last_feed = Some(self.now);
+        if step.reboot {
+            if self.cfg.ignore_reboot_step {
+                self.log(
+                    &format!("agent/{name}"),
+                    "told to reboot the node (watchdog broken), ignores it".into(),
+                );
+            } else {
+                // `b` to /proc/sysrq-trigger: an immediate reset, like the watchdog's.
+                self.record
+                    .agent_rebooted
+                    .entry(name.clone())
+                    .or_default()
+                    .push(self.now);
+                self.log(
+                    &format!("node/{name}"),
+                    "agent rebooted the node (watchdog broken)".into(),
+                );
+                self.power_off(i);
+                self.nodes[i].reboot_at = Some(self.now + REBOOT_MS);
+                self.nodes[i].reset_by = "its agent rebooted it";
+                return;
+            }
+        }
+        if step.armed || step.feed {
+            if self.nodes[i].watchdog_broken {
+                // Arming or feeding fails: the shell tells the core, which reports it on every
+                // renewal and reboots the node itself should it lose the right to run.
+                if let Some(agent) = self.nodes[i].agent.as_mut() {
+                    let first = !agent.is_watchdog_failed();
+                    agent.watchdog_failed();
+                    if first {
+                        self.log(
+                            &format!("agent/{name}"),
+                            format!(
+                                "could not {} the watchdog: reported as failed",
+                                if step.armed { "arm" } else { "feed" }
+                            ),
+                        );
+                    }
+                }
+            } else if step.feed {
+                self.nodes[i].last_feed = Some(self.now);
+            }
         }
     }
 
-    /// One claim at the witness from `room`, if the link and the witness are up. Checks S4 on
-    /// every new grant and logs it.
-    fn claim_at_witness(&mut self, room: Site, claim: &Claim, actor: &str) -> Option<ClaimOutcome> {
-        if !self.link_up(room, Site::Witness) {
+    /// One claim at the witness, if the claimant `reaches` it and the witness is up. Checks S4
+    /// on every new grant and logs it.
+    fn claim_at_witness(
+        &mut self,
+        reaches: bool,
+        claim: &Claim,
+        actor: &str,
+    ) -> Option<ClaimOutcome> {
+        if !reaches {
             return None;
         }
         let now = self.now;
@@ -1202,8 +1355,7 @@ impl Cluster {
         if !self.replicas[i].up {
             return;
         }
-        let room = self.replicas[i].room;
-        let reach = self.link_up(room, Site::Api);
+        let reach = self.replica_reaches(i, Site::Api);
         let local = self.replicas[i].clock.read(self.now);
 
         // The watch: drop on disconnect, re-list on reconnect.
@@ -1343,6 +1495,7 @@ impl Cluster {
             failures_before: 0,
             boot_id: 0,
             fence_marker: None,
+            watchdog: None,
             renew_seq: self.next_seq(),
         });
         let outcome = match self.write(Key::LeaderLease, pre, obj) {
@@ -1378,7 +1531,7 @@ impl Cluster {
             .map(|(n, _)| n.clone())
             .collect();
         for n in &names {
-            let obs = self.replicas[i].nodes[n].obs.clone();
+            let obs = self.replicas[i].nodes[n].verdict_obs();
             let verdict = judge(&obs, local, &timing, settled);
             let before = self.replicas[i].verdicts.insert(n.clone(), verdict);
             if before.map(|b| b.name()) == Some(verdict.name()) {
@@ -1502,7 +1655,7 @@ impl Cluster {
                     .collect();
             if !wanted.is_empty() && local >= self.replicas[i].next_claim {
                 self.replicas[i].next_claim = local + Duration::from_secs(1);
-                let my_room = self.replicas[i].room;
+                let reaches = self.replica_reaches(i, Site::Witness);
                 for (_, other) in &wanted {
                     let claim = Claim {
                         room: other.clone(),
@@ -1510,7 +1663,7 @@ impl Cluster {
                         api_reachable: true,
                     };
                     if let Some(ClaimOutcome::Granted { valid_for_ms, .. }) =
-                        self.claim_at_witness(my_room, &claim, &name)
+                        self.claim_at_witness(reaches, &claim, &name)
                     {
                         let until = local
                             + node_health::time::shrink(
@@ -1573,7 +1726,8 @@ impl Cluster {
                     terminating_pods: pods.iter().filter(|p| p.terminating).count(),
                     ready: node.ready == Readiness::True,
                     boot_id: Some(node.boot_id.to_string()),
-                    heartbeat: view.obs.agent.as_ref().map(|_| view.agent_rv.to_string()),
+                    // The commit is conditional on the Lease the verdict was judged on.
+                    heartbeat: view.verdict_obs().agent.map(|_| view.agent_rv.to_string()),
                     fence_marker: view.fence_marker,
                     paused,
                     witness_ok: room_of(n)
@@ -1583,11 +1737,17 @@ impl Cluster {
             ));
         }
         for (n, input) in inputs {
-            let actions = self.replicas[i]
-                .remediation
-                .entry(n.clone())
-                .or_default()
-                .step(&input, local, &timing);
+            let remediation = self.replicas[i].remediation.entry(n.clone()).or_default();
+            let before = remediation.phase.name();
+            let actions = remediation.step(&input, local, &timing);
+            let after = remediation.phase.name();
+            if after != before {
+                self.record
+                    .phase_at
+                    .entry(format!("{n}/{after}"))
+                    .or_default()
+                    .push(self.now);
+            }
             for a in actions {
                 if let Some(committed) = self.execute(&name, &n, a)
                     && let Some(r) = self.replicas[i].remediation.get_mut(&n)
@@ -1742,7 +1902,7 @@ impl Cluster {
     /// stop. A whole-cluster API outage is also checked end to end by the `api-outage` scenario.
     fn check_no_storm(&mut self, i: usize) {
         let room = self.nodes[i].room;
-        if self.link_up(room, Site::Api) {
+        if self.node_reaches(i, Site::Api) {
             return;
         }
         let me = self.nodes[i].name.clone();
@@ -1756,11 +1916,16 @@ impl Cluster {
         let pn = &self.nodes[p];
         let timing = self.cfg.timing;
         // The partner must have been reachable for a whole probe interval (and a tick).
-        let reachable_long = self.link_up(room, pn.room)
-            && self
-                .healed_at
-                .get(&ordered(room, pn.room))
-                .is_none_or(|t| self.now >= t + ms(timing.probe_interval) + TICK_MS);
+        let since = [
+            self.healed_at.get(&ordered(room, pn.room)).copied(),
+            self.nodes[i].reconnected_at,
+            pn.reconnected_at,
+        ]
+        .into_iter()
+        .flatten()
+        .max();
+        let reachable_long = self.nodes_connected(i, p)
+            && since.is_none_or(|t| self.now >= t + ms(timing.probe_interval) + TICK_MS);
         if !pn.powered || !reachable_long {
             return;
         }
@@ -1931,6 +2096,29 @@ impl Cluster {
                 } => (!within(&self.record.untaint_at, node, *after_ms, *within_ms)).then(|| {
                     format!("{node} not untainted within {within_ms} ms of {after_ms} ms")
                 }),
+                Expectation::PhaseWithin {
+                    node,
+                    phase,
+                    after_ms,
+                    within_ms,
+                } => (!within(
+                    &self.record.phase_at,
+                    &format!("{node}/{phase}"),
+                    *after_ms,
+                    *within_ms,
+                ))
+                .then(|| format!("{node} not {phase} within {within_ms} ms of {after_ms} ms")),
+                Expectation::AgentRebootWithin {
+                    node,
+                    after_ms,
+                    within_ms,
+                } => (!within(&self.record.agent_rebooted, node, *after_ms, *within_ms)).then(
+                    || {
+                        format!(
+                            "{node} not rebooted by its agent within {within_ms} ms of {after_ms} ms"
+                        )
+                    },
+                ),
                 Expectation::NoDeadVerdict => (!self.record.dead_at.is_empty()).then(|| {
                     format!(
                         "nodes judged dead: {}",
@@ -2093,6 +2281,7 @@ fn apply_watch_event(
             let view = r.nodes.entry(n).or_default();
             view.fence_marker = l.fence_marker.is_some();
             view.agent_rv = s.rv;
+            view.watchdog_enabled = l.watchdog == Some("enabled");
             view.obs.observe_agent(
                 &l.renew_seq.to_string(),
                 l.failures_before == 0,

@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 pub fn run(scenario: &Scenario, seed: u64) -> Report {
     let cfg = SimConfig {
         extreme_drift: scenario.extreme_drift,
+        stop_command_fails: scenario.stop_command_fails,
         ..SimConfig::default()
     };
     run_with(scenario, seed, cfg)
@@ -62,7 +63,9 @@ pub fn run_with(scenario: &Scenario, seed: u64, cfg: SimConfig) -> Report {
         .insert("simulated_ms".into(), scenario.duration_ms);
     if let Some(target) = &scenario.target
         && let Some(lost) = scenario.faults.iter().find_map(|f| match &f.fault {
-            Fault::PowerOff(n) | Fault::AgentCrash(n) if n == target => Some(f.at_ms),
+            Fault::PowerOff(n) | Fault::AgentCrash(n) | Fault::Isolate(n) if n == target => {
+                Some(f.at_ms)
+            }
             _ => None,
         })
     {
@@ -75,6 +78,7 @@ pub fn run_with(scenario: &Scenario, seed: u64, cfg: SimConfig) -> Report {
         figure("time_to_dead_verdict_ms", &r.dead_at, target, lost);
         figure("time_to_taint_ms", &r.taint_at, target, lost);
         figure("time_to_pods_released_ms", &r.released_at, target, lost);
+        figure("time_to_agent_reboot_ms", &r.agent_rebooted, target, lost);
         figure(
             "time_to_failover_ms",
             &r.app_started_at,
@@ -82,7 +86,9 @@ pub fn run_with(scenario: &Scenario, seed: u64, cfg: SimConfig) -> Report {
             lost + 1,
         );
         if let Some(back) = scenario.faults.iter().find_map(|f| match &f.fault {
-            Fault::PowerOn(n) if n == target && f.at_ms > lost => Some(f.at_ms),
+            Fault::PowerOn(n) | Fault::Reconnect(n) if n == target && f.at_ms > lost => {
+                Some(f.at_ms)
+            }
             _ => None,
         }) {
             figure("time_to_untaint_ms", &r.untaint_at, target, back);
@@ -163,7 +169,7 @@ pub fn run_schedules(seed: u64, n: u64) -> Report {
         figures: BTreeMap::new(),
     };
     let (mut steps, mut faults, mut dead_verdicts, mut failing, mut done) = (0, 0, 0, 0, 0);
-    let (mut taints, mut grants, mut stops) = (0, 0, 0);
+    let (mut taints, mut grants, mut stops, mut agent_reboots) = (0, 0, 0, 0);
     for (s, one, nfaults) in parts.into_iter().flatten() {
         done += 1;
         faults += nfaults as u64;
@@ -183,6 +189,11 @@ pub fn run_schedules(seed: u64, n: u64) -> Report {
             .timeline
             .iter()
             .filter(|e| e.event.starts_with("lost the right to run"))
+            .count() as u64;
+        agent_reboots += one
+            .timeline
+            .iter()
+            .filter(|e| e.event.starts_with("agent rebooted the node"))
             .count() as u64;
         if !one.violations.is_empty() {
             failing += 1;
@@ -209,5 +220,6 @@ pub fn run_schedules(seed: u64, n: u64) -> Report {
     report.figures.insert("taints".into(), taints);
     report.figures.insert("witness_grants".into(), grants);
     report.figures.insert("agents_stopped".into(), stops);
+    report.figures.insert("agent_reboots".into(), agent_reboots);
     report
 }

@@ -2,6 +2,7 @@
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use std::collections::BTreeSet;
 
 /// Where an actor stands. Rooms A and B hold the workers; the API server and the witness are
 /// reached over links that can be cut.
@@ -40,6 +41,13 @@ pub enum Fault {
     DeleteNode(String),
     /// The node's agent process dies; the node keeps running until its watchdog fires.
     AgentCrash(String),
+    /// The node's watchdog hardware stops working: it never fires again (not after a reboot
+    /// either), and the agent's next arm or feed fails.
+    WatchdogBreaks(String),
+    /// One node loses every link: the API server, the witness and the other room.
+    Isolate(String),
+    /// The isolated node's links come back.
+    Reconnect(String),
     WitnessDown,
     WitnessUp,
 }
@@ -54,6 +62,12 @@ impl std::fmt::Display for Fault {
             Fault::AddNode { name, room } => write!(f, "add node {name} in {}", room.name()),
             Fault::DeleteNode(n) => write!(f, "delete Node object {n}"),
             Fault::AgentCrash(n) => write!(f, "agent on {n} crashes"),
+            Fault::WatchdogBreaks(n) => write!(f, "the watchdog of {n} breaks"),
+            Fault::Isolate(n) => write!(
+                f,
+                "isolate {n} (cut from the API server, the witness and the other room)"
+            ),
+            Fault::Reconnect(n) => write!(f, "reconnect {n}"),
             Fault::WitnessDown => f.write_str("witness goes down"),
             Fault::WitnessUp => f.write_str("witness comes back"),
         }
@@ -83,6 +97,21 @@ pub enum Expectation {
     },
     /// No node ever gets a Dead verdict.
     NoDeadVerdict,
+    /// The leader's remediation puts `node` in `phase` (a `Phase::name`) within `within_ms` of
+    /// `after_ms`.
+    PhaseWithin {
+        node: String,
+        phase: &'static str,
+        after_ms: u64,
+        within_ms: u64,
+    },
+    /// `node`'s agent reboots the node itself (its watchdog broken) within `within_ms` of
+    /// `after_ms`.
+    AgentRebootWithin {
+        node: String,
+        after_ms: u64,
+        within_ms: u64,
+    },
     /// The out-of-service taint is applied on `node` within `within_ms` of `after_ms`.
     TaintWithin {
         node: String,
@@ -131,6 +160,9 @@ pub struct Scenario {
     pub extreme_drift: bool,
     /// A witness runs in the third site and agents and controllers use it.
     pub witness: bool,
+    /// The agents' stop command does nothing (none configured, or it fails): a node that lost
+    /// its right to run keeps its HA workloads running until it resets.
+    pub stop_command_fails: bool,
 }
 
 fn at(s: u64, fault: Fault) -> ScheduledFault {
@@ -166,6 +198,14 @@ pub const NAMES: &[(&str, &str)] = &[
     (
         "agent-crash",
         "the agent on a-2 dies while the node runs: the watchdog resets it before the taint",
+    ),
+    (
+        "watchdog-broken",
+        "a-2's watchdog breaks at 30 s and is reported; a-2 is isolated at 60 s: never tainted (NoAgent), its agent reboots it",
+    ),
+    (
+        "watchdog-broken-unreported",
+        "a-2's watchdog breaks as it is isolated and its stop command fails: fenced at the deadline, after its agent rebooted it",
     ),
     (
         "clock-drift",
@@ -234,6 +274,7 @@ pub fn named(name: &str, seed: u64) -> Option<Scenario> {
         target: None,
         extreme_drift: false,
         witness: false,
+        stop_command_fails: false,
     };
     match name {
         "node-loss" => {
@@ -335,6 +376,76 @@ pub fn named(name: &str, seed: u64) -> Option<Scenario> {
                     node: "a-2".into(),
                     after_ms: 60_000,
                     within_ms: 50_000,
+                },
+                Expectation::PairsAtEnd(3),
+            ];
+        }
+        "watchdog-broken" => {
+            // The agent learns of the failure at its next feed (1 s) and reports it at its next
+            // renewal (2 s): the controller has long seen `failed` when a-2 is cut off, judges
+            // it by its kubelet alone and never fences it by time.
+            s.faults = vec![
+                at(30, Fault::WatchdogBreaks("a-2".into())),
+                at(60, Fault::Isolate("a-2".into())),
+                at(150, Fault::Reconnect("a-2".into())),
+            ];
+            s.target = Some("a-2".into());
+            s.expectations = vec![
+                // Its lease runs out 8 s after its last renewal: no vouch, its partner is out
+                // of reach too.
+                Expectation::AgentRebootWithin {
+                    node: "a-2".into(),
+                    after_ms: 60_000,
+                    within_ms: 10_000,
+                },
+                // Dead by its kubelet Lease (40 s), without a fence deadline.
+                Expectation::PhaseWithin {
+                    node: "a-2".into(),
+                    phase: "NoAgent",
+                    after_ms: 60_000,
+                    within_ms: 50_000,
+                },
+                Expectation::NoTaint,
+                Expectation::HealthyWithin {
+                    node: "a-2".into(),
+                    after_ms: 150_000,
+                    within_ms: 10_000,
+                },
+                Expectation::PairsAtEnd(3),
+            ];
+        }
+        "watchdog-broken-unreported" => {
+            // The failure and the isolation come together: the report never reaches the API
+            // server, the controller fences a-2 by time. With the stop command failing, only
+            // the agent's own reboot ends a-2's workloads before the fence deadline (S2).
+            s.stop_command_fails = true;
+            s.faults = vec![
+                at(60, Fault::WatchdogBreaks("a-2".into())),
+                at(60, Fault::Isolate("a-2".into())),
+                at(150, Fault::Reconnect("a-2".into())),
+            ];
+            s.target = Some("a-2".into());
+            s.expectations = vec![
+                Expectation::AgentRebootWithin {
+                    node: "a-2".into(),
+                    after_ms: 60_000,
+                    within_ms: 10_000,
+                },
+                Expectation::TaintWithin {
+                    node: "a-2".into(),
+                    after_ms: 60_000,
+                    within_ms: 30_000,
+                },
+                Expectation::PodsReleasedWithin {
+                    node: "a-2".into(),
+                    after_ms: 60_000,
+                    within_ms: 30_000,
+                },
+                // Back with a new boot ID once reconnected.
+                Expectation::UntaintWithin {
+                    node: "a-2".into(),
+                    after_ms: 150_000,
+                    within_ms: 10_000,
                 },
                 Expectation::PairsAtEnd(3),
             ];
@@ -525,7 +636,23 @@ pub fn random(seed: u64) -> Scenario {
         let n = if room == Site::RoomA { na } else { nb };
         let node = node_name(room, rng.random_range(1..=n));
         let back = t + rng.random_range(5_000..120_000u64);
-        match rng.random_range(0..14) {
+        match rng.random_range(0..16) {
+            14 => faults.push(ScheduledFault {
+                at_ms: t,
+                fault: Fault::WatchdogBreaks(node),
+            }),
+            15 => {
+                faults.push(ScheduledFault {
+                    at_ms: t,
+                    fault: Fault::Isolate(node.clone()),
+                });
+                if rng.random_bool(0.8) {
+                    faults.push(ScheduledFault {
+                        at_ms: back,
+                        fault: Fault::Reconnect(node),
+                    });
+                }
+            }
             12 => {
                 faults.push(ScheduledFault {
                     at_ms: t,
@@ -625,6 +752,16 @@ pub fn random(seed: u64) -> Scenario {
             }
         }
     }
+    // A node whose agent dies and whose watchdog breaks runs on with nothing left that could
+    // stop it: a double failure no design of this kind survives, left out of the schedules.
+    let broken: BTreeSet<String> = faults
+        .iter()
+        .filter_map(|f| match &f.fault {
+            Fault::WatchdogBreaks(n) => Some(n.clone()),
+            _ => None,
+        })
+        .collect();
+    faults.retain(|f| !matches!(&f.fault, Fault::AgentCrash(n) if broken.contains(n)));
     faults.sort_by_key(|f| f.at_ms);
     Scenario {
         name: "random".into(),
@@ -639,6 +776,7 @@ pub fn random(seed: u64) -> Scenario {
         target: None,
         extreme_drift: false,
         witness,
+        stop_command_fails: false,
     }
 }
 
