@@ -2,9 +2,14 @@
 //!
 //! Five tasks share one [`SharedCore`]: the heartbeat renewal, the partner refresh, the partner
 //! probes, the peer port and the decision loop; with `--witness-url`, two more: the other
-//! room's heartbeats and the claims at the witness. If any ends the process exits non-zero; the
-//! watchdog, once armed, then reboots the node unless a new agent feeds it in time — exactly
-//! what the controller's fence deadline assumes of a node whose agent stopped.
+//! room's heartbeats and the claims at the witness; one more writes the state file. If any
+//! ends the process exits non-zero; the watchdog, once armed, then reboots the node unless a new
+//! agent feeds it in time — exactly what the controller's fence deadline assumes of a node whose
+//! agent stopped.
+//!
+//! A new agent of the same boot resumes from the state file the previous one kept: its decision
+//! loop starts first, feeding the watchdog while the inherited right to run holds, before the
+//! API client and the room lookup, which can outlast the watchdog's timeout.
 
 use super::SharedCore;
 use super::claims::{CLAIM_EVERY, run_claims};
@@ -14,12 +19,16 @@ use super::heartbeat::{KubeLeases, NodeFacts, read_boot_id, run_heartbeat};
 use super::node_agent::{NodeAgent, TICK};
 use super::partner::{KubePairing, PartnerCache, run_partner_refresh, zone};
 use super::peer::{self, HttpProbe, run_probes};
+use super::state::{
+    self, BootClock, DEFAULT_STATE_FILE, SavedState, StateFile, StateIdentity, StateRecorder,
+    run_state_writer,
+};
 use super::stopper::CommandStopper;
 use super::watchdog::{DEFAULT_DEVICE, DeviceWatchdog, FileWatchdog, NoWatchdog, Watchdog};
 use super::witness_client::WitnessClient;
 use super::witness_flags::WitnessFlags;
-use crate::agent::AgentCore;
-use crate::time::{Clock, SystemClock};
+use crate::agent::{AgentCore, Resumed};
+use crate::time::{Clock, MonoTime};
 use crate::verdict::HealthTiming;
 use k8s_openapi::api::core::v1::Node;
 use kube::{Api, Client};
@@ -28,12 +37,15 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 /// How often the partner and its address are read again from the API server.
 pub const PARTNER_REFRESH: Duration = Duration::from_secs(10);
 /// How long to wait before asking again for the Node's zone at start.
 const ROOM_RETRY: Duration = Duration::from_secs(2);
+/// How long reading the state file may take at start (it is on tmpfs: far less).
+const STATE_READ_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// twosite node agent: heartbeat Lease, watchdog, partner probes, self-fencing.
 #[derive(clap::Parser, Debug, Clone)]
@@ -82,6 +94,12 @@ pub struct Args {
     /// Where the kernel's boot ID is read.
     #[arg(long, default_value = "/proc/sys/kernel/random/boot_id")]
     pub boot_id_file: PathBuf,
+
+    /// Where this agent keeps what the next agent process of this boot inherits (its right to
+    /// run, never extended), so an agent restart does not reboot the node. Keep it on tmpfs
+    /// (/run): a reboot must clear it.
+    #[arg(long, default_value = DEFAULT_STATE_FILE)]
+    pub state_file: PathBuf,
 
     /// With a witness, a room out of contact with the other room runs on only while the
     /// witness grants it the right.
@@ -161,6 +179,15 @@ fn init_tracing() {
         .try_init();
 }
 
+/// The room from `--room`/NODE_ZONE, if given.
+fn room_flag(args: &Args) -> Option<String> {
+    args.room
+        .as_deref()
+        .map(str::trim)
+        .filter(|r| !r.is_empty())
+        .map(str::to_string)
+}
+
 /// The room from `--room`/NODE_ZONE, else the Node's zone label; waits for the API server.
 async fn resolve_room(
     client: &Client,
@@ -168,7 +195,7 @@ async fn resolve_room(
     flag: Option<String>,
     timeout: Duration,
 ) -> Result<String> {
-    if let Some(room) = flag.map(|r| r.trim().to_string()).filter(|r| !r.is_empty()) {
+    if let Some(room) = flag {
         return Ok(room);
     }
     let nodes: Api<Node> = Api::all(client.clone());
@@ -209,19 +236,153 @@ fn watchdog(args: &Args, timing: &HealthTiming) -> Result<Box<dyn Watchdog>> {
     )?))
 }
 
+/// The state file's contents for this boot and node, if usable (read off the runtime's threads,
+/// with a time limit: a state file must never hold the agent up).
+async fn load_state(file: &StateFile, boot_id: &str, node: &str) -> Option<SavedState> {
+    let (file, boot_id, node) = (file.clone(), boot_id.to_string(), node.to_string());
+    let read = tokio::task::spawn_blocking(move || state::load(&file, &boot_id, &node));
+    match tokio::time::timeout(STATE_READ_TIMEOUT, read).await {
+        Ok(Ok(saved)) => saved,
+        Ok(Err(join)) => {
+            tracing::warn!(error = %join, "could not read the state file: starting as the first agent of this boot");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(
+                "reading the state file takes longer than {STATE_READ_TIMEOUT:?}: starting as \
+                 the first agent of this boot"
+            );
+            None
+        }
+    }
+}
+
+/// Says what resuming made of the previous agent process's state (`boot_now`: the boot clock).
+fn log_resumed(resumed: &Resumed, saved: &SavedState, boot_now: MonoTime) {
+    let renewed_ago_ms = saved
+        .renewed_at_boot_ms
+        .map(|t| boot_now.as_millis().saturating_sub(t));
+    match resumed {
+        Resumed::Running(basis) => tracing::info!(
+            ?basis,
+            renewed_ago_ms,
+            "resuming the previous agent process of this boot: its right to run still holds; \
+             arming and feeding the watchdog now, until that right runs out unless this agent \
+             renews"
+        ),
+        Resumed::Lost(reason) => tracing::error!(
+            ?reason,
+            "the previous agent process of this boot had lost the right to run: it stays lost \
+             until the node reboots; stopping the HA workloads, never feeding the watchdog"
+        ),
+        Resumed::Expired => tracing::warn!(
+            renewed_ago_ms,
+            fence_marker = saved.fence_marker,
+            "the previous agent process of this boot had armed the watchdog, but its right to \
+             run has run out: not feeding it; the node reboots unless this agent renews first"
+        ),
+        Resumed::NotArmed => tracing::info!(
+            "the previous agent process of this boot had not armed the watchdog: starting like a \
+             new agent"
+        ),
+    }
+}
+
+/// Starts the decision loop over `core` (once: it takes the watchdog).
+fn spawn_decision_loop(
+    tasks: &mut JoinSet<(&'static str, Result<()>)>,
+    core: &SharedCore,
+    clock: &Arc<dyn Clock + Send + Sync>,
+    watchdog: &mut Option<Box<dyn Watchdog>>,
+    stopper: &CommandStopper,
+    recorder: StateRecorder,
+) {
+    let Some(watchdog) = watchdog.take() else {
+        return;
+    };
+    let agent =
+        NodeAgent::new(core.clone(), clock.clone(), watchdog, stopper.clone()).with_state(recorder);
+    tasks.spawn(async move { ("decision loop", agent.run(TICK).await) });
+}
+
 async fn run(args: Args, witness: Option<WitnessClient>) -> Result<()> {
     let timing = HealthTiming::default();
     timing.validate().map_err(Error::Timing)?;
     let watchdog = watchdog(&args, &timing)?;
+    let fences = watchdog.fences();
+    let mut watchdog = Some(watchdog);
     let boot_id = read_boot_id(&args.boot_id_file)?;
+    // Every deadline is judged on the boot clock: the state file's instants then mean the same
+    // to the next process, and a node waking from suspend sees its lease as expired.
+    let boot = BootClock::new().map_err(Error::BootClock)?;
+    let clock: Arc<dyn Clock + Send + Sync> = Arc::new(boot);
+    let state_file = StateFile::new(&args.state_file);
+    let saved = load_state(&state_file, &boot_id, &args.node_name).await;
+
+    let mut tasks: JoinSet<(&'static str, Result<()>)> = JoinSet::new();
+    let (state_tx, state_rx) = watch::channel(None);
+    tasks.spawn({
+        let file = state_file.clone();
+        async move { ("state file", run_state_writer(file, state_rx).await) }
+    });
+    let stopper = CommandStopper::new(args.stop_command.clone(), &args.node_name, timing.watchdog);
+    let new_core = |room: &str| {
+        let mut core = AgentCore::new(&*args.node_name, room, timing);
+        core.set_witness_configured(witness.is_some());
+        core
+    };
+    let recorder = |room: &str| {
+        let identity = StateIdentity {
+            boot_id: boot_id.clone(),
+            node: args.node_name.clone(),
+            room: room.to_string(),
+        };
+        StateRecorder::new(identity, clock.clone(), clock.clone(), state_tx.clone())
+    };
+
+    // Resuming: the decision loop feeds per the inherited right before the slow start below.
+    // The room is the one the previous process used (unless --room says otherwise).
+    let mut resumed = None;
+    if let Some(saved) = saved {
+        let room = room_flag(&args).unwrap_or_else(|| saved.room.clone());
+        let mut core = new_core(&room);
+        if let Some(outcome) = state::resume_core(&mut core, &saved, clock.as_ref(), &boot) {
+            log_resumed(&outcome, &saved, boot.now());
+            let core = SharedCore::new(core);
+            spawn_decision_loop(
+                &mut tasks,
+                &core,
+                &clock,
+                &mut watchdog,
+                &stopper,
+                recorder(&room),
+            );
+            resumed = Some((core, room));
+        }
+    }
+
     let client = Client::try_default().await.map_err(Error::ClientConfig)?;
-    let room = resolve_room(
-        &client,
-        &args.node_name,
-        args.room.clone(),
-        timing.request_timeout,
-    )
-    .await?;
+    let (core, room) = match resumed {
+        Some(resumed) => resumed,
+        None => {
+            let room = resolve_room(
+                &client,
+                &args.node_name,
+                room_flag(&args),
+                timing.request_timeout,
+            )
+            .await?;
+            (SharedCore::new(new_core(&room)), room)
+        }
+    };
+    spawn_decision_loop(
+        &mut tasks,
+        &core,
+        &clock,
+        &mut watchdog,
+        &stopper,
+        recorder(&room),
+    );
     let listener = peer::bind(args.peer_addr).await?;
     tracing::info!(
         node = args.node_name,
@@ -229,26 +390,22 @@ async fn run(args: Args, witness: Option<WitnessClient>) -> Result<()> {
         namespace = args.namespace,
         peer = %args.peer_addr,
         boot_id,
-        watchdog = watchdog.fences(),
+        watchdog = fences,
         witness = witness.as_ref().map(|w| w.base_url()),
         cluster = witness.as_ref().map(|w| w.cluster()),
+        state_file = %args.state_file.display(),
         "starting twosite agent"
     );
 
-    let clock: Arc<dyn Clock + Send + Sync> = Arc::new(SystemClock::new());
-    let mut agent_core = AgentCore::new(&*args.node_name, room.clone(), timing);
-    agent_core.set_witness_configured(witness.is_some());
-    let core = SharedCore::new(agent_core);
     let partners = PartnerCache::new();
     let facts = NodeFacts {
         node: args.node_name.clone(),
         namespace: args.namespace.clone(),
         boot_id,
-        watchdog_enabled: watchdog.fences(),
+        watchdog_enabled: fences,
         lease_duration: timing.agent_lease,
     };
 
-    let mut tasks: JoinSet<(&'static str, Result<()>)> = JoinSet::new();
     tasks.spawn({
         let api = KubeLeases::new(client.clone(), &args.namespace, timing.request_timeout);
         let (core, clock) = (core.clone(), clock.clone());
@@ -305,13 +462,6 @@ async fn run(args: Args, witness: Option<WitnessClient>) -> Result<()> {
             }
         });
     }
-    tasks.spawn({
-        let stopper =
-            CommandStopper::new(args.stop_command.clone(), &args.node_name, timing.watchdog);
-        let agent = NodeAgent::new(core.clone(), clock.clone(), watchdog, stopper);
-        async move { ("decision loop", agent.run(TICK).await) }
-    });
-
     tokio::select! {
         joined = tasks.join_next() => match joined {
             Some(Ok((name, result))) => {
@@ -329,8 +479,10 @@ async fn run(args: Args, witness: Option<WitnessClient>) -> Result<()> {
         () = shutdown_signal() => {
             if core.lock().is_armed() {
                 tracing::warn!(
+                    state_file = %args.state_file.display(),
                     "stopping: the watchdog stays armed and reboots the node unless a new agent \
-                     feeds it within {:?}",
+                     feeds it within {:?} (one started by then resumes from the state file and \
+                     feeds it while this agent's right to run would have held)",
                     timing.watchdog
                 );
             } else {

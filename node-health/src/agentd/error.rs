@@ -52,6 +52,10 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// CLOCK_BOOTTIME could not be read: the agent judges every deadline on it.
+    #[error("could not read the boot clock (CLOCK_BOOTTIME)")]
+    BootClock(#[source] std::io::Error),
+
     /// The watchdog device could not be found, loaded, opened or written.
     #[error("watchdog {path}: {what}")]
     Watchdog {

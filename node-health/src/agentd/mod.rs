@@ -7,6 +7,8 @@
 //! server ([`contact`]) and the claims at the witness ([`claims`], [`witness_client`], set up
 //! from [`witness_flags`]).
 //! The tasks only report what they saw to the core; what the node may do is the core's call.
+//! The decision loop also keeps the [`state`] file, from which the next agent process of this
+//! boot resumes: an agent restart hands the right to run over instead of rebooting the node.
 
 pub mod claims;
 pub mod cli;
@@ -17,6 +19,7 @@ pub mod heartbeat;
 pub mod node_agent;
 pub mod partner;
 pub mod peer;
+pub mod state;
 pub mod stopper;
 pub mod watchdog;
 pub mod witness_client;

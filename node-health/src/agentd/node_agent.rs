@@ -1,12 +1,14 @@
 //! The agent's decision loop: ask [`AgentCore`] what to do now, then do it — stop the HA
 //! workloads first when the right to run is lost, arm the watchdog when the core first arms,
 //! and feed it only when the core says so. Renewals and probes report into the same core from
-//! their own tasks; every decision stays in the core.
+//! their own tasks; every decision stays in the core. With a [`StateRecorder`] the loop also
+//! saves what the next agent process of this boot inherits, whenever it changes.
 //!
 //! [`AgentCore`]: crate::AgentCore
 
 use super::SharedCore;
 use super::error::report;
+use super::state::StateRecorder;
 use super::stopper::WorkloadStopper;
 use super::watchdog::Watchdog;
 use crate::agent::AgentStep;
@@ -23,6 +25,7 @@ pub struct NodeAgent<W, S> {
     clock: Arc<dyn Clock + Send + Sync>,
     watchdog: W,
     stopper: S,
+    state: Option<StateRecorder>,
 }
 
 impl<W: Watchdog, S: WorkloadStopper> NodeAgent<W, S> {
@@ -37,7 +40,14 @@ impl<W: Watchdog, S: WorkloadStopper> NodeAgent<W, S> {
             clock,
             watchdog,
             stopper,
+            state: None,
         }
+    }
+
+    /// Saves the core's state for the next agent process of this boot whenever it changes.
+    pub fn with_state(mut self, recorder: StateRecorder) -> Self {
+        self.state = Some(recorder);
+        self
     }
 
     pub fn core(&self) -> &SharedCore {
@@ -58,6 +68,8 @@ impl<W: Watchdog, S: WorkloadStopper> NodeAgent<W, S> {
             let now = self.clock.now();
             self.core.lock().tick(now)
         };
+        // Before acting: a loss is on file before the stop begins (which may outlive us).
+        self.save_state();
         if step.stop_workloads {
             tracing::error!(
                 reason = ?step.lost,
@@ -73,7 +85,7 @@ impl<W: Watchdog, S: WorkloadStopper> NodeAgent<W, S> {
             }
         }
         if step.armed {
-            tracing::info!("right to run gained: arming the watchdog");
+            tracing::info!("right to run gained (or resumed): arming the watchdog");
             if let Err(err) = self.watchdog.arm() {
                 self.watchdog_failed("could not arm the watchdog", &err);
             }
@@ -83,7 +95,16 @@ impl<W: Watchdog, S: WorkloadStopper> NodeAgent<W, S> {
         {
             self.watchdog_failed("could not feed the watchdog", &err);
         }
+        // After acting: a watchdog that just failed.
+        self.save_state();
         step
+    }
+
+    fn save_state(&mut self) {
+        if let Some(recorder) = self.state.as_mut() {
+            let handover = self.core.lock().handover();
+            recorder.record(handover);
+        }
     }
 
     /// Tells the core, which reports it in the heartbeat and reboots directly on loss.
