@@ -69,12 +69,15 @@ fn play_kubelets(
 struct AgentFiles {
     boot_id: PathBuf,
     watchdog: PathBuf,
+    /// The node's own state file (the default under /run would be shared by every test node).
+    state: PathBuf,
 }
 
 fn agent_files(server: &ApiServer, node: &str) -> AgentFiles {
     AgentFiles {
         boot_id: server.dir().join(format!("{node}.boot_id")),
         watchdog: server.dir().join(format!("{node}.watchdog")),
+        state: server.dir().join(format!("{node}.state.json")),
     }
 }
 
@@ -104,6 +107,8 @@ fn start_agent(
         files.boot_id.display().to_string(),
         "--test-watchdog-file".into(),
         files.watchdog.display().to_string(),
+        "--state-file".into(),
+        files.state.display().to_string(),
         "--i-understand-no-fencing".into(),
     ];
     Process::start(
