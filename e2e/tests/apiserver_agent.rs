@@ -17,8 +17,8 @@
 mod common;
 
 use common::{
-    NAMESPACE, Process, TestNode, binaries_or_skip, client, create_node, install,
-    renew_kubelet_lease, set_node_state, twosites, wait_for,
+    AGENT_BIN, CONTROLLER_BIN, NAMESPACE, Process, Setup, TestNode, renew_kubelet_lease,
+    set_node_state, twosites, wait_for,
 };
 use e2e::apiserver::{self, ApiServer, Options};
 use k8s_openapi::api::coordination::v1::Lease;
@@ -184,29 +184,17 @@ fn pod(name: &str, node: &str, daemonset: bool) -> Pod {
 async fn dead_node_is_fenced_tainted_and_released_after_reboot() {
     let test = "dead_node_is_fenced_tainted_and_released_after_reboot";
     let t0 = Instant::now();
-    if binaries_or_skip(
-        test,
-        &[
-            ("twosite", "twosite-controller"),
-            ("twosite-agent", "twosite-node-health"),
-        ],
-    )
-    .is_none()
-    {
-        return;
-    }
-    let Some(server) = apiserver::require_or_skip(test, Options::default()) else {
+    let all = cluster();
+    let setup = Setup {
+        binaries: &[CONTROLLER_BIN, AGENT_BIN],
+        options: Options::default(),
+        rbac: &["rbac-controller.yaml", "rbac-agent.yaml"],
+        nodes: &all,
+    };
+    let Some((server, admin)) = common::start(test, setup).await else {
         return;
     };
-    println!("kube-apiserver ready in {:?}", t0.elapsed());
-    let admin = client(server.admin_kubeconfig()).await;
-    install(&admin, &["rbac-controller.yaml", "rbac-agent.yaml"]).await;
-
     let nodes: Api<Node> = Api::all(admin.clone());
-    let all = cluster();
-    for node in &all {
-        create_node(&nodes, node).await;
-    }
     let alive = Arc::new(Mutex::new(
         all.iter().map(|n| n.name.clone()).collect::<BTreeSet<_>>(),
     ));

@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::{Process, TestNode, admin_get, client, create_node, install, twosites};
+use common::{CONTROLLER_BIN, Process, Setup, admin_get, twosites, workers};
 use e2e::apiserver::{self, Options};
 use k8s_openapi::api::core::v1::Node;
 use kube::api::Api;
@@ -22,34 +22,19 @@ const DEADLINE: Duration = Duration::from_secs(60);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn controller_pairs_nodes_under_its_own_rbac() {
     let t0 = Instant::now();
-    if common::binaries_or_skip(
-        "controller_pairs_nodes_under_its_own_rbac",
-        &[("twosite", "twosite-controller")],
-    )
-    .is_none()
-    {
-        return;
-    }
-    let Some(server) = apiserver::require_or_skip(
-        "controller_pairs_nodes_under_its_own_rbac",
-        Options::default(),
-    ) else {
+    // Three workers in two rooms: a-1 pairs with b-1, a-2 has no partner.
+    let setup = Setup {
+        binaries: &[CONTROLLER_BIN],
+        options: Options::default(),
+        rbac: &["rbac-controller.yaml"],
+        nodes: &workers(&[("a-1", "room-a"), ("a-2", "room-a"), ("b-1", "room-b")]),
+    };
+    let Some((server, admin)) =
+        common::start("controller_pairs_nodes_under_its_own_rbac", setup).await
+    else {
         return;
     };
-    println!(
-        "kube-apiserver ready at {} in {:?}",
-        server.url(),
-        t0.elapsed()
-    );
-    let admin = client(server.admin_kubeconfig()).await;
-
-    install(&admin, &["rbac-controller.yaml"]).await;
-
-    // Three workers in two rooms: a-1 pairs with b-1, a-2 has no partner.
     let nodes: Api<Node> = Api::all(admin.clone());
-    for (name, zone) in [("a-1", "room-a"), ("a-2", "room-a"), ("b-1", "room-b")] {
-        create_node(&nodes, &TestNode::new(name, zone, "127.0.0.1")).await;
-    }
     let a1 = nodes.get("a-1").await.expect("get a-1");
     assert_eq!(
         a1.status

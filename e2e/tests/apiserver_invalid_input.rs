@@ -30,8 +30,7 @@
 mod common;
 
 use common::{
-    NAMESPACE, Process, TestNode, admin_get, client, create_node, install, status_condition,
-    status_node, twosite_status, twosites,
+    NAMESPACE, Process, admin_get, status_condition, status_node, twosite_status, twosites,
 };
 use e2e::apiserver::{self, ApiServer, Options};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -52,21 +51,13 @@ const FENCED_BOOT: &str = "twosite.dev/fenced-boot-id";
 /// Starts the API server, installs the CRD and the controller's RBAC, and creates `nodes`
 /// (name, zone). `None`: skipped.
 async fn start(test: &str, nodes: &[(&str, &str)]) -> Option<(ApiServer, Client)> {
-    let t0 = Instant::now();
-    common::binaries_or_skip(test, &[("twosite", "twosite-controller")])?;
-    let server = apiserver::require_or_skip(test, Options::default())?;
-    println!(
-        "kube-apiserver ready at {} in {:?}",
-        server.url(),
-        t0.elapsed()
-    );
-    let admin = client(server.admin_kubeconfig()).await;
-    install(&admin, &["rbac-controller.yaml"]).await;
-    let api: Api<Node> = Api::all(admin.clone());
-    for (name, zone) in nodes {
-        create_node(&api, &TestNode::new(name, zone, "127.0.0.1")).await;
-    }
-    Some((server, admin))
+    let setup = common::Setup {
+        binaries: &[common::CONTROLLER_BIN],
+        options: Options::default(),
+        rbac: &["rbac-controller.yaml"],
+        nodes: &common::workers(nodes),
+    };
+    common::start(test, setup).await
 }
 
 /// Panics with the controller's log when it has exited or is not ready.

@@ -18,12 +18,11 @@
 mod common;
 
 use common::{
-    NAMESPACE, Process, TestNode, admin_get, client, create_node, install, lease_holder, metric,
-    metric_series, twosite_status, twosites, wait_for,
+    CONTROLLER_BIN, NAMESPACE, Process, Setup, admin_get, lease_holder, metric, metric_series,
+    twosite_status, twosites, wait_for, workers,
 };
 use e2e::apiserver::{self, Identity, Options};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, DynamicObject, PostParams};
 use node_health::LeaderConfig;
 use node_health::time::stretch;
@@ -79,28 +78,20 @@ async fn leader_failover_between_two_controllers() {
     const TEST: &str = "leader_failover_between_two_controllers";
     let _serial = SERIAL.lock().await;
     let t0 = Instant::now();
-    if common::binaries_or_skip(TEST, &[("twosite", "twosite-controller")]).is_none() {
-        return;
-    }
-    let Some(server) = apiserver::require_or_skip(TEST, Options::default()) else {
+    let setup = Setup {
+        binaries: &[CONTROLLER_BIN],
+        options: Options::default(),
+        rbac: &["rbac-controller.yaml"],
+        nodes: &workers(&[
+            ("a-1", "room-a"),
+            ("a-2", "room-a"),
+            ("b-1", "room-b"),
+            ("b-2", "room-b"),
+        ]),
+    };
+    let Some((server, admin)) = common::start(TEST, setup).await else {
         return;
     };
-    println!(
-        "kube-apiserver ready at {} in {:?}",
-        server.url(),
-        t0.elapsed()
-    );
-    let admin = client(server.admin_kubeconfig()).await;
-    install(&admin, &["rbac-controller.yaml"]).await;
-    let nodes: Api<Node> = Api::all(admin.clone());
-    for (name, zone) in [
-        ("a-1", "room-a"),
-        ("a-2", "room-a"),
-        ("b-1", "room-b"),
-        ("b-2", "room-b"),
-    ] {
-        create_node(&nodes, &TestNode::new(name, zone, "127.0.0.1")).await;
-    }
     let leases: Api<Lease> = Api::namespaced(admin.clone(), NAMESPACE);
     let twosites = twosites(&admin);
 
@@ -347,27 +338,19 @@ async fn controller_without_rbac_never_leads() {
     const TEST: &str = "controller_without_rbac_never_leads";
     let _serial = SERIAL.lock().await;
     let t0 = Instant::now();
-    if common::binaries_or_skip(TEST, &[("twosite", "twosite-controller")]).is_none() {
-        return;
-    }
     // A ServiceAccount in the controller's namespace that no binding of deploy/ names.
     let intruder = Identity::service_account(NAMESPACE, "twosite-intruder");
     let mut options = Options::default();
     options.identities.push(intruder.clone());
-    let Some(server) = apiserver::require_or_skip(TEST, options) else {
+    let setup = Setup {
+        binaries: &[CONTROLLER_BIN],
+        options,
+        rbac: &["rbac-controller.yaml"],
+        nodes: &workers(&[("a-1", "room-a"), ("b-1", "room-b")]),
+    };
+    let Some((server, admin)) = common::start(TEST, setup).await else {
         return;
     };
-    println!(
-        "kube-apiserver ready at {} in {:?}",
-        server.url(),
-        t0.elapsed()
-    );
-    let admin = client(server.admin_kubeconfig()).await;
-    install(&admin, &["rbac-controller.yaml"]).await;
-    let nodes: Api<Node> = Api::all(admin.clone());
-    for (name, zone) in [("a-1", "room-a"), ("b-1", "room-b")] {
-        create_node(&nodes, &TestNode::new(name, zone, "127.0.0.1")).await;
-    }
     // The TwoSite exists, so a controller allowed to would write its status at once.
     let twosites = twosites(&admin);
     let ts: DynamicObject = serde_json::from_value(json!({

@@ -562,3 +562,45 @@ pub fn status_node<'a>(status: &'a Value, node: &str) -> Option<&'a Value> {
         .iter()
         .find(|n| n["name"] == node)
 }
+
+/// What a test needs started.
+pub struct Setup<'a> {
+    /// Our binaries it runs: (binary, package).
+    pub binaries: &'a [(&'a str, &'a str)],
+    pub options: e2e::apiserver::Options,
+    /// The deploy/ RBAC files to install besides the namespace and the CRD.
+    pub rbac: &'a [&'a str],
+    pub nodes: &'a [TestNode],
+}
+
+/// Checks the binaries, starts the API server, installs the namespace, the CRD and the RBAC,
+/// and creates the nodes: the server and an admin client, or `None` when the test is skipped
+/// (printed; with `TWOSITE_REQUIRE_APISERVER=1` a missing binary fails instead).
+pub async fn start(test: &str, setup: Setup<'_>) -> Option<(ApiServer, Client)> {
+    let t0 = Instant::now();
+    binaries_or_skip(test, setup.binaries)?;
+    let server = apiserver::require_or_skip(test, setup.options)?;
+    println!(
+        "kube-apiserver ready at {} in {:?}",
+        server.url(),
+        t0.elapsed()
+    );
+    let admin = client(server.admin_kubeconfig()).await;
+    install(&admin, setup.rbac).await;
+    let nodes: Api<Node> = Api::all(admin.clone());
+    for node in setup.nodes {
+        create_node(&nodes, node).await;
+    }
+    Some((server, admin))
+}
+
+/// Workers `(name, zone)` on 127.0.0.1.
+pub fn workers(nodes: &[(&str, &str)]) -> Vec<TestNode> {
+    nodes
+        .iter()
+        .map(|(name, zone)| TestNode::new(name, zone, "127.0.0.1"))
+        .collect()
+}
+
+pub const CONTROLLER_BIN: (&str, &str) = ("twosite", "twosite-controller");
+pub const AGENT_BIN: (&str, &str) = ("twosite-agent", "twosite-node-health");
