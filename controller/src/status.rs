@@ -79,31 +79,6 @@ pub fn room_config(spec: &TwoSiteSpec) -> Result<RoomConfig, String> {
     }
 }
 
-/// The spec's rooms held against the nodes: a configured room that no worker carries while
-/// some worker carries a zone outside both rooms looks like a typo (`room-bb` for `room-b`), and
-/// is refused like an invalid spec so the pairs are not torn down. A room no worker carries
-/// while every worker stands in one of the two rooms is a room still being built: accepted.
-pub fn rooms_against_nodes(config: &RoomConfig, nodes: &[NodeFacts]) -> Result<(), String> {
-    let RoomConfig::Explicit(a, b) = config else {
-        return Ok(());
-    };
-    let workers = || nodes.iter().filter(|n| !n.control_plane);
-    let carried = |room: &str| workers().any(|n| n.zone.as_deref() == Some(room));
-    let Some(stray) = workers()
-        .filter_map(|n| n.zone.as_deref())
-        .find(|z| z != a && z != b)
-    else {
-        return Ok(());
-    };
-    match [a, b].into_iter().find(|room| !carried(room)) {
-        Some(empty) => Err(format!(
-            "spec.rooms: no worker carries zone {empty:?}, while workers carry zone {stray:?}, \
-             which is in neither room (a typo?)"
-        )),
-        None => Ok(()),
-    }
-}
-
 /// Everything the desired status is computed from.
 #[derive(Debug, Clone)]
 pub struct StatusInput<'a> {
@@ -163,13 +138,12 @@ pub fn desired_status(input: &StatusInput<'_>) -> TwoSiteStatus {
         )
     };
 
-    let config = match room_config(input.spec)
-        .and_then(|c| rooms_against_nodes(&c, input.nodes).map(|()| c))
-    {
-        Ok(c) => c,
-        Err(message) => {
-            let kept = previous.cloned().unwrap_or_default();
-            return TwoSiteStatus {
+    let config =
+        match room_config(input.spec).and_then(|c| c.check_against(input.nodes).map(|()| c)) {
+            Ok(c) => c,
+            Err(message) => {
+                let kept = previous.cloned().unwrap_or_default();
+                return TwoSiteStatus {
                 observed_generation: input.generation,
                 pair_count: count(kept.pairs.len()),
                 unpaired_count: count(kept.unpaired.len()),
@@ -194,8 +168,8 @@ pub fn desired_status(input: &StatusInput<'_>) -> TwoSiteStatus {
                 .chain(witness_condition(input))
                 .collect(),
             };
-        }
-    };
+            }
+        };
     let source = match config {
         RoomConfig::Auto => RoomSource::Automatic,
         RoomConfig::Explicit(..) => RoomSource::Configured,

@@ -258,8 +258,8 @@ async fn invalid_spec_is_reported_in_the_status() {
     println!("fixed: RoomsResolved=True, rooms configured, pairs kept");
 
     // A zone no worker carries while b-1 carries one in neither room: a typo of room-b, refused
-    // like an invalid spec so the pairs are kept (controller/src/status.rs
-    // `rooms_against_nodes`).
+    // like an invalid spec so the pairs are kept (node-health/src/rooms.rs
+    // `RoomConfig::check_against`).
     let patched = twosites
         .patch(
             "default",

@@ -43,6 +43,32 @@ impl RoomConfig {
         }
         Ok(RoomConfig::Explicit(a.to_string(), b.to_string()))
     }
+
+    /// The configured rooms held against the nodes: a configured room that no worker carries
+    /// while some worker carries a zone outside both rooms looks like a typo (`room-bb` for
+    /// `room-b`) and is refused, with a message for the status, so the pairs are not torn down.
+    /// A room no worker carries while every worker stands in one of the two rooms is a room
+    /// still being built: accepted.
+    pub fn check_against(&self, nodes: &[NodeFacts]) -> Result<(), String> {
+        let RoomConfig::Explicit(a, b) = self else {
+            return Ok(());
+        };
+        let workers = || nodes.iter().filter(|n| !n.control_plane);
+        let carried = |room: &str| workers().any(|n| n.zone.as_deref() == Some(room));
+        let Some(stray) = workers()
+            .filter_map(|n| n.zone.as_deref())
+            .find(|z| z != a && z != b)
+        else {
+            return Ok(());
+        };
+        match [a, b].into_iter().find(|room| !carried(room)) {
+            Some(empty) => Err(format!(
+                "spec.rooms: no worker carries zone {empty:?}, while workers carry zone \
+                 {stray:?}, which is in neither room (a typo?)"
+            )),
+            None => Ok(()),
+        }
+    }
 }
 
 /// What the pairing needs to know of one Node.
