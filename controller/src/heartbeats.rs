@@ -15,14 +15,14 @@
 
 use crate::admin::LoopGuard;
 use crate::error::{Error, Result, report};
-use crate::nodes::{NodeIndex, NodeRecord};
+use crate::nodes::NodeIndex;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use kube::runtime::watcher;
 use kube::{Api, Resource};
-use node_health::{HealthTiming, MonoTime, NodeFacts, NodeObservation, Readiness};
+use node_health::{ClusterView, HealthTiming, MonoTime, NodeFacts, NodeObservation, NodeView};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -31,7 +31,7 @@ use tokio::sync::watch;
 /// The label that marks an agent heartbeat Lease.
 pub const AGENT_HEARTBEAT_LABEL: &str = "twosite.dev/agent-heartbeat";
 /// The prefix of an agent heartbeat Lease's name; the rest is the node's name.
-pub const AGENT_LEASE_PREFIX: &str = "twosite-agent-";
+pub use node_health::assess::AGENT_LEASE_PREFIX;
 /// Consecutive failed renewals before this one; only `0` is a clean renewal.
 pub const RENEW_FAILURES_ANNOTATION: &str = "twosite.dev/renew-failures";
 /// The node's boot ID, as its agent saw it.
@@ -65,20 +65,8 @@ impl WatchKind {
     }
 }
 
-/// What the agent's heartbeat Lease says besides the heartbeat itself.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AgentRecord {
-    /// The heartbeat Lease's name.
-    pub lease_name: String,
-    /// The controller's fence marker is on the Lease.
-    pub fence_marker: bool,
-    /// The agent feeds an armed watchdog (`twosite.dev/watchdog=enabled`).
-    pub watchdog: bool,
-    /// `twosite.dev/boot-id`.
-    pub boot_id: Option<String>,
-    /// The Lease's resourceVersion: the precondition of the fence commit.
-    pub resource_version: String,
-}
+/// What the agent's heartbeat Lease says besides the heartbeat itself (the core's type).
+pub use node_health::assess::AgentRecord;
 
 /// One agent heartbeat Lease, read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -332,27 +320,26 @@ impl Observed {
         self.observations.get(node).cloned().unwrap_or_default()
     }
 
-    /// What `node`'s verdict is judged on: its heartbeats and Ready condition, without the agent
-    /// when the agent's watchdog is not enabled (nothing would reboot the node).
-    pub fn verdict_observation(&self, record: &NodeRecord) -> NodeObservation {
-        let name = record.facts.name.as_str();
-        let mut obs = self.heartbeats(name);
-        if !self.agents.get(name).is_some_and(|a| a.watchdog) {
-            obs.agent = None;
-            obs.clear_since = None;
+    /// The core's view of the cluster at `now`: every Node with its heartbeats and agent
+    /// record, and whether the watches have settled.
+    pub fn cluster_view(&self, now: MonoTime, t: &HealthTiming) -> ClusterView {
+        ClusterView {
+            nodes: self
+                .nodes
+                .records()
+                .map(|r| NodeView {
+                    record: r.clone(),
+                    heartbeats: self.heartbeats(&r.facts.name),
+                    agent: self.agents.get(&r.facts.name).cloned(),
+                })
+                .collect(),
+            settled: self.settled(now, t),
         }
-        obs.ready = record.readiness;
-        obs
     }
 
     /// The agent's record of `node`, if it has an agent Lease.
     pub fn agent(&self, node: &str) -> Option<&AgentRecord> {
         self.agents.get(node)
-    }
-
-    /// Whether the node's Ready condition is True.
-    pub fn is_ready(record: &NodeRecord) -> bool {
-        record.readiness == Some(Readiness::True)
     }
 }
 

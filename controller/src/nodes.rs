@@ -13,23 +13,8 @@ use node_health::remediation::{
 use node_health::{NodeFacts, Readiness};
 use std::collections::BTreeMap;
 
-/// What the controller knows of one Node.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NodeRecord {
-    /// What the pairing needs.
-    pub facts: NodeFacts,
-    pub uid: Option<String>,
-    /// A control-plane node, or labelled `twosite.dev/exclude-from-remediation=true`.
-    pub excluded: bool,
-    /// The out-of-service taint (`NoExecute`) is on the node.
-    pub tainted: bool,
-    /// The `twosite.dev/fenced-boot-id` annotation.
-    pub fenced_boot_annotation: Option<String>,
-    /// `status.nodeInfo.bootID`.
-    pub boot_id: Option<String>,
-    /// The Ready condition; `None` if the node has none yet.
-    pub readiness: Option<Readiness>,
-}
+/// What the controller knows of one Node: the core's record, filled by [`node_record`].
+pub use node_health::assess::NodeRecord;
 
 /// Whether `taint` is the out-of-service taint twosite manages (key and effect).
 pub fn is_out_of_service(taint: &Taint) -> bool {

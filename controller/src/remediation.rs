@@ -21,12 +21,10 @@
 use crate::crd::NodeStatus;
 use crate::error::{Error, Result, report, with_timeout};
 use crate::fence_marker::{clear_fence, commit_fence};
-use crate::heartbeats::AGENT_LEASE_PREFIX;
-use crate::heartbeats::{Observed, SharedObserved};
+use crate::heartbeats::SharedObserved;
 use crate::leader_lease::Leadership;
 use crate::metrics::Metrics;
-use crate::nodes::NodeRecord;
-use crate::status::{Pause, RemediationView};
+use crate::status::RemediationView;
 use crate::taint::{TaintChange, TaintOutcome, change_taint};
 use crate::witness_link::WitnessLink;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -34,10 +32,11 @@ use k8s_openapi::api::core::v1::{Node, ObjectReference, Pod};
 use kube::Api;
 use kube::api::{DeleteParams, ListParams, Preconditions};
 use kube::runtime::events::{Event, EventType, Recorder};
-use node_health::remediation::{Phase, pause_reason};
-use node_health::{
-    Action, HealthTiming, MonoTime, NodeRemediation, NodeVerdict, Pairing, RemediationInput, judge,
+use node_health::assess::{
+    NodeAssessment, apply_witness, assess, needs_pod_count, rooms_to_claim,
 };
+use node_health::remediation::Phase;
+use node_health::{Action, HealthTiming, MonoTime, NodeRemediation, Pairing};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,12 +44,8 @@ use std::time::Duration;
 /// How often the loop runs.
 pub const INTERVAL: Duration = Duration::from_millis(500);
 
-/// Pause reasons (the `RemediationPaused` condition's reason).
-pub mod pause {
-    pub const WATCHES_NOT_SETTLED: &str = "WatchesNotSettled";
-    pub const ROOMS_UNKNOWN: &str = "RoomsUnknown";
-    pub const DEAD_NODES_IN_BOTH_ROOMS: &str = "DeadNodesInBothRooms";
-}
+/// Pause reasons (the `RemediationPaused` condition's reason): the core's.
+pub use node_health::assess::pause;
 
 /// Everything a remediation pass needs.
 #[derive(Clone)]
@@ -72,221 +67,6 @@ pub struct RemediationContext {
     pub witness: Option<Arc<WitnessLink>>,
 }
 
-/// One node, assessed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NodeAssessment {
-    pub name: String,
-    pub uid: Option<String>,
-    /// Its zone, if it is one of the two rooms.
-    pub room: Option<String>,
-    pub partner: Option<String>,
-    /// The name of its agent's heartbeat Lease.
-    pub agent_lease: String,
-    /// The core's input, pods not counted yet (0).
-    pub input: RemediationInput,
-}
-
-/// Every node, assessed, and whether remediation is paused.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Assessment {
-    pub nodes: Vec<NodeAssessment>,
-    pub pause: Option<Pause>,
-}
-
-/// Which room (0 = A, 1 = B) the node stands in.
-fn room_index(record: &NodeRecord, pairing: Option<&Pairing>) -> Option<usize> {
-    let (a, b) = pairing?.rooms.as_ref()?;
-    let zone = record.facts.zone.as_deref()?.trim();
-    if zone == a.0 {
-        Some(0)
-    } else if zone == b.0 {
-        Some(1)
-    } else {
-        None
-    }
-}
-
-/// Since when every node that may vouch for `record`'s node has been clear; `None` if one is
-/// not (or the pairing is unknown). Its partner vouches; a worker without a partner may be
-/// vouched for by any worker of the other room (or, outside both rooms, by any other worker).
-/// No voucher at all: `Some(MonoTime::ZERO)`.
-fn vouchers_clear_since(
-    observed: &Observed,
-    record: &NodeRecord,
-    pairing: Option<&Pairing>,
-    now: MonoTime,
-    t: &HealthTiming,
-) -> Option<MonoTime> {
-    let pairing = pairing?;
-    let name = record.facts.name.as_str();
-    let vouchers: Vec<&str> = match pairing.partner_of(name) {
-        Some(partner) => vec![partner],
-        None => {
-            let own = room_index(record, Some(pairing));
-            observed
-                .nodes()
-                .records()
-                .filter(|r| !r.facts.control_plane && r.facts.name != name)
-                .filter(|r| match own {
-                    Some(i) => room_index(r, Some(pairing)) == Some(1 - i),
-                    None => true,
-                })
-                .map(|r| r.facts.name.as_str())
-                .collect()
-        }
-    };
-    vouchers.into_iter().try_fold(MonoTime::ZERO, |latest, v| {
-        let clear = observed.heartbeats(v).clear_at(now, t)?;
-        Some(latest.max(clear))
-    })
-}
-
-/// Stage 1 (pure): every node's core input at `now`, and whether remediation is paused.
-pub fn assess(
-    observed: &Observed,
-    pairing: Option<&Pairing>,
-    now: MonoTime,
-    t: &HealthTiming,
-    max_dead_share_pct: u8,
-) -> Assessment {
-    let settled = observed.settled(now, t);
-    let records: Vec<&NodeRecord> = observed.nodes().records().collect();
-    let verdicts: Vec<NodeVerdict> = records
-        .iter()
-        .map(|r| judge(&observed.verdict_observation(r), now, t, settled))
-        .collect();
-
-    let mut dead = [0_usize; 2];
-    let mut workers = 0;
-    for (r, v) in records.iter().zip(&verdicts) {
-        if r.facts.control_plane {
-            continue;
-        }
-        if let Some(i) = room_index(r, pairing) {
-            workers += 1;
-            if v.is_dead() {
-                dead[i] += 1;
-            }
-        }
-    }
-    let rooms_known = pairing.is_some_and(|p| p.rooms.is_some());
-    let pause = if !settled {
-        pause_reason(false, (0, 0), workers, max_dead_share_pct).map(|message| Pause {
-            reason: pause::WATCHES_NOT_SETTLED,
-            message,
-        })
-    } else if !rooms_known {
-        Some(Pause {
-            reason: pause::ROOMS_UNKNOWN,
-            message: "the two rooms and the pairs are not known".to_string(),
-        })
-    } else {
-        pause_reason(true, (dead[0], dead[1]), workers, max_dead_share_pct).map(|message| Pause {
-            reason: pause::DEAD_NODES_IN_BOTH_ROOMS,
-            message,
-        })
-    };
-
-    let nodes = records
-        .iter()
-        .zip(verdicts)
-        .map(|(r, verdict)| {
-            let name = r.facts.name.clone();
-            let agent = observed.agent(&name);
-            // The commit is conditional on the Lease as last seen: any write since (a renewal
-            // above all) makes it fail.
-            let heartbeat = observed
-                .verdict_observation(r)
-                .agent
-                .and(agent.map(|a| a.resource_version.clone()));
-            let boot_id = r
-                .boot_id
-                .clone()
-                .or_else(|| agent.and_then(|a| a.boot_id.clone()));
-            NodeAssessment {
-                uid: r.uid.clone(),
-                room: room_index(r, pairing).and(r.facts.zone.clone()),
-                partner: pairing
-                    .and_then(|p| p.partner_of(&name))
-                    .map(str::to_string),
-                input: RemediationInput {
-                    verdict,
-                    vouchers_clear_since: vouchers_clear_since(observed, r, pairing, now, t),
-                    excluded: r.excluded,
-                    tainted: r.tainted,
-                    fenced_boot_annotation: r.fenced_boot_annotation.clone(),
-                    pods: 0,
-                    terminating_pods: 0,
-                    ready: Observed::is_ready(r),
-                    boot_id,
-                    heartbeat,
-                    fence_marker: agent.is_some_and(|a| a.fence_marker),
-                    paused: pause.is_some(),
-                    // Without a witness. With one, [`Remediator::pass`] replaces it with
-                    // whether the grant for the opposite room is held ([`apply_witness`]).
-                    witness_ok: true,
-                },
-                agent_lease: agent.map_or_else(
-                    || format!("{AGENT_LEASE_PREFIX}{name}"),
-                    |a| a.lease_name.clone(),
-                ),
-                name,
-            }
-        })
-        .collect();
-    Assessment { nodes, pause }
-}
-
-/// The room opposite `room`, if `room` is one of the two.
-fn opposite_room<'a>(pairing: Option<&'a Pairing>, room: &str) -> Option<&'a str> {
-    let (a, b) = pairing?.rooms.as_ref()?;
-    if room == a.0 {
-        Some(b.0.as_str())
-    } else if room == b.0 {
-        Some(a.0.as_str())
-    } else {
-        None
-    }
-}
-
-/// The rooms to claim at the witness: the one opposite each room with a dead node that may be
-/// fenced (not excluded, with an agent).
-pub fn rooms_to_claim(assessment: &Assessment, pairing: Option<&Pairing>) -> BTreeSet<String> {
-    assessment
-        .nodes
-        .iter()
-        .filter(|n| {
-            !n.input.excluded
-                && matches!(
-                    n.input.verdict,
-                    NodeVerdict::Dead {
-                        fence_deadline: Some(_)
-                    }
-                )
-        })
-        .filter_map(|n| opposite_room(pairing, n.room.as_deref()?))
-        .map(str::to_string)
-        .collect()
-}
-
-/// Sets every node's `witness_ok`: a valid grant for the room opposite its own, held for at
-/// least `margin` more (the time the fence commit may take). A node outside both rooms has no
-/// opposite room and is never fenced while a witness is configured.
-pub fn apply_witness(
-    assessment: &mut Assessment,
-    pairing: Option<&Pairing>,
-    witness: &WitnessLink,
-    margin: Duration,
-) {
-    for node in &mut assessment.nodes {
-        node.input.witness_ok = node
-            .room
-            .as_deref()
-            .and_then(|r| opposite_room(pairing, r))
-            .is_some_and(|other| witness.grant_valid(other, margin));
-    }
-}
-
 /// Whether `pod` belongs to a DaemonSet (it is never deleted: it would come back at once and
 /// belongs to the node).
 pub fn owned_by_daemonset(pod: &Pod) -> bool {
@@ -305,16 +85,6 @@ pub fn pod_counts(pods: &[Pod]) -> (usize, usize) {
         .filter(|p| p.metadata.deletion_timestamp.is_some())
         .count();
     (deletable, terminating)
-}
-
-/// Whether a node's pods must be counted before its step: it is, or may be picked up as,
-/// fenced, tainted or recovering.
-fn needs_pod_count(state: &NodeRemediation, input: &RemediationInput) -> bool {
-    matches!(
-        state.phase,
-        Phase::Fenced | Phase::Tainted | Phase::Recovering
-    ) || input.fence_marker
-        || (input.tainted && input.fenced_boot_annotation.is_some())
 }
 
 /// The reference of a Node for its Events.
@@ -381,8 +151,9 @@ impl Remediator {
             self.forget_all(ctx);
             return None;
         }
+        let view = observed.lock().cluster_view(now, &ctx.timing);
         let mut assessment = assess(
-            &observed.lock(),
+            &view,
             pairing,
             now,
             &ctx.timing,
@@ -392,7 +163,10 @@ impl Remediator {
             witness
                 .claim_rooms(&rooms_to_claim(&assessment, pairing))
                 .await;
-            apply_witness(&mut assessment, pairing, witness, ctx.api_timeout);
+            // The grant must outlast the fence commit, which may take one API timeout.
+            apply_witness(&mut assessment, pairing, |room| {
+                witness.grant_valid(room, ctx.api_timeout)
+            });
         }
         let present: BTreeSet<&str> = assessment.nodes.iter().map(|n| n.name.as_str()).collect();
         self.states.retain(|n, _| present.contains(n.as_str()));
@@ -688,6 +462,9 @@ pub async fn run_remediation_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::heartbeats::Observed;
+    use node_health::RemediationInput;
+    use node_health::assess::Assessment;
     use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
     use k8s_openapi::api::core::v1::{NodeCondition, NodeStatus as K8sNodeStatus, NodeSystemInfo};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
@@ -818,6 +595,17 @@ mod tests {
         }
     }
 
+    /// The core's assessment of what the controller observed.
+    fn assess_at(
+        o: &Observed,
+        pairing: Option<&Pairing>,
+        now: MonoTime,
+        t: &HealthTiming,
+        pct: u8,
+    ) -> Assessment {
+        assess(&o.cluster_view(now, t), pairing, now, t, pct)
+    }
+
     fn input<'a>(a: &'a Assessment, name: &str) -> &'a RemediationInput {
         &a.nodes
             .iter()
@@ -830,7 +618,7 @@ mod tests {
     fn a_dead_node_with_a_clear_partner_is_ready_to_fence() {
         let mut o = cluster();
         renew_all_but(&mut o, &["a1"], 30_000);
-        let a = assess(&o, Some(&pairing(&[("a1", "b1")])), at(30_000), &T, 50);
+        let a = assess_at(&o, Some(&pairing(&[("a1", "b1")])), at(30_000), &T, 50);
         assert_eq!(a.pause, None);
         let i = input(&a, "a1");
         assert!(matches!(
@@ -865,7 +653,7 @@ mod tests {
         o.apply_agent_lease(W::Apply(agent("a1", "50", "1", "enabled")), at(20_000), &T);
         o.apply_agent_lease(W::Apply(agent("a1", "51", "0", "enabled")), at(22_000), &T);
         o.apply_agent_lease(W::Apply(agent("b1", "52", "0", "enabled")), at(22_000), &T);
-        let a = assess(&o, Some(&pairing(&[("a1", "b1")])), at(23_000), &T, 50);
+        let a = assess_at(&o, Some(&pairing(&[("a1", "b1")])), at(23_000), &T, 50);
         let i = input(&a, "b2");
         assert!(i.verdict.is_dead());
         assert_eq!(
@@ -874,7 +662,7 @@ mod tests {
             "a1 clear again only since 22 s"
         );
         // Without a pairing, nobody may be fenced.
-        let a = assess(&o, None, at(23_000), &T, 50);
+        let a = assess_at(&o, None, at(23_000), &T, 50);
         assert_eq!(input(&a, "b2").vouchers_clear_since, None);
         assert_eq!(a.pause.map(|p| p.reason), Some(pause::ROOMS_UNKNOWN));
     }
@@ -884,7 +672,7 @@ mod tests {
         let mut o = cluster();
         o.apply_agent_lease(W::Apply(agent("a1", "9", "0", "disabled")), at(1_000), &T);
         renew_all_but(&mut o, &["a1"], 30_000);
-        let a = assess(&o, Some(&pairing(&[("a1", "b1")])), at(30_000), &T, 50);
+        let a = assess_at(&o, Some(&pairing(&[("a1", "b1")])), at(30_000), &T, 50);
         // No agent and no kubelet lease seen: judged by Ready alone, never dead by time.
         assert_eq!(input(&a, "a1").verdict, NodeVerdict::Healthy);
         // b1's partner a1 renewed cleanly at 1 s, then went silent: not clear.
@@ -904,7 +692,7 @@ mod tests {
         );
         renew_all_but(&mut o, &["a1"], 30_000);
         let p = pairing(&[("a1", "b1")]);
-        assert!(input(&assess(&o, Some(&p), at(30_000), &T, 50), "a1").excluded);
+        assert!(input(&assess_at(&o, Some(&p), at(30_000), &T, 50), "a1").excluded);
         // The agent lease watch breaks and re-lists at 30 s: nobody is dead for 4 s.
         o.apply_agent_lease(W::Init, at(30_000), &T);
         o.apply_agent_lease(
@@ -913,7 +701,7 @@ mod tests {
             &T,
         );
         o.apply_agent_lease(W::InitDone, at(30_000), &T);
-        let a = assess(&o, Some(&p), at(33_000), &T, 50);
+        let a = assess_at(&o, Some(&p), at(33_000), &T, 50);
         assert_eq!(
             a.pause.as_ref().map(|p| p.reason),
             Some(pause::WATCHES_NOT_SETTLED)
@@ -928,7 +716,7 @@ mod tests {
     fn dead_nodes_in_both_rooms_pause_remediation() {
         let mut o = cluster();
         renew_all_but(&mut o, &["a1", "b2"], 30_000);
-        let a = assess(&o, Some(&pairing(&[("a1", "b1")])), at(30_000), &T, 50);
+        let a = assess_at(&o, Some(&pairing(&[("a1", "b1")])), at(30_000), &T, 50);
         assert_eq!(
             a.pause.map(|p| p.reason),
             Some(pause::DEAD_NODES_IN_BOTH_ROOMS)

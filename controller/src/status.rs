@@ -31,13 +31,8 @@ pub mod reason {
     pub const WITNESS_UNREACHABLE: &str = "WitnessUnreachable";
 }
 
-/// Why node remediation is paused for the whole cluster.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Pause {
-    /// A CamelCase word: `WatchesNotSettled`, `RoomsUnknown`, `DeadNodesInBothRooms`.
-    pub reason: &'static str,
-    pub message: String,
-}
+/// Why remediation is paused (the core's).
+pub use node_health::assess::Pause;
 
 /// What the remediation loop last decided, for the status: every node's verdict and phase, and
 /// whether remediation is paused.

@@ -3,6 +3,8 @@
 //! simulation all call this same code.
 
 pub mod agent;
+pub mod assess;
+pub mod contact;
 #[cfg(feature = "agent")]
 pub mod agentd;
 pub mod leader;
@@ -17,6 +19,8 @@ pub mod witness;
 pub use agent::{
     AgentCore, AgentStep, Handover, LossReason, PeerReport, ResumeState, Resumed, RunBasis,
 };
+pub use assess::{Assessment, ClusterView, NodeAssessment, NodeView, assess};
+pub use contact::OtherRoomMarks;
 pub use leader::{LeaderAction, LeaderConfig, LeaderElector, LeaseRecord, LeaseWrite};
 pub use remediation::{Action, EventReason, NodeRemediation, Phase, RemediationInput};
 pub use report::report;

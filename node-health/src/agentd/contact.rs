@@ -20,12 +20,13 @@ use super::SharedCore;
 use super::error::{Result, report, with_timeout};
 use super::heartbeat::HEARTBEAT_LABEL;
 use super::partner::zone;
+use crate::contact::OtherRoomMarks;
 use crate::time::Clock;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use kube::Api;
 use kube::api::ListParams;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -113,8 +114,8 @@ pub struct OtherRoomWatch {
     room: String,
     /// Node → its zone (`None`: no zone known, read again after [`UNKNOWN_ZONE_ROUNDS`]).
     zones: BTreeMap<String, (Option<String>, u32)>,
-    /// Node of the other room → the renewal mark of its heartbeat Lease at the last list.
-    marks: BTreeMap<String, String>,
+    /// The other room's renewal marks at the last list: the rule of what counts is the core's.
+    marks: OtherRoomMarks,
     round: u32,
 }
 
@@ -124,7 +125,7 @@ impl OtherRoomWatch {
         OtherRoomWatch {
             room: room.into(),
             zones: BTreeMap::new(),
-            marks: BTreeMap::new(),
+            marks: OtherRoomMarks::default(),
             round: 0,
         }
     }
@@ -160,8 +161,7 @@ impl OtherRoomWatch {
         self.round = self.round.wrapping_add(1);
         let sent_at = clock.now();
         let leases = api.list_heartbeats().await?;
-        let mut changed = false;
-        let mut listed = BTreeSet::new();
+        let mut listed = Vec::new();
         for lease in &leases {
             let (Some(node), Some(mark)) = (lease_node(lease), renewal_mark(lease)) else {
                 continue;
@@ -169,20 +169,11 @@ impl OtherRoomWatch {
             let Some(zone) = self.zone(api, &node).await else {
                 continue;
             };
-            if zone == self.room {
-                continue;
-            }
-            listed.insert(node.clone());
-            if self
-                .marks
-                .insert(node, mark.clone())
-                .is_some_and(|old| old != mark)
-            {
-                changed = true;
+            if zone != self.room {
+                listed.push((node, mark));
             }
         }
-        // Leases that are gone: a node that comes back is first seen again.
-        self.marks.retain(|node, _| listed.contains(node));
+        let changed = self.marks.observe(listed);
         if changed {
             core.lock().observe_other_room(sent_at);
         }
