@@ -255,7 +255,10 @@ impl Remediator {
                 "remediation phase changed"
             );
         }
-        for action in actions {
+        // In order; the first failure ends the pass for this node (`?`): a failed taint write
+        // must delete nothing. A committed fence's follow-ups run in this same pass.
+        let mut actions: std::collections::VecDeque<Action> = actions.into();
+        while let Some(action) = actions.pop_front() {
             if !ctx.leadership.is_leader() {
                 return Ok(());
             }
@@ -275,7 +278,7 @@ impl Remediator {
                     .await;
                     let ok = matches!(committed, Ok(true));
                     if let Some(state) = self.states.get_mut(&node.name) {
-                        state.commit_result(ok);
+                        actions.extend(state.commit_result(ok));
                     }
                     if ok {
                         ctx.metrics.remediations.inc();

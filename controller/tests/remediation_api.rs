@@ -358,9 +358,9 @@ async fn a_dead_node_with_a_clear_partner_is_committed_then_its_pods_deleted_and
     let leadership = leading(client.clone(), &mut api).await;
     let ctx = context(client, leadership);
     let metrics = Arc::clone(&ctx.metrics);
-    let run = passes(ctx, observed(Setup::default()), vec![30_000, 30_500]);
+    let run = passes(ctx, observed(Setup::default()), vec![30_000]);
 
-    // Pass 1: the fence is committed on a1's heartbeat Lease, conditional on the version seen.
+    // The fence is committed on a1's heartbeat Lease, conditional on the version seen.
     let (get, reasons) = api.expect_after_events(Method::GET, AGENT_A1).await;
     assert_eq!(reasons, ["NodeFenced"]);
     get.respond(200, agent("a1", "1", "0", "enabled", false));
@@ -373,7 +373,19 @@ async fn a_dead_node_with_a_clear_partner_is_committed_then_its_pods_deleted_and
     assert_eq!(commit.body[1]["value"], "boot-a1");
     commit.respond(200, agent("a1", "2", "0", "enabled", true));
 
-    // Pass 2: pods deleted (grace period 0, not the DaemonSet's), then the taint.
+    // The same pass: first the taint (NoExecute: the scheduler places nothing new on a1, which
+    // still reads Ready), then the pods are deleted (grace period 0, not the DaemonSet's).
+    api.expect(Method::GET, NODE_A1).await.respond(
+        200,
+        node("a1", "east", "30", json!([]), json!({}), json!({})),
+    );
+    let patch = api.expect(Method::PATCH, NODE_A1).await;
+    assert_rv_test(&patch.body, "30");
+    assert_eq!(taints_of(&patch.body)[0]["key"], OOS);
+    patch.respond(
+        200,
+        node("a1", "east", "31", json!([]), json!({}), json!({})),
+    );
     let list = api.expect(Method::GET, PODS).await;
     assert_eq!(
         list.query_param("fieldSelector").as_deref(),
@@ -392,17 +404,6 @@ async fn a_dead_node_with_a_clear_partner_is_committed_then_its_pods_deleted_and
     assert_eq!(delete.body["gracePeriodSeconds"], 0, "{}", delete.body);
     assert_eq!(delete.body["preconditions"]["uid"], "uid-web-0");
     delete.respond(200, pod("web-0", "StatefulSet"));
-    api.expect(Method::GET, NODE_A1).await.respond(
-        200,
-        node("a1", "east", "30", json!([]), json!({}), json!({})),
-    );
-    let patch = api.expect(Method::PATCH, NODE_A1).await;
-    assert_rv_test(&patch.body, "30");
-    assert_eq!(taints_of(&patch.body)[0]["key"], OOS);
-    patch.respond(
-        200,
-        node("a1", "east", "31", json!([]), json!({}), json!({})),
-    );
 
     let r = run.await.expect("passes");
     assert_eq!(r.phase("a1"), Some(Phase::Fenced));
@@ -417,6 +418,45 @@ async fn a_dead_node_with_a_clear_partner_is_committed_then_its_pods_deleted_and
     assert!(
         text.contains(r#"twosite_node_phase{node="a1",phase="Fenced"} 1"#),
         "{text}"
+    );
+}
+
+/// A taint write that fails deletes nothing: no replacement may be scheduled while the dead
+/// node is still Ready and untainted. The next pass taints first again.
+#[tokio::test]
+async fn a_failed_taint_write_releases_no_pod() {
+    let (client, mut api) = mock_client();
+    let leadership = leading(client.clone(), &mut api).await;
+    let ctx = context(client, leadership);
+    let run = passes(ctx, observed(Setup::default()), vec![30_000, 35_000]);
+    let (get, _) = api.expect_after_events(Method::GET, AGENT_A1).await;
+    get.respond(200, agent("a1", "1", "0", "enabled", false));
+    api.expect(Method::PATCH, AGENT_A1)
+        .await
+        .respond(200, agent("a1", "2", "0", "enabled", true));
+    api.expect(Method::GET, NODE_A1).await.respond(
+        200,
+        node("a1", "east", "30", json!([]), json!({}), json!({})),
+    );
+    api.expect(Method::PATCH, NODE_A1)
+        .await
+        .respond_status(500, "InternalError", "etcd is unhappy");
+    // The next pass counts a1's pods (a read), then taints again: no deletion before it.
+    let (list, _) = api.expect_after_events(Method::GET, PODS).await;
+    list.respond(200, pod_list(vec![pod("web-0", "StatefulSet")]));
+    let get = api.expect(Method::GET, NODE_A1).await;
+    get.respond(
+        200,
+        node("a1", "east", "32", json!([]), json!({}), json!({})),
+    );
+    api.expect(Method::PATCH, NODE_A1)
+        .await
+        .respond_status(500, "InternalError", "etcd is still unhappy");
+    run.await.expect("passes");
+    let (rest, _) = api.drain().await;
+    assert!(
+        rest.iter().all(|r| !r.starts_with("DELETE")),
+        "no pod deleted after a failed taint: {rest:?}"
     );
 }
 

@@ -219,19 +219,17 @@ impl NodeRemediation {
             // Waiting for the shell to report the commit's outcome.
             Phase::Committing => {}
             Phase::Fenced => {
-                if i.pods > 0 {
-                    out.push(Action::DeletePods);
-                }
                 if i.tainted {
+                    if i.pods > 0 {
+                        out.push(Action::DeletePods);
+                    }
                     self.phase = Phase::Tainted;
                     out.push(event(
                         EventReason::OutOfServiceTaintApplied,
                         "node.kubernetes.io/out-of-service=nodeshutdown:NoExecute applied",
                     ));
                 } else {
-                    out.push(Action::ApplyTaint {
-                        fenced_boot_id: self.fenced_boot_id.clone(),
-                    });
+                    out.extend(self.taint_then_release());
                 }
             }
             Phase::Tainted => {
@@ -239,13 +237,10 @@ impl NodeRemediation {
                     // The marker is what keeps the node from running: without it, lift the rest.
                     self.phase = Phase::Recovering;
                 } else {
-                    if i.pods > 0 {
-                        out.push(Action::DeletePods);
-                    }
                     if !i.tainted {
-                        out.push(Action::ApplyTaint {
-                            fenced_boot_id: self.fenced_boot_id.clone(),
-                        });
+                        out.extend(self.taint_then_release());
+                    } else if i.pods > 0 {
+                        out.push(Action::DeletePods);
                     }
                     if i.verdict == NodeVerdict::Healthy && i.ready {
                         if i.boot_id.is_some() && i.boot_id != self.fenced_boot_id {
@@ -294,15 +289,35 @@ impl NodeRemediation {
 
     /// The shell's report on an [`Action::CommitFence`]: `true` when the marker was written,
     /// `false` when the heartbeat Lease had changed (the node renewed) or the write failed.
-    pub fn commit_result(&mut self, committed: bool) {
+    /// Returns what the shell must do next, in the same pass: once committed, the taint, then
+    /// the release of the node's pods ([`NodeRemediation::taint_then_release`]).
+    #[must_use]
+    pub fn commit_result(&mut self, committed: bool) -> Vec<Action> {
         if self.phase != Phase::Committing {
-            return;
+            return Vec::new();
         }
-        self.phase = if committed {
-            Phase::Fenced
+        if committed {
+            self.phase = Phase::Fenced;
+            self.taint_then_release()
         } else {
-            Phase::Suspect
-        };
+            self.phase = Phase::Suspect;
+            Vec::new()
+        }
+    }
+
+    /// The failover path of a fenced node that is not tainted yet: first the out-of-service
+    /// taint (NoExecute, so the scheduler places nothing new there), then the deletion of its
+    /// pods. The shell executes them in this order and stops at the first that fails: a failed
+    /// taint write deletes nothing, or the replacements could be bound back onto the dead node,
+    /// which still reads Ready until kube-controller-manager notices. The deletion is asked for
+    /// even without a pod count: the shell lists the pods itself.
+    fn taint_then_release(&self) -> Vec<Action> {
+        vec![
+            Action::ApplyTaint {
+                fenced_boot_id: self.fenced_boot_id.clone(),
+            },
+            Action::DeletePods,
+        ]
     }
 
     fn judge(
@@ -487,11 +502,14 @@ mod tests {
                 .is_empty(),
             "nothing is released before the commit is confirmed"
         );
-        r.commit_result(true);
+        // Committed: in the same pass, the taint first, then the release of the pods.
+        let s = r.commit_result(true);
+        assert_eq!(reasons(&s), ["ApplyTaint", "DeletePods"]);
         let mut i = input(dead(T0 + 7_000));
         i.fence_marker = true;
+        // The taint write failed (the shell stopped there): taint again before any release.
         let s = r.step(&i, MonoTime(T0 + 7_100), &t);
-        assert_eq!(reasons(&s), ["DeletePods", "ApplyTaint"]);
+        assert_eq!(reasons(&s), ["ApplyTaint", "DeletePods"]);
         // The shell applied the taint and deleted the pods.
         i.tainted = true;
         i.pods = 0;
@@ -520,6 +538,40 @@ mod tests {
         assert_eq!(r.phase, Phase::Healthy);
     }
 
+    /// Whatever the input, a step never asks for a release of pods unless the taint is on the
+    /// node or asked for before it in the same list.
+    #[test]
+    fn pods_are_released_only_behind_the_taint() {
+        let t = HealthTiming::default();
+        for tainted in [false, true] {
+            for pods in [0, 3] {
+                for fence_marker in [false, true] {
+                    let mut r = NodeRemediation::default();
+                    r.step(&input(dead(T0)), MonoTime(T0), &t);
+                    let mut all = r.commit_result(true);
+                    let mut i = input(dead(T0));
+                    i.tainted = tainted;
+                    i.pods = pods;
+                    i.fence_marker = fence_marker;
+                    for k in 1..4 {
+                        all.extend(r.step(&i, MonoTime(T0 + k * 100), &t));
+                    }
+                    let mut taint_seen = tainted;
+                    for a in &all {
+                        match a {
+                            Action::ApplyTaint { .. } => taint_seen = true,
+                            Action::DeletePods => assert!(
+                                taint_seen,
+                                "release before the taint: tainted {tainted}, {all:?}"
+                            ),
+                            _ => {}
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn a_refused_commit_releases_nothing() {
         let t = HealthTiming::default();
@@ -527,7 +579,7 @@ mod tests {
         r.step(&input(dead(T0)), MonoTime(T0), &t);
         assert_eq!(r.phase, Phase::Committing);
         // The heartbeat Lease changed under the conditional write: the node renewed.
-        r.commit_result(false);
+        assert!(r.commit_result(false).is_empty());
         let s = r.step(&input(NodeVerdict::Healthy), MonoTime(T0 + 100), &t);
         assert!(s.is_empty(), "{s:?}");
         assert_eq!(r.phase, Phase::Healthy);
@@ -621,7 +673,7 @@ mod tests {
         let t = HealthTiming::default();
         let mut r = NodeRemediation::default();
         r.step(&input(dead(T0)), MonoTime(T0), &t);
-        r.commit_result(true);
+        let _ = r.commit_result(true);
         let mut i = input(NodeVerdict::Healthy);
         i.tainted = true;
         i.ready = true;
