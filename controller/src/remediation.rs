@@ -32,9 +32,7 @@ use k8s_openapi::api::core::v1::{Node, ObjectReference, Pod};
 use kube::Api;
 use kube::api::{DeleteParams, ListParams, Preconditions};
 use kube::runtime::events::{Event, EventType, Recorder};
-use node_health::assess::{
-    NodeAssessment, apply_witness, assess, needs_pod_count, rooms_to_claim,
-};
+use node_health::assess::{NodeAssessment, apply_witness, assess, needs_pod_count, rooms_to_claim};
 use node_health::remediation::Phase;
 use node_health::{Action, HealthTiming, MonoTime, NodeRemediation, Pairing};
 use std::collections::{BTreeMap, BTreeSet};
@@ -152,13 +150,7 @@ impl Remediator {
             return None;
         }
         let view = observed.lock().cluster_view(now, &ctx.timing);
-        let mut assessment = assess(
-            &view,
-            pairing,
-            now,
-            &ctx.timing,
-            ctx.max_dead_share_pct,
-        );
+        let mut assessment = assess(&view, pairing, now, &ctx.timing, ctx.max_dead_share_pct);
         if let Some(witness) = &ctx.witness {
             witness
                 .claim_rooms(&rooms_to_claim(&assessment, pairing))
@@ -466,12 +458,12 @@ pub async fn run_remediation_loop(
 mod tests {
     use super::*;
     use crate::heartbeats::Observed;
-    use node_health::RemediationInput;
-    use node_health::assess::Assessment;
     use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
     use k8s_openapi::api::core::v1::{NodeCondition, NodeStatus as K8sNodeStatus, NodeSystemInfo};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
     use kube::runtime::watcher::Event as W;
+    use node_health::RemediationInput;
+    use node_health::assess::Assessment;
     use node_health::rooms::ZONE_LABEL;
     use node_health::{NodeVerdict, Pair, Room};
 

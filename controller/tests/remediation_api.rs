@@ -438,9 +438,11 @@ async fn a_failed_taint_write_releases_no_pod() {
         200,
         node("a1", "east", "30", json!([]), json!({}), json!({})),
     );
-    api.expect(Method::PATCH, NODE_A1)
-        .await
-        .respond_status(500, "InternalError", "etcd is unhappy");
+    api.expect(Method::PATCH, NODE_A1).await.respond_status(
+        500,
+        "InternalError",
+        "etcd is unhappy",
+    );
     // The next pass counts a1's pods (a read), then taints again: no deletion before it.
     let (list, _) = api.expect_after_events(Method::GET, PODS).await;
     list.respond(200, pod_list(vec![pod("web-0", "StatefulSet")]));
@@ -449,9 +451,11 @@ async fn a_failed_taint_write_releases_no_pod() {
         200,
         node("a1", "east", "32", json!([]), json!({}), json!({})),
     );
-    api.expect(Method::PATCH, NODE_A1)
-        .await
-        .respond_status(500, "InternalError", "etcd is still unhappy");
+    api.expect(Method::PATCH, NODE_A1).await.respond_status(
+        500,
+        "InternalError",
+        "etcd is still unhappy",
+    );
     run.await.expect("passes");
     let (rest, _) = api.drain().await;
     assert!(

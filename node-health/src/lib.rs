@@ -3,10 +3,10 @@
 //! simulation all call this same code.
 
 pub mod agent;
-pub mod assess;
-pub mod contact;
 #[cfg(feature = "agent")]
 pub mod agentd;
+pub mod assess;
+pub mod contact;
 pub mod leader;
 pub mod remediation;
 pub mod report;

@@ -3,10 +3,17 @@
 //! Deterministic: the same scenario and seed give the same timeline, byte for byte. Virtual time
 //! advances in [`cluster::TICK_MS`] steps; after each step the invariants are checked.
 
+mod agent;
 pub mod api;
+mod api_io;
+mod checks;
 pub mod cluster;
+mod kcm;
+mod kubelet;
+mod replica;
 pub mod report;
 pub mod scenario;
+mod witness;
 
 pub use cluster::SimConfig;
 use cluster::{Cluster, TICK_MS, first_after};

@@ -1,0 +1,240 @@
+//! The twosite agent on each node: renews its heartbeat Lease, reads the other room's
+//! heartbeats and the pairing, probes its partner, claims the room's right at the witness,
+//! and stops, reboots, arms and feeds the watchdog as the core (`AgentCore`) says.
+
+use super::api::{Key, LeaseObj, Obj, Precondition, Stored};
+use super::cluster::{Cluster, REBOOT_MS, ms, zone};
+use super::scenario::Site;
+use node_health::{AgentCore, Claim, ClaimOutcome};
+use std::time::Duration;
+
+impl Cluster {
+    pub(super) fn step_agent(&mut self, i: usize) {
+        if self.nodes[i].agent.is_none() {
+            return;
+        }
+        let room = self.nodes[i].room;
+        let reach = self.node_reaches(i, Site::Api);
+        let local = self.nodes[i].clock.read(self.now);
+        let name = self.nodes[i].name.clone();
+        let timing = self.cfg.timing;
+
+        if local >= self.nodes[i].next_agent {
+            self.nodes[i].next_agent = local + timing.agent_renew;
+            let boot = self.nodes[i].boot_id;
+            let failures = self.nodes[i]
+                .agent
+                .as_ref()
+                .map_or(0, AgentCore::failures_before_next_renewal);
+            let watchdog = if self.nodes[i]
+                .agent
+                .as_ref()
+                .is_some_and(AgentCore::is_watchdog_failed)
+            {
+                "failed"
+            } else {
+                "enabled"
+            };
+            // Read-modify-write with the resourceVersion: the controller's fence marker is kept,
+            // and a marker written between the read and the write makes the renewal fail.
+            let (pre, marker) = match self.api.get(&Key::AgentLease(name.clone())) {
+                Some(Stored {
+                    rv,
+                    obj: Obj::Lease(l),
+                }) => (Precondition::ResourceVersion(*rv), l.fence_marker.clone()),
+                _ => (Precondition::Create, None),
+            };
+            let seq = self.next_seq();
+            let ok = reach
+                && self
+                    .write(
+                        Key::AgentLease(name.clone()),
+                        pre,
+                        Obj::Lease(LeaseObj {
+                            holder: Some(name.clone()),
+                            transitions: 0,
+                            duration_ms: ms(timing.agent_lease),
+                            failures_before: failures,
+                            boot_id: boot,
+                            fence_marker: marker.clone(),
+                            watchdog: Some(watchdog),
+                            renew_seq: seq,
+                        }),
+                    )
+                    .is_ok();
+            let partner = if ok {
+                self.partner_in_status(&name)
+            } else {
+                None
+            };
+            // While it reaches the API server, the agent reads the other room's heartbeats: one
+            // that changed since its last read shows the other room alive.
+            // The renewal mark is the Lease's renewTime (`renew_seq` here), never its
+            // resourceVersion: the controller's fence-marker write changes only the latter.
+            let mut other_alive = false;
+            if ok {
+                let mine = self.nodes[i].room;
+                let listed: Vec<(String, String)> = self
+                    .nodes
+                    .iter()
+                    .filter(|n| n.room != mine)
+                    .filter_map(|n| match self.api.get(&Key::AgentLease(n.name.clone())) {
+                        Some(Stored {
+                            obj: Obj::Lease(l), ..
+                        }) => Some((n.name.clone(), l.renew_seq.to_string())),
+                        _ => None,
+                    })
+                    .collect();
+                other_alive = self.nodes[i].other_marks.observe(listed);
+            }
+            if let Some(agent) = self.nodes[i].agent.as_mut() {
+                if ok {
+                    agent.renewal_succeeded(local);
+                    agent.observe_fence_marker(marker.is_some());
+                    if other_alive {
+                        agent.observe_other_room(local);
+                    }
+                    // The agent reads the pairing while it can; it keeps the last one otherwise.
+                    agent.set_partner(partner);
+                } else {
+                    agent.renewal_failed();
+                }
+            }
+        }
+
+        if local >= self.nodes[i].next_probe {
+            self.nodes[i].next_probe = local + timing.probe_interval;
+            let partner = self.nodes[i]
+                .agent
+                .as_ref()
+                .and_then(|a| a.partner().map(str::to_string));
+            if let Some(p) = partner.and_then(|p| self.node_idx(&p)) {
+                let pn = &self.nodes[p];
+                if pn.powered && self.nodes_connected(i, p) {
+                    let report = pn.agent.as_ref().map(|a| a.report(pn.clock.read(self.now)));
+                    if let (Some(report), Some(agent)) = (report, self.nodes[i].agent.as_mut()) {
+                        agent.peer_answered(local, &report);
+                        if report.has_right {
+                            agent.observe_other_room(local);
+                        }
+                    }
+                }
+            }
+        }
+        // Rooms out of contact: claim (or renew) the room's right at the witness, twice a
+        // second.
+        if local >= self.nodes[i].next_claim {
+            self.nodes[i].next_claim = local + Duration::from_millis(500);
+            let needs = self.nodes[i]
+                .agent
+                .as_ref()
+                .is_some_and(|a| a.needs_witness(local));
+            if needs {
+                let claim = Claim {
+                    room: zone(room),
+                    epoch: None,
+                    api_reachable: reach,
+                };
+                if let Some(ClaimOutcome::Granted {
+                    epoch,
+                    valid_for_ms,
+                }) = self.claim_at_witness(
+                    self.node_reaches(i, Site::Witness),
+                    &claim,
+                    &format!("agent/{name}"),
+                ) && let Some(agent) = self.nodes[i].agent.as_mut()
+                {
+                    agent.witness_granted(local, epoch, Duration::from_millis(valid_for_ms));
+                }
+            }
+        }
+
+        let Some(step) = self.nodes[i].agent.as_mut().map(|a| a.tick(local)) else {
+            return;
+        };
+        if step.armed {
+            self.nodes[i].workloads_running = true;
+        }
+        // As the real agent's shell: stop, reboot, arm, feed.
+        if step.stop_workloads {
+            self.record.right_lost.push((self.now, name.clone()));
+            if self.cfg.stop_command_fails {
+                self.log(
+                    &format!("agent/{name}"),
+                    "lost the right to run: the stop command failed, HA workloads still running, \
+                     watchdog no longer fed"
+                        .into(),
+                );
+            } else {
+                self.nodes[i].workloads_running = false;
+                self.log(
+                    &format!("agent/{name}"),
+                    "lost the right to run: HA workloads stopped, watchdog no longer fed".into(),
+                );
+            }
+            self.check_no_storm(i);
+        }
+        if step.reboot {
+            if self.cfg.ignore_reboot_step {
+                self.log(
+                    &format!("agent/{name}"),
+                    "told to reboot the node (watchdog broken), ignores it".into(),
+                );
+            } else {
+                // `b` to /proc/sysrq-trigger: an immediate reset, like the watchdog's.
+                self.record
+                    .agent_rebooted
+                    .entry(name.clone())
+                    .or_default()
+                    .push(self.now);
+                self.log(
+                    &format!("node/{name}"),
+                    "agent rebooted the node (watchdog broken)".into(),
+                );
+                self.power_off(i);
+                self.nodes[i].reboot_at = Some(self.now + REBOOT_MS);
+                self.nodes[i].reset_by = "its agent rebooted it";
+                return;
+            }
+        }
+        if step.armed || step.feed {
+            if self.nodes[i].watchdog_broken {
+                // Arming or feeding fails: the shell tells the core, which reports it on every
+                // renewal and reboots the node itself should it lose the right to run.
+                if let Some(agent) = self.nodes[i].agent.as_mut() {
+                    let first = !agent.is_watchdog_failed();
+                    agent.watchdog_failed();
+                    if first {
+                        self.log(
+                            &format!("agent/{name}"),
+                            format!(
+                                "could not {} the watchdog: reported as failed",
+                                if step.armed { "arm" } else { "feed" }
+                            ),
+                        );
+                    }
+                }
+            } else if step.feed {
+                self.nodes[i].last_feed = Some(self.now);
+            }
+        }
+    }
+
+    fn partner_in_status(&self, node: &str) -> Option<String> {
+        match self.api.get(&Key::Status) {
+            Some(Stored {
+                obj: Obj::Status(s),
+                ..
+            }) => s.pairs.iter().find_map(|p| {
+                if p.a == node {
+                    Some(p.b.clone())
+                } else if p.b == node {
+                    Some(p.a.clone())
+                } else {
+                    None
+                }
+            }),
+            _ => None,
+        }
+    }
+}
