@@ -591,7 +591,7 @@ mod tests {
     }
 
     /// The core's assessment of what the controller observed.
-    fn assess_at(
+    fn core_assessment(
         o: &Observed,
         pairing: Option<&Pairing>,
         now: MonoTime,
@@ -613,7 +613,7 @@ mod tests {
     fn a_dead_node_with_a_clear_partner_is_ready_to_fence() {
         let mut o = cluster();
         renew_all_but(&mut o, &["a1"], 30_000);
-        let a = assess_at(&o, Some(&pairing(&[("a1", "b1")])), at(30_000), &T, 50);
+        let a = core_assessment(&o, Some(&pairing(&[("a1", "b1")])), at(30_000), &T, 50);
         assert_eq!(a.pause, None);
         let i = input(&a, "a1");
         assert!(matches!(
@@ -648,7 +648,7 @@ mod tests {
         o.apply_agent_lease(W::Apply(agent("a1", "50", "1", "enabled")), at(20_000), &T);
         o.apply_agent_lease(W::Apply(agent("a1", "51", "0", "enabled")), at(22_000), &T);
         o.apply_agent_lease(W::Apply(agent("b1", "52", "0", "enabled")), at(22_000), &T);
-        let a = assess_at(&o, Some(&pairing(&[("a1", "b1")])), at(23_000), &T, 50);
+        let a = core_assessment(&o, Some(&pairing(&[("a1", "b1")])), at(23_000), &T, 50);
         let i = input(&a, "b2");
         assert!(i.verdict.is_dead());
         assert_eq!(
@@ -657,7 +657,7 @@ mod tests {
             "a1 clear again only since 22 s"
         );
         // Without a pairing, nobody may be fenced.
-        let a = assess_at(&o, None, at(23_000), &T, 50);
+        let a = core_assessment(&o, None, at(23_000), &T, 50);
         assert_eq!(input(&a, "b2").vouchers_clear_since, None);
         assert_eq!(a.pause.map(|p| p.reason), Some(pause::ROOMS_UNKNOWN));
     }
@@ -667,7 +667,7 @@ mod tests {
         let mut o = cluster();
         o.apply_agent_lease(W::Apply(agent("a1", "9", "0", "disabled")), at(1_000), &T);
         renew_all_but(&mut o, &["a1"], 30_000);
-        let a = assess_at(&o, Some(&pairing(&[("a1", "b1")])), at(30_000), &T, 50);
+        let a = core_assessment(&o, Some(&pairing(&[("a1", "b1")])), at(30_000), &T, 50);
         // No agent and no kubelet lease seen: judged by Ready alone, never dead by time.
         assert_eq!(input(&a, "a1").verdict, NodeVerdict::Healthy);
         // b1's partner a1 renewed cleanly at 1 s, then went silent: not clear.
@@ -687,7 +687,7 @@ mod tests {
         );
         renew_all_but(&mut o, &["a1"], 30_000);
         let p = pairing(&[("a1", "b1")]);
-        assert!(input(&assess_at(&o, Some(&p), at(30_000), &T, 50), "a1").excluded);
+        assert!(input(&core_assessment(&o, Some(&p), at(30_000), &T, 50), "a1").excluded);
         // The agent lease watch breaks and re-lists at 30 s: nobody is dead for 4 s.
         o.apply_agent_lease(W::Init, at(30_000), &T);
         o.apply_agent_lease(
@@ -696,7 +696,7 @@ mod tests {
             &T,
         );
         o.apply_agent_lease(W::InitDone, at(30_000), &T);
-        let a = assess_at(&o, Some(&p), at(33_000), &T, 50);
+        let a = core_assessment(&o, Some(&p), at(33_000), &T, 50);
         assert_eq!(
             a.pause.as_ref().map(|p| p.reason),
             Some(pause::WATCHES_NOT_SETTLED)
@@ -711,7 +711,7 @@ mod tests {
     fn dead_nodes_in_both_rooms_pause_remediation() {
         let mut o = cluster();
         renew_all_but(&mut o, &["a1", "b2"], 30_000);
-        let a = assess_at(&o, Some(&pairing(&[("a1", "b1")])), at(30_000), &T, 50);
+        let a = core_assessment(&o, Some(&pairing(&[("a1", "b1")])), at(30_000), &T, 50);
         assert_eq!(
             a.pause.map(|p| p.reason),
             Some(pause::DEAD_NODES_IN_BOTH_ROOMS)
