@@ -6,6 +6,7 @@ use super::cluster::{Cluster, SimClock, ms, zone};
 use super::scenario::Site;
 use node_health::assess::{
     AGENT_LEASE_PREFIX, AgentRecord, NodeRecord, apply_witness, needs_pod_count, rooms_to_claim,
+    verdict_observation,
 };
 use node_health::{
     Action, Claim, ClaimOutcome, ClusterView, HealthTiming, Heartbeat, LeaderAction, LeaderElector,
@@ -45,19 +46,6 @@ pub(super) struct NodeView {
     /// The heartbeat Lease says `twosite.dev/watchdog=enabled`. Anything else counts as no
     /// agent for the verdict, as in the real controller.
     watchdog_enabled: bool,
-}
-
-impl NodeView {
-    /// What the verdict is judged on: without the agent when its watchdog is not enabled
-    /// (nothing would reboot the node), as the real controller's `verdict_observation`.
-    fn verdict_obs(&self) -> NodeObservation {
-        let mut obs = self.obs.clone();
-        if !self.watchdog_enabled {
-            obs.agent = None;
-            obs.clear_since = None;
-        }
-        obs
-    }
 }
 
 /// One controller replica: the state a real controller process keeps in memory.
@@ -284,14 +272,15 @@ impl Cluster {
         let settled = self.replicas[i]
             .synced_local
             .is_some_and(|s| local >= s + timing.agent_suspect_after());
-        let names: Vec<String> = self.replicas[i]
+        // One view for the verdicts and the remediation, judged by the core's rules.
+        let view = self.cluster_view(i, settled);
+        let names: Vec<String> = view
             .nodes
             .iter()
-            .filter(|(_, v)| v.facts.is_some())
-            .map(|(n, _)| n.clone())
+            .map(|n| n.record.facts.name.clone())
             .collect();
-        for n in &names {
-            let obs = self.replicas[i].nodes[n].verdict_obs();
+        for (n, node) in names.iter().zip(&view.nodes) {
+            let obs = verdict_observation(node);
             let verdict = judge(&obs, local, &timing, settled);
             let before = self.replicas[i].verdicts.insert(n.clone(), verdict);
             if before.map(|b| b.name()) == Some(verdict.name()) {
@@ -337,7 +326,7 @@ impl Cluster {
             .unwrap_or_default();
         let config = RoomConfig::Explicit(zone(Site::RoomA), zone(Site::RoomB));
         let pairing = pair_nodes(&config, &facts, &previous);
-        self.remediate(i, local, &pairing, settled);
+        self.remediate(i, local, &pairing, &view);
 
         let desired = StatusObj {
             pairs: pairing.pairs,
@@ -416,11 +405,10 @@ impl Cluster {
 
     /// Remediation through the core for every node the leader knows: the same assessment,
     /// witness rule and pod-count rule as the controller, then the shell's IO.
-    fn remediate(&mut self, i: usize, local: MonoTime, pairing: &Pairing, settled: bool) {
+    fn remediate(&mut self, i: usize, local: MonoTime, pairing: &Pairing, view: &ClusterView) {
         let timing = self.cfg.timing;
         let name = self.replicas[i].name.clone();
-        let view = self.cluster_view(i, settled);
-        let mut assessment = assess(&view, Some(pairing), local, &timing, MAX_DEAD_SHARE_PCT);
+        let mut assessment = assess(view, Some(pairing), local, &timing, MAX_DEAD_SHARE_PCT);
         if self.witness.is_some() {
             // Claims at most once a second, as the controller's witness link.
             let wanted = rooms_to_claim(&assessment, Some(pairing));
