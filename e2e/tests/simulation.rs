@@ -247,3 +247,33 @@ fn checks_catch_an_agent_that_ignores_the_reboot_step() {
         r.render_text()
     );
 }
+
+/// The controller's fence-marker write on a dead room's heartbeat Leases changes their
+/// resourceVersion, not their renewal mark: the surviving room's agents, which follow the
+/// core's contact rule, see no sign of life in it. An agent that took any resourceVersion
+/// change for contact would, and the check says so.
+#[test]
+fn a_fence_marker_write_is_no_contact_for_the_other_room() {
+    for seed in [1, 2, 3] {
+        let r = run("room-loss", seed);
+        assert!(r.ok(), "seed {seed}:\n{}", r.render_text());
+        assert!(
+            r.timeline.iter().any(|e| e.event.contains("fence of")),
+            "seed {seed}: the lost room's nodes are fenced (their Leases marked):\n{}",
+            r.render_text()
+        );
+    }
+    let s = scenario::named("room-loss", 1).expect("scenario");
+    let cfg = sim::SimConfig {
+        contact_by_resource_version: true,
+        ..sim::SimConfig::default()
+    };
+    let r = sim::run_with(&s, 1, cfg);
+    assert!(
+        r.violations
+            .iter()
+            .any(|v| v.invariant == "contact-is-a-renewal"),
+        "{}",
+        r.render_text()
+    );
+}

@@ -30,6 +30,10 @@ use crate::verdict::HealthTiming;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
+/// How often an agent claims at the witness while it needs it: a grant renewed twice a second
+/// is in hand well before the contact timeout.
+pub const CLAIM_EVERY: Duration = Duration::from_millis(500);
+
 /// What a peer agent answers to a probe.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerReport {
@@ -350,6 +354,30 @@ impl AgentCore {
             && self
                 .other_room_seen
                 .is_none_or(|t| now.since(t) > claim_after)
+    }
+
+    /// The claim to send to the witness now, if [`Self::needs_witness`]: a fresh claim
+    /// (`epoch: None`) for this room. The agent sends one every [`CLAIM_EVERY`] while it needs
+    /// the witness.
+    ///
+    /// The claim says the room reaches the API server (which wins a tie at the witness) only
+    /// if a renewal sent *after* the other room was last heard from succeeded, recently. A
+    /// renewal from before the silence proves nothing about the partition that caused it:
+    /// right after a cut, the room that lost the API server still has a fresh renewal, and
+    /// would outrank the room that kept it.
+    pub fn witness_claim(&self, now: MonoTime) -> Option<crate::witness::Claim> {
+        if !self.needs_witness(now) {
+            return None;
+        }
+        let api_reachable = self.last_renewal.is_some_and(|r| {
+            now.since(r) <= self.timing.vouch_after_silence
+                && self.other_room_seen.is_none_or(|seen| r > seen)
+        });
+        Some(crate::witness::Claim {
+            room: self.room.clone(),
+            epoch: None,
+            api_reachable,
+        })
     }
 
     /// The witness answered a claim sent at `sent_at`: granted for `valid_for` with `epoch`.
@@ -724,6 +752,40 @@ mod tests {
         let s = a.tick(MonoTime(17_900));
         assert_eq!(s.lost, Some(LossReason::NoWitnessGrant));
         assert!(s.stop_workloads);
+    }
+
+    /// Right after a cut, both rooms still hold a fresh renewal: only a renewal sent after the
+    /// other room fell silent says this room reaches the API server, so the room that lost it
+    /// does not outrank the room that kept it at the witness.
+    #[test]
+    fn a_claim_says_the_api_server_is_reachable_only_on_a_renewal_since_the_silence() {
+        let mut a = witness_agent();
+        a.renewal_succeeded(MonoTime(1_900));
+        a.observe_other_room(MonoTime(2_000));
+        assert_eq!(a.witness_claim(MonoTime(3_000)), None, "not silent yet");
+        let claim = a
+            .witness_claim(MonoTime(3_600))
+            .expect("silent for 1.6 s: claims");
+        assert_eq!(claim.room, "room-a");
+        assert_eq!(claim.epoch, None);
+        assert!(
+            a.report(MonoTime(3_600)).api_reachable,
+            "a vouch may still rely on it"
+        );
+        assert!(
+            !claim.api_reachable,
+            "a renewal from before the silence proves nothing"
+        );
+        a.renewal_succeeded(MonoTime(3_900));
+        assert_eq!(
+            a.witness_claim(MonoTime(4_000)).map(|c| c.api_reachable),
+            Some(true)
+        );
+        // That renewal, too, goes stale.
+        assert_eq!(
+            a.witness_claim(MonoTime(8_901)).map(|c| c.api_reachable),
+            Some(false)
+        );
     }
 
     #[test]

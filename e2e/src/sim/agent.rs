@@ -3,9 +3,10 @@
 //! and stops, reboots, arms and feeds the watchdog as the core (`AgentCore`) says.
 
 use super::api::{Key, LeaseObj, Obj, Precondition, Stored};
-use super::cluster::{Cluster, REBOOT_MS, ms, zone};
+use super::cluster::{Cluster, REBOOT_MS, ms};
 use super::scenario::Site;
-use node_health::{AgentCore, Claim, ClaimOutcome};
+use node_health::agent::CLAIM_EVERY;
+use node_health::{AgentCore, ClaimOutcome};
 use std::time::Duration;
 
 impl Cluster {
@@ -13,7 +14,6 @@ impl Cluster {
         if self.nodes[i].agent.is_none() {
             return;
         }
-        let room = self.nodes[i].room;
         let reach = self.node_reaches(i, Site::Api);
         let local = self.nodes[i].clock.read(self.now);
         let name = self.nodes[i].name.clone();
@@ -80,12 +80,24 @@ impl Cluster {
                     .filter(|n| n.room != mine)
                     .filter_map(|n| match self.api.get(&Key::AgentLease(n.name.clone())) {
                         Some(Stored {
-                            obj: Obj::Lease(l), ..
-                        }) => Some((n.name.clone(), l.renew_seq.to_string())),
+                            rv,
+                            obj: Obj::Lease(l),
+                        }) => Some((
+                            n.name.clone(),
+                            if self.cfg.contact_by_resource_version {
+                                rv.to_string()
+                            } else {
+                                l.renew_seq.to_string()
+                            },
+                        )),
                         _ => None,
                     })
                     .collect();
                 other_alive = self.nodes[i].other_marks.observe(listed);
+                let since = self.nodes[i].other_listed_at.replace(self.now);
+                if other_alive && let Some(since) = since {
+                    self.check_contact_sound(i, since);
+                }
             }
             if let Some(agent) = self.nodes[i].agent.as_mut() {
                 if ok {
@@ -121,31 +133,26 @@ impl Cluster {
                 }
             }
         }
-        // Rooms out of contact: claim (or renew) the room's right at the witness, twice a
-        // second.
+        // Rooms out of contact: claim (or renew) the room's right at the witness, as the core
+        // says and as often as the shipped agent does.
         if local >= self.nodes[i].next_claim {
-            self.nodes[i].next_claim = local + Duration::from_millis(500);
-            let needs = self.nodes[i]
+            self.nodes[i].next_claim = local + CLAIM_EVERY;
+            let claim = self.nodes[i]
                 .agent
                 .as_ref()
-                .is_some_and(|a| a.needs_witness(local));
-            if needs {
-                let claim = Claim {
-                    room: zone(room),
-                    epoch: None,
-                    api_reachable: reach,
-                };
-                if let Some(ClaimOutcome::Granted {
+                .and_then(|a| a.witness_claim(local));
+            if let Some(claim) = claim
+                && let Some(ClaimOutcome::Granted {
                     epoch,
                     valid_for_ms,
                 }) = self.claim_at_witness(
                     self.node_reaches(i, Site::Witness),
                     &claim,
                     &format!("agent/{name}"),
-                ) && let Some(agent) = self.nodes[i].agent.as_mut()
-                {
-                    agent.witness_granted(local, epoch, Duration::from_millis(valid_for_ms));
-                }
+                )
+                && let Some(agent) = self.nodes[i].agent.as_mut()
+            {
+                agent.witness_granted(local, epoch, Duration::from_millis(valid_for_ms));
             }
         }
 

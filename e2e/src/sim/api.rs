@@ -135,6 +135,13 @@ impl ApiServer {
         Some((h[i].1, h.get(i + 1).map(|(_, t)| *t)))
     }
 
+    /// Whether the holder of `key` renewed it (a new renewal mark) within `[from, to]`.
+    pub fn renewed_between(&self, key: &Key, from: u64, to: u64) -> bool {
+        self.lease_history
+            .get(key)
+            .is_some_and(|h| h.iter().any(|(_, t)| (from..=to).contains(t)))
+    }
+
     pub fn objects(&self) -> impl Iterator<Item = (&Key, &Stored)> {
         self.objects.iter()
     }

@@ -157,6 +157,28 @@ impl Cluster {
         }
     }
 
+    /// An agent that saw the other room alive through the API server must have seen a real
+    /// renewal: some agent of the other room renewed its heartbeat Lease since this agent's
+    /// previous listing. A write by anyone else (the controller's fence marker on the Lease of
+    /// a node that is gone) is no sign of life.
+    pub(super) fn check_contact_sound(&mut self, i: usize, since: u64) {
+        let room = self.nodes[i].room;
+        let renewed = self.nodes.iter().filter(|n| n.room != room).any(|n| {
+            self.api
+                .renewed_between(&Key::AgentLease(n.name.clone()), since, self.now)
+        });
+        if !renewed {
+            let me = self.nodes[i].name.clone();
+            self.violate(
+                "contact-is-a-renewal",
+                format!(
+                    "{me} took a change of the other room's heartbeat Leases for contact, \
+                     though none of them was renewed"
+                ),
+            );
+        }
+    }
+
     /// A Dead verdict must mean that, after the heartbeat the observer last saw, the node wrote
     /// no heartbeat for a full lease duration. The observer may judge on a view a watch delay
     /// old, so a renewal that came back after the gap does not make the verdict wrong.

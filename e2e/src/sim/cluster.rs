@@ -81,6 +81,8 @@ pub(super) struct SimNode {
     pub(super) next_probe: MonoTime,
     /// The other room's renewal marks as this agent last read them (the core's rule).
     pub(super) other_marks: node_health::OtherRoomMarks,
+    /// Real time of this agent's previous listing of the other room's Leases (for the checks).
+    pub(super) other_listed_at: Option<u64>,
     pub(super) next_claim: MonoTime,
 }
 
@@ -107,6 +109,9 @@ pub struct SimConfig {
     /// A faulty agent: it ignores the core's [`node_health::AgentStep::reboot`] and leaves a
     /// node whose watchdog is broken running after it lost the right to run.
     pub ignore_reboot_step: bool,
+    /// A faulty agent: it takes any change of another room's heartbeat Lease (its
+    /// resourceVersion) as contact, the controller's fence-marker write included.
+    pub contact_by_resource_version: bool,
 }
 
 impl Default for SimConfig {
@@ -123,6 +128,7 @@ impl Default for SimConfig {
             watch_stall_ms: None,
             stop_command_fails: false,
             ignore_reboot_step: false,
+            contact_by_resource_version: false,
         }
     }
 }
@@ -342,6 +348,7 @@ impl Cluster {
             next_agent: MonoTime::ZERO,
             next_probe: MonoTime::ZERO,
             other_marks: node_health::OtherRoomMarks::default(),
+            other_listed_at: None,
             next_claim: MonoTime::ZERO,
         });
     }

@@ -18,8 +18,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// How often the agent claims while it needs the witness.
-pub const CLAIM_EVERY: Duration = Duration::from_millis(500);
+pub use crate::agent::CLAIM_EVERY;
 /// At most one warning per this long about failing claims (the rest are debug).
 const WARN_EVERY: Duration = Duration::from_secs(10);
 
@@ -44,19 +43,7 @@ pub async fn claim_if_needed<W: WitnessPort>(
     core: &SharedCore,
     clock: &(dyn Clock + Send + Sync),
 ) -> Option<Result<ClaimOutcome, WitnessError>> {
-    let claim = {
-        let now = clock.now();
-        let c = core.lock();
-        if !c.needs_witness(now) {
-            return None;
-        }
-        let me = c.report(now);
-        Claim {
-            room: me.room,
-            epoch: None,
-            api_reachable: me.api_reachable,
-        }
-    };
+    let claim = core.lock().witness_claim(clock.now())?;
     // The grant counts from here: the witness cannot have granted it earlier.
     let sent_at = clock.now();
     let answer = witness.claim(&claim).await;
