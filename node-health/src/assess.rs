@@ -41,6 +41,8 @@ pub struct NodeRecord {
     pub excluded: bool,
     /// The out-of-service taint (`NoExecute`) is on the node.
     pub tainted: bool,
+    /// Our `twosite.dev/unresponsive:NoSchedule` taint is on the node.
+    pub unschedulable: bool,
     /// The `twosite.dev/fenced-boot-id` annotation.
     pub fenced_boot_annotation: Option<String>,
     /// `status.nodeInfo.bootID`.
@@ -267,6 +269,7 @@ pub fn assess(
                     vouchers_clear_since: vouchers_clear_since(view, r, pairing, now, t),
                     excluded: r.excluded,
                     tainted: r.tainted,
+                    unschedulable: r.unschedulable,
                     fenced_boot_annotation: r.fenced_boot_annotation.clone(),
                     pods: 0,
                     terminating_pods: 0,
@@ -365,6 +368,7 @@ mod tests {
             uid: None,
             excluded: excluded || control_plane,
             tainted: false,
+            unschedulable: false,
             fenced_boot_annotation: None,
             boot_id: Some(format!("boot-{name}")),
             readiness: Some(Readiness::True),

@@ -25,6 +25,12 @@ use serde::{Deserialize, Serialize};
 pub const OUT_OF_SERVICE_TAINT_KEY: &str = "node.kubernetes.io/out-of-service";
 pub const OUT_OF_SERVICE_TAINT_VALUE: &str = "nodeshutdown";
 pub const OUT_OF_SERVICE_TAINT_EFFECT: &str = "NoExecute";
+/// twosite's own taint on a node judged dead, from the verdict on and before any fence: it keeps
+/// kube-scheduler from binding new pods there (above all the replacements of the dead nodes'
+/// pods) while the node still reads `Ready`. `NoSchedule` only: nothing is evicted before the
+/// fence.
+pub const UNRESPONSIVE_TAINT_KEY: &str = "twosite.dev/unresponsive";
+pub const UNRESPONSIVE_TAINT_EFFECT: &str = "NoSchedule";
 /// A node with this label set to `true` is never fenced or tainted.
 pub const EXCLUDE_LABEL: &str = "twosite.dev/exclude-from-remediation";
 /// The annotation twosite puts on a node it tainted: the boot ID the node had when fenced.
@@ -131,6 +137,10 @@ pub enum Action {
     ApplyTaint { fenced_boot_id: Option<String> },
     /// Remove the out-of-service taint (and the annotation), keeping every other taint.
     RemoveTaint,
+    /// Add [`UNRESPONSIVE_TAINT_KEY`] (`NoSchedule`), keeping every other taint.
+    MarkUnschedulable,
+    /// Remove [`UNRESPONSIVE_TAINT_KEY`], keeping every other taint.
+    ClearUnschedulable,
     Event {
         reason: EventReason,
         message: String,
@@ -147,6 +157,8 @@ pub struct RemediationInput {
     pub excluded: bool,
     /// The out-of-service taint is on the node.
     pub tainted: bool,
+    /// Our `twosite.dev/unresponsive:NoSchedule` taint is on the node.
+    pub unschedulable: bool,
     /// The node carries our fenced-boot annotation (we tainted it, maybe before a restart).
     pub fenced_boot_annotation: Option<String>,
     /// Pods bound to the node that are not DaemonSet pods.
@@ -284,7 +296,29 @@ impl NodeRemediation {
             }
             _ => self.judge(i, now, t, &mut out),
         }
+        if let Some(a) = self.unschedulable_change(i) {
+            // First: it is what keeps the replacements away while this pass goes on.
+            out.insert(0, a);
+        }
         out
+    }
+
+    /// The early `NoSchedule` taint: on as soon as the node is judged dead (not excluded, not
+    /// paused: a verdict the controller distrusts changes nothing), long before the fence; off
+    /// once it is Healthy again and not fenced. A fenced node keeps it until its recovery is
+    /// complete: the out-of-service taint comes on behind it and goes first.
+    fn unschedulable_change(&self, i: &RemediationInput) -> Option<Action> {
+        let fenced = matches!(
+            self.phase,
+            Phase::Committing | Phase::Fenced | Phase::Tainted | Phase::Recovering
+        );
+        if !i.unschedulable && i.verdict.is_dead() && !i.excluded && !i.paused {
+            Some(Action::MarkUnschedulable)
+        } else if i.unschedulable && i.verdict == NodeVerdict::Healthy && !fenced {
+            Some(Action::ClearUnschedulable)
+        } else {
+            None
+        }
     }
 
     /// The shell's report on an [`Action::CommitFence`]: `true` when the marker was written,
@@ -444,6 +478,7 @@ mod tests {
             vouchers_clear_since: Some(MonoTime(0)),
             excluded: false,
             tainted: false,
+            unschedulable: false,
             fenced_boot_annotation: None,
             pods: 2,
             terminating_pods: 0,
@@ -464,6 +499,8 @@ mod tests {
                 Action::DeletePods => "DeletePods",
                 Action::ApplyTaint { .. } => "ApplyTaint",
                 Action::RemoveTaint => "RemoveTaint",
+                Action::MarkUnschedulable => "MarkUnschedulable",
+                Action::ClearUnschedulable => "ClearUnschedulable",
                 Action::CommitFence { .. } => "CommitFence",
                 Action::ClearFence => "ClearFence",
             })
@@ -482,8 +519,13 @@ mod tests {
             &t,
         );
         assert_eq!(reasons(&s), ["NodeSuspect"]);
+        // Dead: unschedulable at once, long before the fence.
         let s = r.step(&input(dead(T0 + 7_000)), MonoTime(T0 + 5_000), &t);
-        assert_eq!(reasons(&s), ["NodeFenceWaiting"]);
+        assert_eq!(reasons(&s), ["MarkUnschedulable", "NodeFenceWaiting"]);
+        let input = |v| RemediationInput {
+            unschedulable: true,
+            ..input(v)
+        };
         assert!(
             r.step(&input(dead(T0 + 7_000)), MonoTime(T0 + 6_999), &t)
                 .is_empty()
@@ -533,7 +575,7 @@ mod tests {
         i.fence_marker = false;
         assert_eq!(
             reasons(&r.step(&i, MonoTime(T0 + 60_300), &t)),
-            ["OutOfServiceTaintRemoved"]
+            ["ClearUnschedulable", "OutOfServiceTaintRemoved"]
         );
         assert_eq!(r.phase, Phase::Healthy);
     }
@@ -665,7 +707,100 @@ mod tests {
             vouchers_clear_since: Some(MonoTime(T0 + 49_900)),
             ..input(dead(T0))
         };
-        assert_eq!(reasons(&r.step(&i, now, &t)), ["NodeFenced", "CommitFence"]);
+        assert_eq!(
+            reasons(&r.step(&i, now, &t)),
+            ["MarkUnschedulable", "NodeFenced", "CommitFence"]
+        );
+    }
+
+    /// The early `NoSchedule` taint follows the verdict, never a distrusted one, and stays on a
+    /// fenced node until it is back.
+    #[test]
+    fn a_dead_node_is_made_unschedulable_before_any_fence_and_cleared_when_healthy() {
+        let t = HealthTiming::default();
+        let marks = |r: &mut NodeRemediation, i: &RemediationInput, at: u64| {
+            reasons(&r.step(i, MonoTime(at), &t))
+                .into_iter()
+                .filter(|a| a.ends_with("Unschedulable"))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        // Dead, its deadline far away: marked at once, and only once it is seen on.
+        let mut r = NodeRemediation::default();
+        let far = input(dead(T0 + 60_000));
+        assert_eq!(marks(&mut r, &far, T0), ["MarkUnschedulable"]);
+        let on = RemediationInput {
+            unschedulable: true,
+            ..far.clone()
+        };
+        assert!(marks(&mut r, &on, T0 + 100).is_empty());
+        // Suspect again (a late renewal): kept until Healthy.
+        let suspect = RemediationInput {
+            verdict: NodeVerdict::Suspect(SuspectReason::AgentLate),
+            ..on.clone()
+        };
+        assert!(marks(&mut r, &suspect, T0 + 200).is_empty());
+        let healthy = RemediationInput {
+            verdict: NodeVerdict::Healthy,
+            ready: true,
+            ..on.clone()
+        };
+        assert_eq!(marks(&mut r, &healthy, T0 + 300), ["ClearUnschedulable"]);
+        // Never on a verdict the controller distrusts, nor on an excluded node; a node without
+        // an agent is dead too, and gets it.
+        for (name, i, want) in [
+            (
+                "paused",
+                RemediationInput {
+                    paused: true,
+                    ..far.clone()
+                },
+                false,
+            ),
+            (
+                "excluded",
+                RemediationInput {
+                    excluded: true,
+                    ..far.clone()
+                },
+                false,
+            ),
+            (
+                "suspect",
+                RemediationInput {
+                    verdict: NodeVerdict::Suspect(SuspectReason::AgentLate),
+                    ..far.clone()
+                },
+                false,
+            ),
+            (
+                "no agent",
+                input(NodeVerdict::Dead {
+                    fence_deadline: None,
+                }),
+                true,
+            ),
+        ] {
+            let mut r = NodeRemediation::default();
+            assert_eq!(!marks(&mut r, &i, T0).is_empty(), want, "{name}");
+        }
+        // A fenced node that answers Healthy with its old boot ID keeps it (and is reported).
+        let mut r = NodeRemediation::default();
+        r.step(&input(dead(T0)), MonoTime(T0), &t);
+        let _ = r.commit_result(true);
+        let back_unrebooted = RemediationInput {
+            verdict: NodeVerdict::Healthy,
+            ready: true,
+            tainted: true,
+            fence_marker: true,
+            unschedulable: true,
+            pods: 0,
+            ..input(dead(T0))
+        };
+        for k in 1..4 {
+            assert!(marks(&mut r, &back_unrebooted, T0 + k * 100).is_empty());
+        }
+        assert_eq!(r.phase, Phase::Tainted);
     }
 
     #[test]
