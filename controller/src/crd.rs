@@ -142,7 +142,7 @@ pub struct NodeStatus {
     /// `Recovering`, `NoAgent` or `Excluded`.
     pub phase: String,
     /// Why a dead node is not fenced yet (`Deadline`, `VoucherNotClear`, `Paused`,
-    /// `NoWitnessGrant`).
+    /// `NoWitnessGrant`, `NotUnschedulableYet`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting_for: Option<String>,
     /// The health verdict: `Healthy`, `Suspect`, `Dead` or `DeadNoAgent`.

@@ -9,6 +9,7 @@ use k8s_openapi::api::core::v1::{Node, Taint};
 use kube::runtime::watcher;
 use node_health::remediation::{
     EXCLUDE_LABEL, FENCED_BOOT_ANNOTATION, OUT_OF_SERVICE_TAINT_EFFECT, OUT_OF_SERVICE_TAINT_KEY,
+    UNRESPONSIVE_TAINT_EFFECT, UNRESPONSIVE_TAINT_KEY,
 };
 use node_health::{NodeFacts, Readiness};
 use std::collections::BTreeMap;
@@ -19,6 +20,11 @@ pub use node_health::assess::NodeRecord;
 /// Whether `taint` is the out-of-service taint twosite manages (key and effect).
 pub fn is_out_of_service(taint: &Taint) -> bool {
     taint.key == OUT_OF_SERVICE_TAINT_KEY && taint.effect == OUT_OF_SERVICE_TAINT_EFFECT
+}
+
+/// Whether `taint` is the early `twosite.dev/unresponsive:NoSchedule` (key and effect).
+pub fn is_unresponsive(taint: &Taint) -> bool {
+    taint.key == UNRESPONSIVE_TAINT_KEY && taint.effect == UNRESPONSIVE_TAINT_EFFECT
 }
 
 /// Everything the controller reads of a Node.
@@ -50,6 +56,11 @@ pub fn node_record(node: &Node) -> NodeRecord {
             .as_ref()
             .and_then(|s| s.taints.as_ref())
             .is_some_and(|ts| ts.iter().any(is_out_of_service)),
+        unschedulable: node
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.as_ref())
+            .is_some_and(|ts| ts.iter().any(is_unresponsive)),
         fenced_boot_annotation: node
             .metadata
             .annotations

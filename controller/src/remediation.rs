@@ -332,6 +332,30 @@ impl Remediator {
                         tracing::info!(node = node.name, "out-of-service taint removed");
                     }
                 }
+                Action::MarkUnschedulable | Action::ClearUnschedulable => {
+                    let mark = action == Action::MarkUnschedulable;
+                    let change = if mark {
+                        TaintChange::MarkUnschedulable
+                    } else {
+                        TaintChange::ClearUnschedulable
+                    };
+                    let outcome = change_taint(
+                        &ctx.nodes,
+                        &ctx.leadership,
+                        &node.name,
+                        &change,
+                        ctx.api_timeout,
+                    )
+                    .await?;
+                    if outcome == TaintOutcome::Written {
+                        tracing::info!(
+                            node = node.name,
+                            unschedulable = mark,
+                            "twosite.dev/unresponsive:NoSchedule {}",
+                            if mark { "applied" } else { "removed" }
+                        );
+                    }
+                }
                 Action::Event { reason, message } => {
                     publish_event(ctx, node, reason, message).await;
                 }
@@ -627,7 +651,24 @@ mod tests {
         assert!(i.ready && !i.excluded && !i.tainted && !i.paused);
         let mut r = NodeRemediation::default();
         assert_eq!(i.heartbeat.as_deref(), Some("1"), "the version judged dead");
+        // First the early NoSchedule taint; the fence once it has been seen on for a second.
         let actions = r.step(i, at(30_000), &T);
+        assert_eq!(
+            actions.first(),
+            Some(&Action::MarkUnschedulable),
+            "{actions:?}"
+        );
+        assert!(
+            !actions
+                .iter()
+                .any(|a| matches!(a, Action::CommitFence { .. }))
+        );
+        let marked = RemediationInput {
+            unschedulable: true,
+            ..i.clone()
+        };
+        assert!(r.step(&marked, at(30_100), &T).is_empty());
+        let actions = r.step(&marked, at(31_100), &T);
         assert!(
             actions.contains(&Action::CommitFence {
                 heartbeat: "1".into(),

@@ -1,5 +1,6 @@
-//! The out-of-service taint on a Node: the JSON Patch that adds or removes it (pure), and the
-//! conflict-safe write.
+//! twosite's taints on a Node — the out-of-service taint, and the early
+//! `twosite.dev/unresponsive:NoSchedule` — the JSON Patch that adds or removes one (pure), and
+//! the conflict-safe write.
 //!
 //! Every patch starts with a `test` of the Node's `metadata.resourceVersion`, so it applies only
 //! to the Node we read: a Node changed meanwhile (another taint added, a label edited) fails the
@@ -9,26 +10,41 @@
 
 use crate::error::{Error, Result, with_timeout};
 use crate::leader_lease::Leadership;
-use crate::nodes::is_out_of_service;
+use crate::nodes::{is_out_of_service, is_unresponsive};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use k8s_openapi::api::core::v1::{Node, Taint};
 use kube::Api;
 use kube::api::{Patch, PatchParams};
 use node_health::remediation::{
     FENCED_BOOT_ANNOTATION, OUT_OF_SERVICE_TAINT_EFFECT, OUT_OF_SERVICE_TAINT_KEY,
-    OUT_OF_SERVICE_TAINT_VALUE,
+    OUT_OF_SERVICE_TAINT_VALUE, UNRESPONSIVE_TAINT_EFFECT, UNRESPONSIVE_TAINT_KEY,
 };
 use serde_json::{Value, json};
 use std::time::Duration;
 
-/// What to do with the out-of-service taint.
+/// What to do with twosite's taints.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TaintChange {
-    /// Add it (unless present) and record the boot ID the node had when fenced (`""` when it
-    /// was unknown).
+    /// Add the out-of-service taint (unless present) and record the boot ID the node had when
+    /// fenced (`""` when it was unknown).
     Apply { fenced_boot_id: Option<String> },
-    /// Remove it and the annotation; keep every other taint.
+    /// Remove the out-of-service taint and the annotation; keep every other taint.
     Remove,
+    /// Add `twosite.dev/unresponsive:NoSchedule` (unless present).
+    MarkUnschedulable,
+    /// Remove `twosite.dev/unresponsive:NoSchedule`; keep every other taint.
+    ClearUnschedulable,
+}
+
+impl TaintChange {
+    fn what(&self) -> &'static str {
+        match self {
+            TaintChange::Apply { .. } => "apply out-of-service taint",
+            TaintChange::Remove => "remove out-of-service taint",
+            TaintChange::MarkUnschedulable => "apply unresponsive taint",
+            TaintChange::ClearUnschedulable => "remove unresponsive taint",
+        }
+    }
 }
 
 /// The out-of-service taint twosite applies.
@@ -41,12 +57,22 @@ pub fn out_of_service_taint() -> Taint {
     }
 }
 
+/// The early `NoSchedule` taint twosite puts on a node judged dead.
+pub fn unresponsive_taint() -> Taint {
+    Taint {
+        key: UNRESPONSIVE_TAINT_KEY.to_string(),
+        value: None,
+        effect: UNRESPONSIVE_TAINT_EFFECT.to_string(),
+        time_added: None,
+    }
+}
+
 /// Escapes a key for a JSON Pointer (RFC 6901).
 fn pointer_token(key: &str) -> String {
     key.replace('~', "~0").replace('/', "~1")
 }
 
-/// The JSON Patch that makes `node` carry (or not carry) the out-of-service taint, or `None`
+/// The JSON Patch that makes `node` carry (or not carry) the taint `change` is about, or `None`
 /// when it already does what `change` asks. The first operation tests the Node's
 /// resourceVersion; every other taint is kept exactly.
 pub fn taint_patch(node: &Node, change: &TaintChange) -> Option<Value> {
@@ -74,6 +100,17 @@ pub fn taint_patch(node: &Node, change: &TaintChange) -> Option<Value> {
         TaintChange::Remove => taints
             .iter()
             .filter(|t| !is_out_of_service(t))
+            .cloned()
+            .collect(),
+        TaintChange::MarkUnschedulable if taints.iter().any(is_unresponsive) => taints.clone(),
+        TaintChange::MarkUnschedulable => {
+            let mut t = taints.clone();
+            t.push(unresponsive_taint());
+            t
+        }
+        TaintChange::ClearUnschedulable => taints
+            .iter()
+            .filter(|t| !is_unresponsive(t))
             .cloned()
             .collect(),
     };
@@ -107,6 +144,7 @@ pub fn taint_patch(node: &Node, change: &TaintChange) -> Option<Value> {
                 ops.push(json!({"op": "remove", "path": annotation_path}));
             }
         }
+        TaintChange::MarkUnschedulable | TaintChange::ClearUnschedulable => {}
     }
     (ops.len() > 1).then_some(Value::Array(ops))
 }
@@ -165,10 +203,7 @@ pub async fn change_taint(
         if !leadership.is_leader() {
             return Ok(TaintOutcome::NotLeader);
         }
-        let action = match change {
-            TaintChange::Apply { .. } => "apply out-of-service taint",
-            TaintChange::Remove => "remove out-of-service taint",
-        };
+        let action = change.what();
         let result = with_timeout(
             action,
             api_timeout,
@@ -273,6 +308,51 @@ mod tests {
         assert_eq!(
             patch[1]["value"]["taints"][0]["key"],
             OUT_OF_SERVICE_TAINT_KEY
+        );
+    }
+
+    #[test]
+    fn the_unresponsive_taint_comes_and_goes_alone() {
+        let other = taint("dedicated", "NoSchedule");
+        let n = node(Some(vec![other.clone(), out_of_service_taint()]), Some("b"));
+        let patch = taint_patch(&n, &TaintChange::MarkUnschedulable).expect("a patch");
+        assert_eq!(
+            patch,
+            json!([
+                {"op": "test", "path": "/metadata/resourceVersion", "value": "42"},
+                {"op": "add", "path": "/spec/taints", "value": [
+                    {"key": "dedicated", "value": "x", "effect": "NoSchedule"},
+                    {"key": OUT_OF_SERVICE_TAINT_KEY, "value": "nodeshutdown", "effect": "NoExecute"},
+                    {"key": "twosite.dev/unresponsive", "effect": "NoSchedule"},
+                ]},
+            ])
+        );
+        let marked = node(
+            Some(vec![
+                other.clone(),
+                unresponsive_taint(),
+                out_of_service_taint(),
+            ]),
+            Some("b"),
+        );
+        assert_eq!(taint_patch(&marked, &TaintChange::MarkUnschedulable), None);
+        // Cleared: the out-of-service taint and its annotation stay.
+        let patch = taint_patch(&marked, &TaintChange::ClearUnschedulable).expect("a patch");
+        assert_eq!(
+            patch,
+            json!([
+                {"op": "test", "path": "/metadata/resourceVersion", "value": "42"},
+                {"op": "add", "path": "/spec/taints", "value": [
+                    {"key": "dedicated", "value": "x", "effect": "NoSchedule"},
+                    {"key": OUT_OF_SERVICE_TAINT_KEY, "value": "nodeshutdown", "effect": "NoExecute"},
+                ]},
+            ])
+        );
+        // Our key with another effect is not ours.
+        let foreign = node(Some(vec![taint(UNRESPONSIVE_TAINT_KEY, "NoExecute")]), None);
+        assert_eq!(
+            taint_patch(&foreign, &TaintChange::ClearUnschedulable),
+            None
         );
     }
 

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Build kube-apiserver 1.20.2 from Debian's `kubernetes` source package (1.20.5+really1.20.2)
-# and cache it outside the repository, for the real-API-server test tier (e2e/tests/apiserver_*).
+# Build kube-apiserver, kube-scheduler and kube-controller-manager 1.20.2 from Debian's
+# `kubernetes` source package (1.20.5+really1.20.2) and cache them outside the repository, for the
+# real-API-server test tier (e2e/tests/apiserver_*; the scheduler and the controller manager run
+# in its node-loss test).
 #
 #   e2e/apiserver/build-kube-apiserver.sh        # build once, or reuse the cached binary
 #
-# The binary lands in ${TWOSITE_CACHE:-~/.cache/twosite}/kube-apiserver-1.20.2. A cached binary
-# that runs (`--version`) is reused and nothing else happens. Otherwise the script:
+# The binaries land in ${TWOSITE_CACHE:-~/.cache/twosite}/<name>-1.20.2. Cached binaries that all
+# run (`--version`) are reused and nothing else happens. Otherwise the script:
 #   1. derives a `deb-src` entry from this machine's own Debian sources (one-line or deb822) and
 #      keeps it in a private apt state directory, so the system's apt configuration is untouched;
 #   2. installs the toolchain and runtime from Debian with the system apt: golang-1.19-go, the
@@ -13,25 +15,33 @@
 #   3. `apt-get source kubernetes` into a temporary directory;
 #   4. replaces the vendored github.com/modern-go/reflect2 (1.0.1, crashes at run time under
 #      Go >= 1.18) and github.com/json-iterator/go with Debian's packaged sources;
-#   5. builds it offline with `make WHAT=cmd/kube-apiserver` (GOFLAGS=-mod=vendor GOPROXY=off
-#      CGO_ENABLED=0, Go 1.19 from /usr/lib/go-1.19/bin).
+#   5. builds them offline in one `make WHAT="cmd/kube-apiserver cmd/kube-scheduler
+#      cmd/kube-controller-manager"` (GOFLAGS=-mod=vendor GOPROXY=off CGO_ENABLED=0, Go 1.19 from
+#      /usr/lib/go-1.19/bin).
 # Every step is printed; any failure stops the script with the reason and a non-zero status.
 set -euo pipefail
 
 VERSION=1.20.2
 CACHE_DIR="${TWOSITE_CACHE:-$HOME/.cache/twosite}"
-BIN="$CACHE_DIR/kube-apiserver-$VERSION"
+COMPONENTS=(kube-apiserver kube-scheduler kube-controller-manager)
 GO_BIN_DIR=/usr/lib/go-1.19/bin
 
 step() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'build-kube-apiserver: FAILED: %s\n' "$*" >&2; exit 1; }
 
-if [ -x "$BIN" ] && version=$("$BIN" --version 2>/dev/null); then
-    step "reusing $BIN ($version)"
+all_cached=1
+for c in "${COMPONENTS[@]}"; do
+    bin="$CACHE_DIR/$c-$VERSION"
+    if [ -x "$bin" ] && version=$("$bin" --version 2>/dev/null); then
+        step "cached: $bin ($version)"
+    else
+        [ -e "$bin" ] && step "$bin exists but does not run"
+        all_cached=0
+    fi
+done
+if [ "$all_cached" = 1 ]; then
+    step "reusing the cached binaries"
     exit 0
-fi
-if [ -e "$BIN" ]; then
-    step "$BIN exists but does not run; rebuilding"
 fi
 
 SUDO=()
@@ -168,18 +178,22 @@ export PATH="$GO_BIN_DIR:$PATH"
 # So `make` is the only way: a bare `go build ./cmd/kube-apiserver` lacks the generated files.
 export GOFLAGS=-mod=vendor GOPROXY=off CGO_ENABLED=0
 export GOCACHE="$WORK/gocache" GOPATH="$WORK/gopath"
-step "make WHAT=cmd/kube-apiserver with $(go version) (GOFLAGS=$GOFLAGS GOPROXY=$GOPROXY CGO_ENABLED=$CGO_ENABLED); takes minutes"
+WHAT="${COMPONENTS[*]/#/cmd/}"
+step "make WHAT=\"$WHAT\" with $(go version) (GOFLAGS=$GOFLAGS GOPROXY=$GOPROXY CGO_ENABLED=$CGO_ENABLED); takes minutes"
 BUILD_START=$(date +%s)
-(cd "$TREE" && make WHAT=cmd/kube-apiserver) >"$WORK/make.log" 2>&1 \
-    || { tail -n 40 "$WORK/make.log" >&2; die "make WHAT=cmd/kube-apiserver failed (log above)"; }
-built="$TREE/_output/local/bin/linux/amd64/kube-apiserver"
-[ -x "$built" ] || built=$(find "$TREE/_output" -type f -name kube-apiserver -perm -u+x | head -n 1)
-[ -n "$built" ] && [ -x "$built" ] || die "make succeeded but no kube-apiserver binary under $TREE/_output"
-step "built $built in $(( $(date +%s) - BUILD_START )) s"
-
-version=$("$built" --version 2>&1) || die "the built binary does not run: $version"
-step "binary reports: $version"
+(cd "$TREE" && make WHAT="$WHAT") >"$WORK/make.log" 2>&1 \
+    || { tail -n 40 "$WORK/make.log" >&2; die "make WHAT=\"$WHAT\" failed (log above)"; }
+step "built in $(( $(date +%s) - BUILD_START )) s"
 mkdir -p "$CACHE_DIR"
-cp "$built" "$BIN.tmp.$$"
-mv "$BIN.tmp.$$" "$BIN"
-step "cached as $BIN (total $(( $(date +%s) - START )) s)"
+for c in "${COMPONENTS[@]}"; do
+    built="$TREE/_output/local/bin/linux/amd64/$c"
+    [ -x "$built" ] || built=$(find "$TREE/_output" -type f -name "$c" -perm -u+x | head -n 1)
+    [ -n "$built" ] && [ -x "$built" ] || die "make succeeded but no $c binary under $TREE/_output"
+    version=$("$built" --version 2>&1) || die "the built $c does not run: $version"
+    step "$c reports: $version"
+    bin="$CACHE_DIR/$c-$VERSION"
+    cp "$built" "$bin.tmp.$$"
+    mv "$bin.tmp.$$" "$bin"
+    step "cached as $bin"
+done
+step "total $(( $(date +%s) - START )) s"

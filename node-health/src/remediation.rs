@@ -31,6 +31,13 @@ pub const OUT_OF_SERVICE_TAINT_EFFECT: &str = "NoExecute";
 /// fence.
 pub const UNRESPONSIVE_TAINT_KEY: &str = "twosite.dev/unresponsive";
 pub const UNRESPONSIVE_TAINT_EFFECT: &str = "NoSchedule";
+/// How long the controller must have seen a dead node's `NoSchedule` taint before it releases
+/// its pods: kube-scheduler's cache lags the API server by its watch delay, and a replacement
+/// must not be bound back onto the node it replaces (or another dead node of a lost room, all of
+/// which are marked on their first Dead verdict). Costs nothing when the verdict comes before
+/// the fence deadline (the usual case); delays the fence by about this much when a controller
+/// that just took over finds a node dead past its deadline.
+pub const UNSCHEDULABLE_HEAD_START: std::time::Duration = std::time::Duration::from_secs(1);
 /// A node with this label set to `true` is never fenced or tainted.
 pub const EXCLUDE_LABEL: &str = "twosite.dev/exclude-from-remediation";
 /// The annotation twosite puts on a node it tainted: the boot ID the node had when fenced.
@@ -47,6 +54,9 @@ pub enum WaitReason {
     Paused,
     /// A witness is configured and the controller does not hold its grant for the other room.
     NoWitnessGrant,
+    /// Its `NoSchedule` taint has not been on for [`UNSCHEDULABLE_HEAD_START`] yet: released
+    /// pods could be bound back onto it by a scheduler that has not seen the taint.
+    NotUnschedulableYet,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -190,6 +200,9 @@ pub struct NodeRemediation {
     warned_no_reboot: bool,
     /// The first step has run (after a restart, our own taint and marker are picked up once).
     started: bool,
+    /// Since when the node's `NoSchedule` taint has been seen on, continuously.
+    #[serde(default)]
+    unschedulable_since: Option<MonoTime>,
 }
 
 impl Default for NodeRemediation {
@@ -199,6 +212,7 @@ impl Default for NodeRemediation {
             fenced_boot_id: None,
             warned_no_reboot: false,
             started: false,
+            unschedulable_since: None,
         }
     }
 }
@@ -227,6 +241,11 @@ impl NodeRemediation {
                 self.fenced_boot_id = i.fenced_boot_annotation.clone();
             }
         }
+        self.unschedulable_since = if i.unschedulable {
+            self.unschedulable_since.or(Some(now))
+        } else {
+            None
+        };
         match self.phase {
             // Waiting for the shell to report the commit's outcome.
             Phase::Committing => {}
@@ -380,6 +399,11 @@ impl NodeRemediation {
                     Phase::FenceWaiting(WaitReason::VoucherNotClear)
                 } else if !i.witness_ok {
                     Phase::FenceWaiting(WaitReason::NoWitnessGrant)
+                } else if self
+                    .unschedulable_since
+                    .is_none_or(|u| now < u + UNSCHEDULABLE_HEAD_START)
+                {
+                    Phase::FenceWaiting(WaitReason::NotUnschedulableYet)
                 } else {
                     Phase::Committing
                 }
@@ -408,6 +432,10 @@ impl NodeRemediation {
             Phase::FenceWaiting(WaitReason::NoWitnessGrant) => out.push(event(
                 EventReason::NodeFenceWaiting,
                 "the node is dead; waiting for the witness to grant the other room the right to run",
+            )),
+            Phase::FenceWaiting(WaitReason::NotUnschedulableYet) => out.push(event(
+                EventReason::NodeFenceWaiting,
+                "the node is dead; waiting until the scheduler has seen it unschedulable",
             )),
             Phase::NoAgent => out.push(event(
                 EventReason::NodeNoAgent,
@@ -472,13 +500,23 @@ mod tests {
         }
     }
 
+    /// A node whose `NoSchedule` taint the controller has seen since 0.
+    fn fresh() -> NodeRemediation {
+        NodeRemediation {
+            unschedulable_since: Some(MonoTime(0)),
+            ..NodeRemediation::default()
+        }
+    }
+
     fn input(verdict: NodeVerdict) -> RemediationInput {
         RemediationInput {
             verdict,
             vouchers_clear_since: Some(MonoTime(0)),
             excluded: false,
             tainted: false,
-            unschedulable: false,
+            // A dead node's is on since long ago (see [`fresh`]): the head start and the
+            // marking are tested on their own.
+            unschedulable: verdict.is_dead(),
             fenced_boot_annotation: None,
             pods: 2,
             terminating_pods: 0,
@@ -512,20 +550,15 @@ mod tests {
     #[test]
     fn full_cycle_dead_committed_tainted_recovered() {
         let t = HealthTiming::default();
-        let mut r = NodeRemediation::default();
+        let mut r = fresh();
         let s = r.step(
             &input(NodeVerdict::Suspect(SuspectReason::AgentLate)),
             MonoTime(T0),
             &t,
         );
         assert_eq!(reasons(&s), ["NodeSuspect"]);
-        // Dead: unschedulable at once, long before the fence.
         let s = r.step(&input(dead(T0 + 7_000)), MonoTime(T0 + 5_000), &t);
-        assert_eq!(reasons(&s), ["MarkUnschedulable", "NodeFenceWaiting"]);
-        let input = |v| RemediationInput {
-            unschedulable: true,
-            ..input(v)
-        };
+        assert_eq!(reasons(&s), ["NodeFenceWaiting"]);
         assert!(
             r.step(&input(dead(T0 + 7_000)), MonoTime(T0 + 6_999), &t)
                 .is_empty()
@@ -588,7 +621,7 @@ mod tests {
         for tainted in [false, true] {
             for pods in [0, 3] {
                 for fence_marker in [false, true] {
-                    let mut r = NodeRemediation::default();
+                    let mut r = fresh();
                     r.step(&input(dead(T0)), MonoTime(T0), &t);
                     let mut all = r.commit_result(true);
                     let mut i = input(dead(T0));
@@ -614,10 +647,41 @@ mod tests {
         }
     }
 
+    /// A dead node past its deadline (a controller that just took over) is fenced only once
+    /// its `NoSchedule` taint has been seen on for the head start, so the scheduler knows it.
+    #[test]
+    fn no_fence_before_the_scheduler_can_have_seen_the_node_unschedulable() {
+        let t = HealthTiming::default();
+        let mut r = NodeRemediation::default();
+        let unmarked = RemediationInput {
+            unschedulable: false,
+            ..input(dead(T0))
+        };
+        let s = r.step(&unmarked, MonoTime(T0 + 10_000), &t);
+        assert_eq!(reasons(&s), ["MarkUnschedulable", "NodeFenceWaiting"]);
+        assert_eq!(
+            r.phase,
+            Phase::FenceWaiting(WaitReason::NotUnschedulableYet)
+        );
+        let marked = input(dead(T0));
+        assert!(r.step(&marked, MonoTime(T0 + 10_400), &t).is_empty());
+        assert!(r.step(&marked, MonoTime(T0 + 11_399), &t).is_empty());
+        // Gone again (an operator removed it): marked again, and the wait starts over.
+        assert_eq!(
+            reasons(&r.step(&unmarked, MonoTime(T0 + 11_300), &t)),
+            ["MarkUnschedulable"]
+        );
+        assert!(r.step(&marked, MonoTime(T0 + 11_500), &t).is_empty());
+        assert_eq!(
+            reasons(&r.step(&marked, MonoTime(T0 + 12_500), &t)),
+            ["NodeFenced", "CommitFence"]
+        );
+    }
+
     #[test]
     fn a_refused_commit_releases_nothing() {
         let t = HealthTiming::default();
-        let mut r = NodeRemediation::default();
+        let mut r = fresh();
         r.step(&input(dead(T0)), MonoTime(T0), &t);
         assert_eq!(r.phase, Phase::Committing);
         // The heartbeat Lease changed under the conditional write: the node renewed.
@@ -689,7 +753,7 @@ mod tests {
             ),
         ];
         for (name, i) in cases {
-            let mut r = NodeRemediation::default();
+            let mut r = fresh();
             let mut actions = r.step(&i, now, &t);
             actions.extend(r.step(&i, now, &t));
             assert!(
@@ -702,15 +766,12 @@ mod tests {
             assert!(!matches!(r.phase, Phase::Fenced | Phase::Tainted), "{name}");
         }
         // And the boundary on the accepting side.
-        let mut r = NodeRemediation::default();
+        let mut r = fresh();
         let i = RemediationInput {
             vouchers_clear_since: Some(MonoTime(T0 + 49_900)),
             ..input(dead(T0))
         };
-        assert_eq!(
-            reasons(&r.step(&i, now, &t)),
-            ["MarkUnschedulable", "NodeFenced", "CommitFence"]
-        );
+        assert_eq!(reasons(&r.step(&i, now, &t)), ["NodeFenced", "CommitFence"]);
     }
 
     /// The early `NoSchedule` taint follows the verdict, never a distrusted one, and stays on a
@@ -724,6 +785,10 @@ mod tests {
                 .filter(|a| a.ends_with("Unschedulable"))
                 .map(str::to_string)
                 .collect::<Vec<_>>()
+        };
+        let input = |v| RemediationInput {
+            unschedulable: false,
+            ..input(v)
         };
         // Dead, its deadline far away: marked at once, and only once it is seen on.
         let mut r = NodeRemediation::default();
@@ -781,12 +846,16 @@ mod tests {
                 true,
             ),
         ] {
-            let mut r = NodeRemediation::default();
+            let mut r = fresh();
             assert_eq!(!marks(&mut r, &i, T0).is_empty(), want, "{name}");
         }
         // A fenced node that answers Healthy with its old boot ID keeps it (and is reported).
-        let mut r = NodeRemediation::default();
-        r.step(&input(dead(T0)), MonoTime(T0), &t);
+        let mut r = fresh();
+        let due = RemediationInput {
+            unschedulable: true,
+            ..input(dead(T0))
+        };
+        r.step(&due, MonoTime(T0), &t);
         let _ = r.commit_result(true);
         let back_unrebooted = RemediationInput {
             verdict: NodeVerdict::Healthy,
@@ -795,7 +864,7 @@ mod tests {
             fence_marker: true,
             unschedulable: true,
             pods: 0,
-            ..input(dead(T0))
+            ..due
         };
         for k in 1..4 {
             assert!(marks(&mut r, &back_unrebooted, T0 + k * 100).is_empty());
@@ -806,7 +875,7 @@ mod tests {
     #[test]
     fn a_node_back_without_reboot_stays_fenced() {
         let t = HealthTiming::default();
-        let mut r = NodeRemediation::default();
+        let mut r = fresh();
         r.step(&input(dead(T0)), MonoTime(T0), &t);
         let _ = r.commit_result(true);
         let mut i = input(NodeVerdict::Healthy);
@@ -830,7 +899,7 @@ mod tests {
         i.tainted = true;
         i.ready = true;
         i.pods = 0;
-        let mut foreign = NodeRemediation::default();
+        let mut foreign = fresh();
         assert!(foreign.step(&i, MonoTime(T0), &t).is_empty());
         assert_eq!(
             foreign.phase,
@@ -838,14 +907,14 @@ mod tests {
             "an operator's taint is theirs"
         );
         i.fenced_boot_annotation = Some("boot-0".into());
-        let mut ours = NodeRemediation::default();
+        let mut ours = fresh();
         assert_eq!(reasons(&ours.step(&i, MonoTime(T0), &t)), ["RemoveTaint"]);
         assert_eq!(ours.phase, Phase::Recovering);
         // With the marker still on the heartbeat Lease the node is held fenced.
         i.fence_marker = true;
         i.pods = 1;
         i.verdict = NodeVerdict::Suspect(SuspectReason::NotReady);
-        let mut held = NodeRemediation::default();
+        let mut held = fresh();
         assert_eq!(reasons(&held.step(&i, MonoTime(T0), &t)), ["DeletePods"]);
         assert_eq!(held.phase, Phase::Tainted);
     }

@@ -37,6 +37,8 @@ pub struct NodeObj {
     pub boot_id: u64,
     /// `node.kubernetes.io/out-of-service=nodeshutdown:NoExecute` is on the node.
     pub out_of_service: bool,
+    /// `twosite.dev/unresponsive:NoSchedule` is on the node.
+    pub unschedulable: bool,
     /// Other taints (an operator's), which every writer must keep.
     pub other_taints: Vec<String>,
     /// `twosite.dev/fenced-boot-id`.

@@ -1,5 +1,6 @@
 //! API IO: every write and delete the actors make goes through the API server here, and
-//! its events fan out to the connected controller replicas' watches, late and in order.
+//! its events fan out to the connected controller replicas' watches and kube-scheduler's, late
+//! and in order.
 
 use super::api::{Key, NodeObj, Obj, Precondition, Stored};
 use super::cluster::Cluster;
@@ -18,6 +19,7 @@ impl Cluster {
         if key.watched() {
             self.fan_out(&key, Some(stored.clone()));
         }
+        self.scheduler_watch(&key, Some(&stored));
         Ok(stored)
     }
 
@@ -25,6 +27,9 @@ impl Cluster {
         let gone = self.api.delete(key);
         if gone && key.watched() {
             self.fan_out(key, None);
+        }
+        if gone {
+            self.scheduler_watch(key, None);
         }
         gone
     }

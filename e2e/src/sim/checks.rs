@@ -179,6 +179,30 @@ impl Cluster {
         }
     }
 
+    /// kube-scheduler just bound `pod` to `node`. A node that is down, and that a leader judged
+    /// Dead (remediation not paused) longer ago than a watch delay and a pass, must have been
+    /// unschedulable in the scheduler's cache by then: a replacement bound there never runs.
+    pub(super) fn check_bind(&mut self, pod: &str, node: &str) {
+        let down = self
+            .nodes
+            .iter()
+            .find(|n| n.name == node)
+            .is_none_or(|n| !n.powered);
+        let Some(since) = self.record.must_be_unschedulable_since.get(node).copied() else {
+            return;
+        };
+        let grace = self.cfg.watch_delay_ms.1 + 2 * TICK_MS;
+        if down && self.now >= since + grace {
+            self.violate(
+                "replacement-on-dead-node",
+                format!(
+                    "{pod} bound to {node}, which is down and was judged dead {} ms ago",
+                    self.now - since
+                ),
+            );
+        }
+    }
+
     /// A Dead verdict must mean that, after the heartbeat the observer last saw, the node wrote
     /// no heartbeat for a full lease duration. The observer may judge on a view a watch delay
     /// old, so a renewal that came back after the gap does not make the verdict wrong.
@@ -316,6 +340,14 @@ impl Cluster {
                 } => (!within(&self.record.released_at, node, *after_ms, *within_ms)).then(|| {
                     format!("pods of {node} not released within {within_ms} ms of {after_ms} ms")
                 }),
+                Expectation::RunsAgainWithin {
+                    app,
+                    after_ms,
+                    within_ms,
+                } => (!within(&self.record.app_started_at, app, *after_ms + 1, *within_ms))
+                    .then(|| {
+                        format!("{app} not running again within {within_ms} ms of {after_ms} ms")
+                    }),
                 Expectation::UntaintWithin {
                     node,
                     after_ms,

@@ -112,6 +112,13 @@ pub struct SimConfig {
     /// A faulty agent: it takes any change of another room's heartbeat Lease (its
     /// resourceVersion) as contact, the controller's fence-marker write included.
     pub contact_by_resource_version: bool,
+    /// A faulty controller: it never puts the early `twosite.dev/unresponsive:NoSchedule` taint
+    /// on a dead node.
+    pub no_unschedulable_taint: bool,
+    /// A faulty controller, as twosite was before: it deletes a fenced node's pods first, and
+    /// its out-of-service taint lands half a second later (a controller pass, or a Node write
+    /// that met a conflict and was retried).
+    pub release_before_taint: bool,
 }
 
 impl Default for SimConfig {
@@ -129,6 +136,8 @@ impl Default for SimConfig {
             stop_command_fails: false,
             ignore_reboot_step: false,
             contact_by_resource_version: false,
+            no_unschedulable_taint: false,
+            release_before_taint: false,
         }
     }
 }
@@ -157,6 +166,9 @@ pub struct Record {
     pub powered_off: Vec<(u64, String)>,
     /// New witness grants: (real time, room, epoch).
     pub witness_grants: Vec<(u64, String, u64)>,
+    /// Since when a leader has judged each node Dead with remediation not paused, the node not
+    /// excluded: from then on twosite promises the node is unschedulable within a second.
+    pub must_be_unschedulable_since: BTreeMap<String, u64>,
 }
 
 impl Record {
@@ -188,6 +200,7 @@ pub struct Cluster {
     pub(super) apps: Vec<String>,
     pub(super) next_pod: u64,
     pub(super) witness: Option<SimWitness>,
+    pub(super) scheduler: super::scheduler::Scheduler,
     pub(super) seq: u64,
     pub timeline: Vec<TimelineEntry>,
     pub violations: Vec<Violation>,
@@ -227,6 +240,7 @@ impl Cluster {
             apps: Vec::new(),
             next_pod: 0,
             witness: None,
+            scheduler: super::scheduler::Scheduler::default(),
             seq: 0,
             timeline: Vec::new(),
             violations: Vec::new(),
@@ -298,6 +312,7 @@ impl Cluster {
                 status: None,
                 leading: false,
                 grants: BTreeMap::new(),
+                deferred_taint: BTreeMap::new(),
                 next_claim: MonoTime::ZERO,
             });
         }
@@ -522,6 +537,7 @@ impl Cluster {
         self.step_reboots();
         self.step_nodes();
         self.step_kcm();
+        self.step_scheduler();
         for i in 0..self.replicas.len() {
             self.step_replica(i);
         }

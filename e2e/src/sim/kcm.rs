@@ -1,10 +1,11 @@
 //! kube-controller-manager: the node lifecycle controller, taint eviction, the pod garbage
-//! collector, and a StatefulSet-like workload controller that recreates a deleted HA pod.
+//! collector, and a StatefulSet-like workload controller that recreates a deleted HA pod
+//! (unbound: kube-scheduler places it).
 
 use super::api::{Key, Obj, PodObj, Precondition, Stored};
 use super::cluster::Cluster;
 use node_health::Readiness;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 /// node-monitor-grace-period (50 s since Kubernetes 1.32) and the lifecycle controller's period.
 const NODE_GRACE_MS: u64 = 50_000;
@@ -35,7 +36,7 @@ impl Cluster {
     }
 
     /// kube-controller-manager: node lifecycle, taint eviction, pod GC, and a workload
-    /// controller that recreates a deleted HA pod on another node.
+    /// controller that recreates a deleted HA pod.
     pub(super) fn step_kcm(&mut self) {
         if self.now >= self.next_monitor {
             self.next_monitor += NODE_MONITOR_PERIOD_MS;
@@ -108,58 +109,25 @@ impl Cluster {
             }
         }
 
-        if self.now.is_multiple_of(1_000) {
-            self.step_workload_controller();
-        }
+        self.step_workload_controller();
     }
 
-    /// A StatefulSet-like controller: an app whose pod object is gone gets a new pod on the
-    /// least-loaded node that is Ready and not out of service.
+    /// A StatefulSet/ReplicaSet-like controller: an app whose pod object is gone gets a new,
+    /// unbound pod, which kube-scheduler places ([`super::scheduler`]).
     fn step_workload_controller(&mut self) {
         let mut present: BTreeSet<String> = BTreeSet::new();
-        let mut load: BTreeMap<String, usize> = BTreeMap::new();
         for (k, s) in self.api.objects() {
             if let (Key::Pod(_), Obj::Pod(p)) = (k, &s.obj) {
                 present.insert(p.app.clone());
-                *load.entry(p.node.clone()).or_default() += 1;
             }
         }
-        let candidates: Vec<String> = self
-            .api
-            .objects()
-            .filter_map(|(k, s)| match (k, &s.obj) {
-                (Key::Node(n), Obj::Node(obj))
-                    if obj.ready == Readiness::True && !obj.out_of_service =>
-                {
-                    Some(n.clone())
-                }
-                _ => None,
-            })
-            .collect();
+        for p in &self.scheduler.pending {
+            present.insert(p.app.clone());
+        }
         for app in self.apps.clone() {
-            if present.contains(&app) {
-                continue;
+            if !present.contains(&app) {
+                self.create_pending(&app);
             }
-            let Some(node) = candidates
-                .iter()
-                .min_by_key(|n| (load.get(*n).copied().unwrap_or(0), (*n).clone()))
-                .cloned()
-            else {
-                continue;
-            };
-            *load.entry(node.clone()).or_default() += 1;
-            self.next_pod += 1;
-            let pod = format!("{app}-{}", self.next_pod);
-            let _ = self.write(
-                Key::Pod(pod.clone()),
-                Precondition::Create,
-                Obj::Pod(PodObj {
-                    app: app.clone(),
-                    node: node.clone(),
-                    terminating: false,
-                }),
-            );
-            self.log("kcm", format!("{app}: new pod {pod} on {node}"));
         }
     }
 }

@@ -43,6 +43,7 @@ impl Cluster {
                     ready: Readiness::True,
                     boot_id: boot,
                     out_of_service: false,
+                    unschedulable: false,
                     other_taints: vec!["example.com/maintenance-window:PreferNoSchedule".into()],
                     fenced_boot: None,
                 }),

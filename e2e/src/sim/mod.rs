@@ -13,6 +13,7 @@ mod kubelet;
 mod replica;
 pub mod report;
 pub mod scenario;
+mod scheduler;
 mod witness;
 
 pub use cluster::SimConfig;

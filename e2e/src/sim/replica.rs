@@ -74,6 +74,8 @@ pub(super) struct Replica {
     pub(super) leading: bool,
     /// Witness grants this replica holds for a room, until (its clock).
     pub(super) grants: BTreeMap<String, MonoTime>,
+    /// The faulty shell's taints put off, with when they go out (`release_before_taint`).
+    pub(super) deferred_taint: BTreeMap<String, (u64, Action)>,
     pub(super) next_claim: MonoTime,
 }
 
@@ -385,6 +387,7 @@ impl Cluster {
                         uid: None,
                         excluded: node.control_plane,
                         tainted: node.out_of_service,
+                        unschedulable: node.unschedulable,
                         fenced_boot_annotation: node.fenced_boot.clone(),
                         boot_id: Some(node.boot_id.to_string()),
                         readiness: Some(node.ready),
@@ -441,6 +444,20 @@ impl Cluster {
         for node in assessment.nodes {
             let n = node.name;
             let mut input = node.input;
+            // The promise the checks hold twosite to (not a decision: the core makes that).
+            if input.verdict.is_dead() && !input.paused && !input.excluded {
+                self.record
+                    .must_be_unschedulable_since
+                    .entry(n.clone())
+                    .or_insert(self.now);
+            } else if !input.verdict.is_dead() {
+                self.record.must_be_unschedulable_since.remove(&n);
+            }
+            if self.cfg.no_unschedulable_taint {
+                // The faulty controller without the early taint: its core is told the taint is
+                // on, so it neither asks for it nor waits for it.
+                input.unschedulable = true;
+            }
             let remediation = self.replicas[i].remediation.entry(n.clone()).or_default();
             if needs_pod_count(remediation, &input) {
                 let pods: Vec<&PodObj> = self.replicas[i]
@@ -464,7 +481,28 @@ impl Cluster {
             }
             // In order, stopping at the first failed write, as the controller does.
             let mut actions: VecDeque<Action> = actions.into();
+            if self.replicas[i]
+                .deferred_taint
+                .get(&n)
+                .is_some_and(|(due, _)| *due <= self.now)
+                && let Some((_, taint)) = self.replicas[i].deferred_taint.remove(&n)
+            {
+                // The faulty shell's late taint, before anything else.
+                let _ = self.execute(&name, &n, taint);
+            }
             while let Some(a) = actions.pop_front() {
+                if self.cfg.release_before_taint
+                    && matches!(a, Action::ApplyTaint { .. })
+                    && actions.iter().any(|b| matches!(b, Action::DeletePods))
+                {
+                    // The faulty shell of `release_before_taint`: the release now, the taint
+                    // half a second later (a pass, or a conflict and a retry).
+                    self.replicas[i]
+                        .deferred_taint
+                        .entry(n.clone())
+                        .or_insert((self.now + 500, a));
+                    continue;
+                }
                 match self.execute(&name, &n, a) {
                     Err(()) => break,
                     Ok(Some(committed)) => {
@@ -577,6 +615,20 @@ impl Cluster {
                 } else {
                     return Err(());
                 }
+            }
+            Action::MarkUnschedulable | Action::ClearUnschedulable => {
+                let mark = action == Action::MarkUnschedulable;
+                let done = self.update_node(node, |n| n.unschedulable = mark);
+                if !done {
+                    return Err(());
+                }
+                self.log(
+                    actor,
+                    format!(
+                        "twosite.dev/unresponsive:NoSchedule {} {node}",
+                        if mark { "applied to" } else { "removed from" }
+                    ),
+                );
             }
             Action::RemoveTaint => {
                 if self.node_tainted(node) != Some(true) {

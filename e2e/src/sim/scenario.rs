@@ -124,6 +124,12 @@ pub enum Expectation {
         after_ms: u64,
         within_ms: u64,
     },
+    /// A copy of `app` starts running on a live node within `within_ms` of `after_ms`.
+    RunsAgainWithin {
+        app: String,
+        after_ms: u64,
+        within_ms: u64,
+    },
     /// The taint is removed from `node` within `within_ms` of `after_ms`.
     UntaintWithin {
         node: String,
@@ -262,6 +268,9 @@ pub const NAMES: &[(&str, &str)] = &[
 ];
 
 /// Looks a scenario up by name; `None` for an unknown name.
+/// The brief's failover target: a dead node's HA workloads run elsewhere within 30 s.
+pub const FAILOVER_TARGET_MS: u64 = 30_000;
+
 pub fn named(name: &str, seed: u64) -> Option<Scenario> {
     let description = NAMES.iter().find(|(n, _)| *n == name)?.1.to_string();
     let mut s = Scenario {
@@ -612,6 +621,25 @@ pub fn named(name: &str, seed: u64) -> Option<Scenario> {
         }
         "random" => return Some(random(seed)),
         _ => return None,
+    }
+    // The promise behind every release: the target's workload runs again, on a live node (a
+    // copy counts as running only there), within the failover target.
+    let released: Vec<(String, u64)> = s
+        .expectations
+        .iter()
+        .filter_map(|e| match e {
+            Expectation::PodsReleasedWithin { node, after_ms, .. } => {
+                Some((node.clone(), *after_ms))
+            }
+            _ => None,
+        })
+        .collect();
+    for (node, after_ms) in released {
+        s.expectations.push(Expectation::RunsAgainWithin {
+            app: format!("app-{node}"),
+            after_ms,
+            within_ms: FAILOVER_TARGET_MS,
+        });
     }
     Some(s)
 }
