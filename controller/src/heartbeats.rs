@@ -156,6 +156,9 @@ pub struct Observed {
     agent_relist: Option<BTreeSet<String>>,
     kubelet_relist: Option<BTreeSet<String>>,
     sync: SyncState,
+    /// Since when each node has shown our `NoSchedule` taint, continuously (the head start
+    /// before its pods may be released is counted from here).
+    unschedulable_seen: BTreeMap<String, MonoTime>,
 }
 
 impl Observed {
@@ -169,9 +172,19 @@ impl Observed {
                     self.observations
                         .entry(name.to_string())
                         .and_modify(|o| o.kubelet = None);
+                    self.unschedulable_seen.remove(name);
                 }
             }
-            _ => {}
+            watcher::Event::Apply(node) | watcher::Event::InitApply(node) => {
+                let record = crate::nodes::node_record(node);
+                if record.unschedulable {
+                    self.unschedulable_seen
+                        .entry(record.facts.name)
+                        .or_insert(now);
+                } else {
+                    self.unschedulable_seen.remove(&record.facts.name);
+                }
+            }
         }
         self.nodes.apply(event)
     }
@@ -331,6 +344,7 @@ impl Observed {
                     record: r.clone(),
                     heartbeats: self.heartbeats(&r.facts.name),
                     agent: self.agents.get(&r.facts.name).cloned(),
+                    unschedulable_since: self.unschedulable_seen.get(&r.facts.name).copied(),
                 })
                 .collect(),
             settled: self.settled(now, t),

@@ -664,7 +664,7 @@ mod tests {
                 .any(|a| matches!(a, Action::CommitFence { .. }))
         );
         let marked = RemediationInput {
-            unschedulable: true,
+            unschedulable_since: Some(at(30_100)),
             ..i.clone()
         };
         assert!(r.step(&marked, at(30_100), &T).is_empty());

@@ -26,6 +26,7 @@ use serde_json::{Value, json};
 use std::sync::Arc;
 
 const OOS: &str = "node.kubernetes.io/out-of-service";
+const UNRESPONSIVE: &str = "twosite.dev/unresponsive";
 const NODE_A1: &str = "/api/v1/nodes/a1";
 const AGENT_A1: &str =
     "/apis/coordination.k8s.io/v1/namespaces/twosite-system/leases/twosite-agent-a1";
@@ -82,6 +83,19 @@ fn plain(name: &str, zone: &str) -> Node {
     serde_json::from_value(node(name, zone, "5", json!([]), json!({}), json!({}))).expect("node")
 }
 
+/// A node that already carries our early `NoSchedule` taint (since the watch listed it).
+fn marked(name: &str, zone: &str) -> Node {
+    serde_json::from_value(node(
+        name,
+        zone,
+        "5",
+        json!([{"key": UNRESPONSIVE, "effect": "NoSchedule"}]),
+        json!({}),
+        json!({}),
+    ))
+    .expect("node")
+}
+
 fn agent(node: &str, rv: &str, failures: &str, watchdog: &str, marker: bool) -> Value {
     let mut annotations = json!({
         "twosite.dev/renew-failures": failures,
@@ -123,7 +137,8 @@ fn pairing() -> Pairing {
     }
 }
 
-/// How the node under test, a1 (paired with b1; b2 unpaired in the west), looks.
+/// How the node under test, a1 (paired with b1; b2 unpaired in the west), looks. By default
+/// it carries our `NoSchedule` taint from the start, as it would once judged dead.
 struct Setup {
     a1: Node,
     /// a1's agent Lease as first listed.
@@ -135,7 +150,7 @@ struct Setup {
 impl Default for Setup {
     fn default() -> Self {
         Setup {
-            a1: plain("a1", "east"),
+            a1: marked("a1", "east"),
             a1_agent: agent("a1", "1", "0", "enabled", false),
             b1_clean: true,
         }
@@ -352,6 +367,66 @@ async fn removing_the_taint_keeps_every_other_taint_and_retries_on_conflict() {
 
 /// The positive control for the refusals below: the same cluster with a1 dead and b1 clear is
 /// fenced, through the loop's entry point.
+/// A node just judged dead, its fence deadline passed (a controller that just took over): the
+/// first write is our `NoSchedule` taint, every other taint kept; nothing is committed, deleted
+/// or tainted out of service before the controller has seen it on for a second.
+#[tokio::test]
+async fn a_dead_node_is_made_unschedulable_first_and_fenced_only_after_the_head_start() {
+    let (client, mut api) = mock_client();
+    let leadership = leading(client.clone(), &mut api).await;
+    let ctx = context(client, leadership);
+    let setup = Setup {
+        a1: plain("a1", "east"),
+        ..Setup::default()
+    };
+    let run = passes(ctx, observed(setup), vec![30_000, 30_500]);
+    let dedicated = json!({"key": "dedicated", "value": "db", "effect": "NoSchedule"});
+    api.expect(Method::GET, NODE_A1).await.respond(
+        200,
+        node("a1", "east", "30", json!([dedicated]), json!({}), json!({})),
+    );
+    let patch = api.expect(Method::PATCH, NODE_A1).await;
+    assert_rv_test(&patch.body, "30");
+    assert_eq!(
+        taints_of(&patch.body),
+        [
+            dedicated.clone(),
+            json!({"key": UNRESPONSIVE, "effect": "NoSchedule"})
+        ]
+    );
+    assert_eq!(
+        patch.body.as_array().map(Vec::len),
+        Some(2),
+        "no annotation: {}",
+        patch.body
+    );
+    patch.respond(
+        200,
+        node("a1", "east", "31", json!([dedicated]), json!({}), json!({})),
+    );
+    // The second pass (its watch has not shown the taint yet) asks for it again; still no fence.
+    let (get, reasons) = api.expect_after_events(Method::GET, NODE_A1).await;
+    assert_eq!(reasons, ["NodeFenceWaiting"]);
+    get.respond(
+        200,
+        node(
+            "a1",
+            "east",
+            "31",
+            json!([dedicated, {"key": UNRESPONSIVE, "effect": "NoSchedule"}]),
+            json!({}),
+            json!({}),
+        ),
+    );
+    let r = run.await.expect("passes");
+    assert_eq!(
+        r.phase("a1"),
+        Some(Phase::FenceWaiting(WaitReason::NotUnschedulableYet))
+    );
+    let (rest, _) = api.drain().await;
+    assert!(rest.is_empty(), "nothing else written: {rest:?}");
+}
+
 #[tokio::test]
 async fn a_dead_node_with_a_clear_partner_is_committed_then_its_pods_deleted_and_tainted() {
     let (client, mut api) = mock_client();
@@ -474,7 +549,8 @@ async fn a_node_fenced_before_a_restart_has_its_pods_deleted_but_not_its_daemons
         "a1",
         "east",
         "40",
-        json!([{"key": OOS, "value": "nodeshutdown", "effect": "NoExecute"}]),
+        json!([{"key": OOS, "value": "nodeshutdown", "effect": "NoExecute"},
+               {"key": UNRESPONSIVE, "effect": "NoSchedule"}]),
         json!({"twosite.dev/fenced-boot-id": "boot-a1"}),
         json!({}),
     ))
@@ -567,7 +643,13 @@ async fn a_node_whose_watchdog_is_disabled_is_never_fenced_by_time() {
         ..Setup::default()
     };
     let (requests, _) = requests_for(setup, vec![30_000, 60_000, 120_000]).await;
-    assert!(requests.is_empty(), "{requests:?}");
+    // Only the reads before an early NoSchedule taint (of the nodes that went silent: every one
+    // here by 60 s; answered 500 by this mock): no fence commit, no deletion, no out-of-service
+    // taint.
+    assert!(
+        requests.iter().all(|r| r.starts_with("GET /api/v1/nodes/")),
+        "{requests:?}"
+    );
 }
 
 #[tokio::test]

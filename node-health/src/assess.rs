@@ -75,6 +75,8 @@ pub struct NodeView {
     pub heartbeats: NodeObservation,
     /// Its agent's heartbeat Lease, if it has one.
     pub agent: Option<AgentRecord>,
+    /// Since when the observer has seen `record.unschedulable`, continuously (its clock).
+    pub unschedulable_since: Option<MonoTime>,
 }
 
 /// The cluster as one controller replica sees it at one instant.
@@ -269,7 +271,10 @@ pub fn assess(
                     vouchers_clear_since: vouchers_clear_since(view, r, pairing, now, t),
                     excluded: r.excluded,
                     tainted: r.tainted,
-                    unschedulable: r.unschedulable,
+                    // On without a time: just seen.
+                    unschedulable_since: r
+                        .unschedulable
+                        .then(|| n.unschedulable_since.unwrap_or(now)),
                     fenced_boot_annotation: r.fenced_boot_annotation.clone(),
                     pods: 0,
                     terminating_pods: 0,
@@ -389,6 +394,7 @@ mod tests {
                 NodeView {
                     record: record(n, z, *cp, *ex),
                     heartbeats,
+                    unschedulable_since: None,
                     agent: Some(AgentRecord {
                         lease_name: format!("{AGENT_LEASE_PREFIX}{n}"),
                         fence_marker: false,

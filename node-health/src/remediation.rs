@@ -167,8 +167,9 @@ pub struct RemediationInput {
     pub excluded: bool,
     /// The out-of-service taint is on the node.
     pub tainted: bool,
-    /// Our `twosite.dev/unresponsive:NoSchedule` taint is on the node.
-    pub unschedulable: bool,
+    /// Since when the controller has seen our `twosite.dev/unresponsive:NoSchedule` taint on
+    /// the node, continuously (its clock); `None`: it is not on.
+    pub unschedulable_since: Option<MonoTime>,
     /// The node carries our fenced-boot annotation (we tainted it, maybe before a restart).
     pub fenced_boot_annotation: Option<String>,
     /// Pods bound to the node that are not DaemonSet pods.
@@ -200,9 +201,6 @@ pub struct NodeRemediation {
     warned_no_reboot: bool,
     /// The first step has run (after a restart, our own taint and marker are picked up once).
     started: bool,
-    /// Since when the node's `NoSchedule` taint has been seen on, continuously.
-    #[serde(default)]
-    unschedulable_since: Option<MonoTime>,
 }
 
 impl Default for NodeRemediation {
@@ -212,7 +210,6 @@ impl Default for NodeRemediation {
             fenced_boot_id: None,
             warned_no_reboot: false,
             started: false,
-            unschedulable_since: None,
         }
     }
 }
@@ -241,11 +238,6 @@ impl NodeRemediation {
                 self.fenced_boot_id = i.fenced_boot_annotation.clone();
             }
         }
-        self.unschedulable_since = if i.unschedulable {
-            self.unschedulable_since.or(Some(now))
-        } else {
-            None
-        };
         match self.phase {
             // Waiting for the shell to report the commit's outcome.
             Phase::Committing => {}
@@ -331,9 +323,10 @@ impl NodeRemediation {
             self.phase,
             Phase::Committing | Phase::Fenced | Phase::Tainted | Phase::Recovering
         );
-        if !i.unschedulable && i.verdict.is_dead() && !i.excluded && !i.paused {
+        let on = i.unschedulable_since.is_some();
+        if !on && i.verdict.is_dead() && !i.excluded && !i.paused {
             Some(Action::MarkUnschedulable)
-        } else if i.unschedulable && i.verdict == NodeVerdict::Healthy && !fenced {
+        } else if on && i.verdict == NodeVerdict::Healthy && !fenced {
             Some(Action::ClearUnschedulable)
         } else {
             None
@@ -399,7 +392,7 @@ impl NodeRemediation {
                     Phase::FenceWaiting(WaitReason::VoucherNotClear)
                 } else if !i.witness_ok {
                     Phase::FenceWaiting(WaitReason::NoWitnessGrant)
-                } else if self
+                } else if i
                     .unschedulable_since
                     .is_none_or(|u| now < u + UNSCHEDULABLE_HEAD_START)
                 {
@@ -500,23 +493,15 @@ mod tests {
         }
     }
 
-    /// A node whose `NoSchedule` taint the controller has seen since 0.
-    fn fresh() -> NodeRemediation {
-        NodeRemediation {
-            unschedulable_since: Some(MonoTime(0)),
-            ..NodeRemediation::default()
-        }
-    }
-
     fn input(verdict: NodeVerdict) -> RemediationInput {
         RemediationInput {
             verdict,
             vouchers_clear_since: Some(MonoTime(0)),
             excluded: false,
             tainted: false,
-            // A dead node's is on since long ago (see [`fresh`]): the head start and the
-            // marking are tested on their own.
-            unschedulable: verdict.is_dead(),
+            // A dead node's is on since long ago: the head start and the marking are tested
+            // on their own.
+            unschedulable_since: verdict.is_dead().then_some(MonoTime(0)),
             fenced_boot_annotation: None,
             pods: 2,
             terminating_pods: 0,
@@ -550,7 +535,7 @@ mod tests {
     #[test]
     fn full_cycle_dead_committed_tainted_recovered() {
         let t = HealthTiming::default();
-        let mut r = fresh();
+        let mut r = NodeRemediation::default();
         let s = r.step(
             &input(NodeVerdict::Suspect(SuspectReason::AgentLate)),
             MonoTime(T0),
@@ -621,7 +606,7 @@ mod tests {
         for tainted in [false, true] {
             for pods in [0, 3] {
                 for fence_marker in [false, true] {
-                    let mut r = fresh();
+                    let mut r = NodeRemediation::default();
                     r.step(&input(dead(T0)), MonoTime(T0), &t);
                     let mut all = r.commit_result(true);
                     let mut i = input(dead(T0));
@@ -654,7 +639,7 @@ mod tests {
         let t = HealthTiming::default();
         let mut r = NodeRemediation::default();
         let unmarked = RemediationInput {
-            unschedulable: false,
+            unschedulable_since: None,
             ..input(dead(T0))
         };
         let s = r.step(&unmarked, MonoTime(T0 + 10_000), &t);
@@ -663,17 +648,15 @@ mod tests {
             r.phase,
             Phase::FenceWaiting(WaitReason::NotUnschedulableYet)
         );
-        let marked = input(dead(T0));
+        // Seen on by the controller's watch at 10.4 s: a second later, and not before.
+        let marked = RemediationInput {
+            unschedulable_since: Some(MonoTime(T0 + 10_400)),
+            ..input(dead(T0))
+        };
         assert!(r.step(&marked, MonoTime(T0 + 10_400), &t).is_empty());
         assert!(r.step(&marked, MonoTime(T0 + 11_399), &t).is_empty());
-        // Gone again (an operator removed it): marked again, and the wait starts over.
         assert_eq!(
-            reasons(&r.step(&unmarked, MonoTime(T0 + 11_300), &t)),
-            ["MarkUnschedulable"]
-        );
-        assert!(r.step(&marked, MonoTime(T0 + 11_500), &t).is_empty());
-        assert_eq!(
-            reasons(&r.step(&marked, MonoTime(T0 + 12_500), &t)),
+            reasons(&r.step(&marked, MonoTime(T0 + 11_400), &t)),
             ["NodeFenced", "CommitFence"]
         );
     }
@@ -681,7 +664,7 @@ mod tests {
     #[test]
     fn a_refused_commit_releases_nothing() {
         let t = HealthTiming::default();
-        let mut r = fresh();
+        let mut r = NodeRemediation::default();
         r.step(&input(dead(T0)), MonoTime(T0), &t);
         assert_eq!(r.phase, Phase::Committing);
         // The heartbeat Lease changed under the conditional write: the node renewed.
@@ -753,7 +736,7 @@ mod tests {
             ),
         ];
         for (name, i) in cases {
-            let mut r = fresh();
+            let mut r = NodeRemediation::default();
             let mut actions = r.step(&i, now, &t);
             actions.extend(r.step(&i, now, &t));
             assert!(
@@ -766,7 +749,7 @@ mod tests {
             assert!(!matches!(r.phase, Phase::Fenced | Phase::Tainted), "{name}");
         }
         // And the boundary on the accepting side.
-        let mut r = fresh();
+        let mut r = NodeRemediation::default();
         let i = RemediationInput {
             vouchers_clear_since: Some(MonoTime(T0 + 49_900)),
             ..input(dead(T0))
@@ -787,7 +770,7 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         let input = |v| RemediationInput {
-            unschedulable: false,
+            unschedulable_since: None,
             ..input(v)
         };
         // Dead, its deadline far away: marked at once, and only once it is seen on.
@@ -795,7 +778,7 @@ mod tests {
         let far = input(dead(T0 + 60_000));
         assert_eq!(marks(&mut r, &far, T0), ["MarkUnschedulable"]);
         let on = RemediationInput {
-            unschedulable: true,
+            unschedulable_since: Some(MonoTime(0)),
             ..far.clone()
         };
         assert!(marks(&mut r, &on, T0 + 100).is_empty());
@@ -846,13 +829,13 @@ mod tests {
                 true,
             ),
         ] {
-            let mut r = fresh();
+            let mut r = NodeRemediation::default();
             assert_eq!(!marks(&mut r, &i, T0).is_empty(), want, "{name}");
         }
         // A fenced node that answers Healthy with its old boot ID keeps it (and is reported).
-        let mut r = fresh();
+        let mut r = NodeRemediation::default();
         let due = RemediationInput {
-            unschedulable: true,
+            unschedulable_since: Some(MonoTime(0)),
             ..input(dead(T0))
         };
         r.step(&due, MonoTime(T0), &t);
@@ -862,7 +845,7 @@ mod tests {
             ready: true,
             tainted: true,
             fence_marker: true,
-            unschedulable: true,
+            unschedulable_since: Some(MonoTime(0)),
             pods: 0,
             ..due
         };
@@ -875,7 +858,7 @@ mod tests {
     #[test]
     fn a_node_back_without_reboot_stays_fenced() {
         let t = HealthTiming::default();
-        let mut r = fresh();
+        let mut r = NodeRemediation::default();
         r.step(&input(dead(T0)), MonoTime(T0), &t);
         let _ = r.commit_result(true);
         let mut i = input(NodeVerdict::Healthy);
@@ -899,7 +882,7 @@ mod tests {
         i.tainted = true;
         i.ready = true;
         i.pods = 0;
-        let mut foreign = fresh();
+        let mut foreign = NodeRemediation::default();
         assert!(foreign.step(&i, MonoTime(T0), &t).is_empty());
         assert_eq!(
             foreign.phase,
@@ -907,14 +890,14 @@ mod tests {
             "an operator's taint is theirs"
         );
         i.fenced_boot_annotation = Some("boot-0".into());
-        let mut ours = fresh();
+        let mut ours = NodeRemediation::default();
         assert_eq!(reasons(&ours.step(&i, MonoTime(T0), &t)), ["RemoveTaint"]);
         assert_eq!(ours.phase, Phase::Recovering);
         // With the marker still on the heartbeat Lease the node is held fenced.
         i.fence_marker = true;
         i.pods = 1;
         i.verdict = NodeVerdict::Suspect(SuspectReason::NotReady);
-        let mut held = fresh();
+        let mut held = NodeRemediation::default();
         assert_eq!(reasons(&held.step(&i, MonoTime(T0), &t)), ["DeletePods"]);
         assert_eq!(held.phase, Phase::Tainted);
     }

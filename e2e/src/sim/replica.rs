@@ -46,6 +46,9 @@ pub(super) struct NodeView {
     /// The heartbeat Lease says `twosite.dev/watchdog=enabled`. Anything else counts as no
     /// agent for the verdict, as in the real controller.
     watchdog_enabled: bool,
+    /// Since when the node has shown `twosite.dev/unresponsive:NoSchedule` (this replica's
+    /// clock), as the controller's Node watch records it.
+    unschedulable_since: Option<MonoTime>,
 }
 
 /// One controller replica: the state a real controller process keeps in memory.
@@ -393,6 +396,7 @@ impl Cluster {
                         readiness: Some(node.ready),
                     },
                     heartbeats: v.obs.clone(),
+                    unschedulable_since: v.unschedulable_since,
                     agent: seen_agent.then(|| AgentRecord {
                         lease_name: format!("{AGENT_LEASE_PREFIX}{n}"),
                         fence_marker: v.fence_marker,
@@ -454,9 +458,9 @@ impl Cluster {
                 self.record.must_be_unschedulable_since.remove(&n);
             }
             if self.cfg.no_unschedulable_taint {
-                // The faulty controller without the early taint: its core is told the taint is
-                // on, so it neither asks for it nor waits for it.
-                input.unschedulable = true;
+                // The faulty controller without the early taint: its core is told the taint has
+                // long been on, so it neither asks for it nor waits for it.
+                input.unschedulable_since = Some(MonoTime::ZERO);
             }
             let remediation = self.replicas[i].remediation.entry(n.clone()).or_default();
             if needs_pod_count(remediation, &input) {
@@ -685,6 +689,11 @@ fn apply_watch_event(
                 ready: node.ready == Readiness::True,
             });
             view.obs.ready = Some(node.ready);
+            view.unschedulable_since = if node.unschedulable {
+                view.unschedulable_since.or(Some(local))
+            } else {
+                None
+            };
             view.node = Some(node);
         }
         (Key::Node(n), None) => {
