@@ -189,6 +189,12 @@ pub fn apiserver_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("TWOSITE_KUBE_APISERVER") {
         return PathBuf::from(p);
     }
+    control_plane_binary("kube-apiserver")
+}
+
+/// `kube-apiserver`, `kube-scheduler` or `kube-controller-manager` as the build script caches
+/// it (`TWOSITE_CACHE`, else `~/.cache/twosite`).
+pub fn control_plane_binary(name: &str) -> PathBuf {
     let cache = std::env::var_os("TWOSITE_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
@@ -196,7 +202,7 @@ pub fn apiserver_binary() -> PathBuf {
                 std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
             home.join(".cache").join("twosite")
         });
-    cache.join(format!("kube-apiserver-{KUBE_VERSION}"))
+    cache.join(format!("{name}-{KUBE_VERSION}"))
 }
 
 /// The etcd binary: `TWOSITE_ETCD`, else Debian's `/usr/bin/etcd`.

@@ -5,6 +5,8 @@
 //! Each test file includes this module and uses part of it.
 #![allow(dead_code)]
 
+pub mod agents;
+
 use e2e::apiserver::{self, ApiServer};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::{
