@@ -7,7 +7,7 @@
 //! This file is the world: the nodes' hardware (power, boot, the watchdog timer), the links
 //! between the sites, faults, clocks and the timeline; each actor lives in its own file.
 
-use super::api::{ApiServer, Key, Obj, PodObj, Precondition};
+use super::api::{ApiServer, Key, Obj, PodObj, Precondition, Stored};
 use super::kcm::{NODE_MONITOR_PERIOD_MS, POD_GC_PERIOD_MS};
 use super::replica::Replica;
 use super::report::{TimelineEntry, Violation};
@@ -169,6 +169,9 @@ pub struct Record {
     /// Since when a leader has judged each node Dead with remediation not paused, the node not
     /// excluded: from then on twosite promises the node is unschedulable within a second.
     pub must_be_unschedulable_since: BTreeMap<String, u64>,
+    /// Power losses and returns, with the state of the world then (the liveness checks').
+    pub(super) lost: Vec<super::liveness::Probe>,
+    pub(super) returned: Vec<super::liveness::Probe>,
 }
 
 impl Record {
@@ -459,6 +462,23 @@ impl Cluster {
             Fault::PowerOff(n) => {
                 self.record.powered_off.push((self.now, n.clone()));
                 if let Some(i) = self.node_idx(n) {
+                    let apps = if self.nodes[i].powered && self.nodes[i].workloads_running {
+                        self.running
+                            .iter()
+                            .filter(|(_, on)| *on == n)
+                            .map(|(app, _)| app.clone())
+                            .collect()
+                    } else {
+                        Vec::new()
+                    };
+                    let calm = self.calm_but(i) && self.nodes[i].agent.is_some();
+                    self.record.lost.push(super::liveness::Probe {
+                        at: self.now,
+                        node: n.clone(),
+                        apps,
+                        calm,
+                        tainted: false,
+                    });
                     self.power_off(i);
                     self.nodes[i].reboot_at = None;
                 }
@@ -467,7 +487,19 @@ impl Cluster {
                 if let Some(i) = self.node_idx(n)
                     && !self.nodes[i].powered
                 {
+                    let tainted = matches!(
+                        self.api.get(&Key::Node(n.clone())),
+                        Some(Stored { obj: Obj::Node(o), .. }) if o.out_of_service
+                    );
                     self.power_on(i);
+                    let calm = self.calm_but(i);
+                    self.record.returned.push(super::liveness::Probe {
+                        at: self.now,
+                        node: n.clone(),
+                        apps: Vec::new(),
+                        calm,
+                        tainted,
+                    });
                 }
             }
             Fault::Cut(a, b) => {

@@ -10,6 +10,7 @@ mod checks;
 pub mod cluster;
 mod kcm;
 mod kubelet;
+mod liveness;
 mod replica;
 pub mod report;
 pub mod scenario;
@@ -42,6 +43,7 @@ pub fn run_with(scenario: &Scenario, seed: u64, cfg: SimConfig) -> Report {
         violations: Vec::new(),
         timeline: Vec::new(),
         figures: BTreeMap::new(),
+        samples: BTreeMap::new(),
     };
     let mut cluster = match Cluster::new(scenario, seed, cfg) {
         Ok(c) => c,
@@ -62,6 +64,9 @@ pub fn run_with(scenario: &Scenario, seed: u64, cfg: SimConfig) -> Report {
         cluster.step();
     }
     cluster.check_expectations(&scenario.expectations);
+    if scenario.name == "random" {
+        report.samples = cluster.check_liveness(scenario);
+    }
 
     report
         .figures
@@ -175,9 +180,11 @@ pub fn run_schedules(seed: u64, n: u64) -> Report {
         violations: Vec::new(),
         timeline: Vec::new(),
         figures: BTreeMap::new(),
+        samples: BTreeMap::new(),
     };
     let (mut steps, mut faults, mut dead_verdicts, mut failing, mut done) = (0, 0, 0, 0, 0);
     let (mut taints, mut grants, mut stops, mut agent_reboots) = (0, 0, 0, 0);
+    let mut samples: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     for (s, one, nfaults) in parts.into_iter().flatten() {
         done += 1;
         faults += nfaults as u64;
@@ -203,6 +210,9 @@ pub fn run_schedules(seed: u64, n: u64) -> Report {
             .iter()
             .filter(|e| e.event.starts_with("agent rebooted the node"))
             .count() as u64;
+        for (kind, v) in &one.samples {
+            samples.entry(kind.clone()).or_default().extend(v);
+        }
         if !one.violations.is_empty() {
             failing += 1;
         }
@@ -229,5 +239,16 @@ pub fn run_schedules(seed: u64, n: u64) -> Report {
     report.figures.insert("witness_grants".into(), grants);
     report.figures.insert("agents_stopped".into(), stops);
     report.figures.insert("agent_reboots".into(), agent_reboots);
+    // The liveness distribution: what counts is the p99, not one seed's figure.
+    for (kind, v) in &mut samples {
+        report
+            .figures
+            .insert(format!("{kind}_samples"), v.len() as u64);
+        if let Some((p50, p99, max)) = liveness::percentiles(v) {
+            report.figures.insert(format!("{kind}_p50_ms"), p50);
+            report.figures.insert(format!("{kind}_p99_ms"), p99);
+            report.figures.insert(format!("{kind}_max_ms"), max);
+        }
+    }
     report
 }

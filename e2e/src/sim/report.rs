@@ -28,6 +28,9 @@ pub struct Report {
     pub violations: Vec<Violation>,
     pub timeline: Vec<TimelineEntry>,
     pub figures: BTreeMap<String, u64>,
+    /// A random schedule's liveness samples (ms), by kind, for `--schedules`' distribution.
+    #[serde(skip)]
+    pub samples: BTreeMap<String, Vec<u64>>,
 }
 
 impl Report {
