@@ -1,13 +1,15 @@
 //! Liveness in the random schedules: safety alone passes a twosite that never fails over.
 //!
-//! Whenever a node loses power while everything else is healthy (every other node powered and
-//! connected, no link cut, the witness up if there is one, the node's own agent and watchdog
-//! sound) and nothing else goes wrong for the failover target, the HA workloads it ran must run
+//! Whenever a node loses power while everything else is healthy (every other node powered,
+//! connected, running its agent and not fenced — a node back without a reboot stays fenced until
+//! an operator looks, and its witness cover can hold the other room's failover —, no link cut,
+//! the witness up if there is one, the node's own agent and watchdog sound) and nothing else goes wrong for the failover target, the HA workloads it ran must run
 //! again on a live node within [`FAILOVER_TARGET_MS`]. Whenever a fenced node is powered back
 //! on into such a calm cluster, the out-of-service taint must come off within
 //! [`UNTAINT_TARGET_MS`]. A miss is a violation like any other. The times measured are samples
 //! for the distribution `--schedules` prints.
 
+use super::api::{Key, Obj, Stored};
 use super::cluster::Cluster;
 use super::report::Violation;
 use super::scenario::{FAILOVER_TARGET_MS, Fault, Scenario, Site};
@@ -35,11 +37,16 @@ pub(super) struct Probe {
 impl Cluster {
     /// Everything but node `i` is healthy right now, and `i`'s own agent and watchdog are.
     pub(super) fn calm_but(&self, i: usize) -> bool {
-        let others = self
-            .nodes
-            .iter()
-            .enumerate()
-            .all(|(j, n)| j == i || (n.powered && !n.isolated && n.agent.is_some()));
+        let others = self.nodes.iter().enumerate().all(|(j, n)| {
+            j == i
+                || (n.powered
+                    && !n.isolated
+                    && n.agent.is_some()
+                    && !matches!(
+                        self.api.get(&Key::Node(n.name.clone())),
+                        Some(Stored { obj: Obj::Node(o), .. }) if o.out_of_service
+                    ))
+        });
         let me = &self.nodes[i];
         others
             && self.cut.is_empty()

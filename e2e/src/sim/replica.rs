@@ -622,6 +622,14 @@ impl Cluster {
             }
             Action::MarkUnschedulable | Action::ClearUnschedulable => {
                 let mark = action == Action::MarkUnschedulable;
+                // The shell reads the node first: a taint already as asked is not written again.
+                match self.api.get(&Key::Node(node.to_string())) {
+                    Some(Stored {
+                        obj: Obj::Node(n), ..
+                    }) if n.unschedulable == mark => return Ok(None),
+                    Some(_) => {}
+                    None => return Err(()),
+                }
                 let done = self.update_node(node, |n| n.unschedulable = mark);
                 if !done {
                     return Err(());
