@@ -2,9 +2,10 @@
 //! real kube-controller-manager 1.20.2 (node lifecycle and taint eviction, pod GC, Deployment
 //! and ReplicaSet controllers) run beside the real `twosite controller` and agents.
 //!
-//! A Deployment's pod prefers node a-1 (a required-looking preference: weight 100 on its
-//! hostname), so after a-1 loses power its replacement would go straight back there: a-1 still
-//! reads `Ready=True` (kube-controller-manager notices only after its 40 s grace period), and it
+//! A Deployment's pod runs on a-1 (the other nodes are closed to new pods until it does) and
+//! prefers it (weight 100 on its hostname), so after a-1 loses power its replacement would go
+//! straight back there: a-1 still reads `Ready=True` (kube-controller-manager notices only
+//! after its 40 s grace period), and it
 //! is the emptiest node once its pods are deleted. twosite's early
 //! `twosite.dev/unresponsive:NoSchedule` taint (from the Dead verdict on, a second before any
 //! release) and the out-of-service taint (before the release) must keep the scheduler off it:
@@ -219,6 +220,18 @@ async fn the_replacement_of_a_dead_nodes_pod_is_bound_to_a_live_node() {
     let mut agent_a1 = start_agent(&server, &all[0], "boot-a-1-1", peer_port, 1);
     let mut agent_b1 = start_agent(&server, &all[2], "boot-b-1-1", peer_port, 1);
 
+    // The first pod must start on a-1 whatever the scheduler's scores say: the other nodes are
+    // closed to new pods until it runs there.
+    let closed = json!({ "spec": { "taints": [
+        { "key": "example.com/closed-for-the-test", "effect": "NoSchedule" }
+    ] } });
+    let open = json!({ "spec": { "taints": [] } });
+    for n in ["a-2", "b-1", "b-2"] {
+        nodes
+            .patch(n, &PatchParams::default(), &Patch::Merge(&closed))
+            .await
+            .unwrap_or_else(|e| panic!("close {n}: {e}"));
+    }
     let deployments: Api<Deployment> = Api::namespaced(admin.clone(), "default");
     deployments
         .create(&PostParams::default(), &deployment())
@@ -283,6 +296,12 @@ async fn the_replacement_of_a_dead_nodes_pod_is_bound_to_a_live_node() {
             .ok_or(format!("{entry}"))
     })
     .await;
+    for n in ["a-2", "b-1", "b-2"] {
+        nodes
+            .patch(n, &PatchParams::default(), &Patch::Merge(&open))
+            .await
+            .unwrap_or_else(|e| panic!("open {n}: {e}"));
+    }
     for p in [
         &mut scheduler,
         &mut kcm,
