@@ -319,25 +319,11 @@ impl Remediator {
                         }
                     }
                 }
-                Action::RemoveTaint => {
-                    let outcome = change_taint(
-                        &ctx.nodes,
-                        &ctx.leadership,
-                        &node.name,
-                        &TaintChange::Remove,
-                        ctx.api_timeout,
-                    )
-                    .await?;
-                    if outcome == TaintOutcome::Written {
-                        tracing::info!(node = node.name, "out-of-service taint removed");
-                    }
-                }
-                Action::MarkUnschedulable | Action::ClearUnschedulable => {
-                    let mark = action == Action::MarkUnschedulable;
-                    let change = if mark {
-                        TaintChange::MarkUnschedulable
-                    } else {
-                        TaintChange::ClearUnschedulable
+                Action::RemoveTaint | Action::MarkUnschedulable | Action::ClearUnschedulable => {
+                    let change = match action {
+                        Action::RemoveTaint => TaintChange::Remove,
+                        Action::MarkUnschedulable => TaintChange::MarkUnschedulable,
+                        _ => TaintChange::ClearUnschedulable,
                     };
                     let outcome = change_taint(
                         &ctx.nodes,
@@ -348,12 +334,7 @@ impl Remediator {
                     )
                     .await?;
                     if outcome == TaintOutcome::Written {
-                        tracing::info!(
-                            node = node.name,
-                            unschedulable = mark,
-                            "twosite.dev/unresponsive:NoSchedule {}",
-                            if mark { "applied" } else { "removed" }
-                        );
+                        tracing::info!(node = node.name, change = change.what(), "taint written");
                     }
                 }
                 Action::Event { reason, message } => {

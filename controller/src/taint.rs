@@ -37,7 +37,7 @@ pub enum TaintChange {
 }
 
 impl TaintChange {
-    fn what(&self) -> &'static str {
+    pub fn what(&self) -> &'static str {
         match self {
             TaintChange::Apply { .. } => "apply out-of-service taint",
             TaintChange::Remove => "remove out-of-service taint",
@@ -67,6 +67,9 @@ pub fn unresponsive_taint() -> Taint {
     }
 }
 
+/// Whether a taint is the one a change is about.
+type TaintTest = fn(&Taint) -> bool;
+
 /// Escapes a key for a JSON Pointer (RFC 6901).
 fn pointer_token(key: &str) -> String {
     key.replace('~', "~0").replace('/', "~1")
@@ -90,30 +93,17 @@ pub fn taint_patch(node: &Node, change: &TaintChange) -> Option<Value> {
     );
     let mut ops = vec![json!({"op": "test", "path": "/metadata/resourceVersion", "value": rv})];
 
-    let new_taints: Vec<Taint> = match change {
-        TaintChange::Apply { .. } if taints.iter().any(is_out_of_service) => taints.clone(),
-        TaintChange::Apply { .. } => {
-            let mut t = taints.clone();
-            t.push(out_of_service_taint());
-            t
-        }
-        TaintChange::Remove => taints
-            .iter()
-            .filter(|t| !is_out_of_service(t))
-            .cloned()
-            .collect(),
-        TaintChange::MarkUnschedulable if taints.iter().any(is_unresponsive) => taints.clone(),
-        TaintChange::MarkUnschedulable => {
-            let mut t = taints.clone();
-            t.push(unresponsive_taint());
-            t
-        }
-        TaintChange::ClearUnschedulable => taints
-            .iter()
-            .filter(|t| !is_unresponsive(t))
-            .cloned()
-            .collect(),
+    // Which of our taints the change is about, and whether it must be on.
+    let (ours, make, on): (TaintTest, fn() -> Taint, bool) = match change {
+        TaintChange::Apply { .. } => (is_out_of_service, out_of_service_taint, true),
+        TaintChange::Remove => (is_out_of_service, out_of_service_taint, false),
+        TaintChange::MarkUnschedulable => (is_unresponsive, unresponsive_taint, true),
+        TaintChange::ClearUnschedulable => (is_unresponsive, unresponsive_taint, false),
     };
+    let mut new_taints: Vec<Taint> = taints.iter().filter(|t| on || !ours(t)).cloned().collect();
+    if on && !taints.iter().any(ours) {
+        new_taints.push(make());
+    }
     if new_taints != taints {
         let value = serde_json::to_value(&new_taints).unwrap_or(Value::Null);
         if node.spec.is_none() {
