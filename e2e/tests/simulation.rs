@@ -367,3 +367,49 @@ fn random_schedules_catch_a_twosite_that_fails_over_too_late() {
         "{missed} misses caught of {sampled} calm power losses"
     );
 }
+
+/// Only the real partner can vouch. A forger in room A answers a-2's partner probes in its
+/// partner's name, vouching, without the cluster's key, and room A loses the API server: the
+/// agent refuses every forged answer, a-2 stops on time and fails over cleanly. With
+/// verification off (`--insecure-peer-probes`) the forged vouch keeps a-2 running after the
+/// controller — rightly seeing its partner renew cleanly, so never vouching — fenced it and
+/// started its workload in room B: two copies. The copy left running on a-2 after its pod was
+/// force-deleted is what `S2-no-unsafe-taint` refuses (`S1-single-copy` counts live pods only).
+#[test]
+fn a_forged_peer_cannot_keep_a_node_running_and_without_verification_two_copies_run() {
+    let s = scenario::named("forged-peer", 1).expect("scenario");
+    let r = sim::run(&s, 1);
+    assert!(r.violations.is_empty(), "{}", r.render_text());
+    assert!(
+        r.figures
+            .get("forged_answers_refused")
+            .copied()
+            .unwrap_or(0)
+            > 10,
+        "{:?}",
+        r.figures
+    );
+    assert_eq!(
+        r.figures.get("forged_answers_taken"),
+        None,
+        "{:?}",
+        r.figures
+    );
+
+    let insecure = sim::SimConfig {
+        insecure_peer_probes: true,
+        ..sim::SimConfig::default()
+    };
+    let r = sim::run_with(&s, 1, insecure);
+    assert!(
+        r.figures.get("forged_answers_taken").copied().unwrap_or(0) > 10,
+        "{:?}",
+        r.figures
+    );
+    let invariants: Vec<&str> = r.violations.iter().map(|v| v.invariant.as_str()).collect();
+    assert!(
+        invariants.contains(&"S2-no-unsafe-taint"),
+        "{invariants:?}\n{}",
+        r.render_text()
+    );
+}

@@ -25,6 +25,8 @@
 //! later than it would have for the old process unless the new one renews (or is vouched for,
 //! or granted) itself.
 
+mod probes;
+
 use crate::time::{MonoTime, shrink};
 use crate::verdict::HealthTiming;
 use serde::{Deserialize, Serialize};
@@ -120,6 +122,8 @@ pub struct AgentCore {
     /// Resumed a loss: the next step repeats the stop (and the direct reboot when the watchdog
     /// is broken), which the previous process may not have finished.
     loss_pending: bool,
+    /// The partner probes' outstanding and answered nonces.
+    probes: probes::ProbeBook,
 }
 
 /// What an agent process leaves to the next agent process of the same boot: its evidence and
@@ -230,6 +234,7 @@ impl AgentCore {
             watchdog_failed: false,
             arm_pending: false,
             loss_pending: false,
+            probes: probes::ProbeBook::default(),
         }
     }
 
@@ -439,10 +444,11 @@ impl AgentCore {
         self.consecutive_failures
     }
 
-    /// A probe sent at `sent_at` to a peer was answered. Only the partner in the other room, when
+    /// A probe sent at `sent_at` to a peer was answered (and the answer verified:
+    /// [`AgentCore::partner_answered`]). Only the partner in the other room, when
     /// it sees this node as its partner too, cannot reach the API server either, and itself may
     /// run, vouches.
-    pub fn peer_answered(&mut self, sent_at: MonoTime, report: &PeerReport) {
+    pub(crate) fn peer_answered(&mut self, sent_at: MonoTime, report: &PeerReport) {
         let vouches = self.partner.as_deref() == Some(report.node.as_str())
             && report.room != self.room
             && report.partner.as_deref() == Some(self.node.as_str())

@@ -8,6 +8,7 @@ pub mod agentd;
 pub mod assess;
 pub mod contact;
 pub mod leader;
+pub mod peer_auth;
 pub mod remediation;
 pub mod report;
 pub mod rooms;

@@ -3,6 +3,17 @@
 
 use std::process::Command;
 
+/// A key directory with a usable key.
+fn key_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("current"),
+        "0123456789abcdef0123456789abcdef\n",
+    )
+    .expect("key");
+    dir
+}
+
 fn agent() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_twosite-agent"));
     for var in [
@@ -43,6 +54,7 @@ fn the_test_watchdog_file_without_acknowledging_no_fencing_is_refused() {
 
 #[test]
 fn a_regular_file_as_watchdog_device_is_refused() {
+    let keys = key_dir();
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("watchdog");
     std::fs::write(&file, b"").expect("write");
@@ -55,6 +67,8 @@ fn a_regular_file_as_watchdog_device_is_refused() {
             "--watchdog-device",
         ])
         .arg(&file)
+        .arg("--peer-key-dir")
+        .arg(keys.path())
         .output()
         .expect("runs");
     assert_eq!(out.status.code(), Some(1), "{out:?}");
@@ -88,12 +102,14 @@ fn acknowledged_no_watchdog_gets_past_the_check() {
             "--i-understand-no-fencing",
             "--boot-id-file",
             "/nonexistent/boot_id",
+            "--insecure-peer-probes",
         ])
         .output()
         .expect("runs");
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("WITHOUT a watchdog"), "{stderr}");
+    assert!(stderr.contains("INSECURE PEER PROBES"), "{stderr}");
     assert!(stderr.contains("/nonexistent/boot_id"), "{stderr}");
 }
 
@@ -193,6 +209,7 @@ fn witness_flags_that_do_not_go_together_are_refused_naming_the_flag() {
 
 #[test]
 fn a_complete_witness_configuration_gets_past_the_flag_checks() {
+    let keys = key_dir();
     let dir = tempfile::tempdir().expect("tempdir");
     let token = dir.path().join("token");
     std::fs::write(&token, "s3cret\n").expect("write");
@@ -209,6 +226,8 @@ fn a_complete_witness_configuration_gets_past_the_flag_checks() {
             "--witness-token-file",
         ])
         .arg(&token)
+        .arg("--peer-key-dir")
+        .arg(keys.path())
         .env("CLUSTER_NAME", "prod")
         .output()
         .expect("runs");
@@ -218,5 +237,50 @@ fn a_complete_witness_configuration_gets_past_the_flag_checks() {
     assert!(
         !stderr.contains("s3cret"),
         "the token is never logged: {stderr}"
+    );
+}
+
+#[test]
+fn the_agent_refuses_to_start_without_a_usable_peer_key() {
+    let empty = tempfile::tempdir().expect("tempdir");
+    let short = tempfile::tempdir().expect("tempdir");
+    std::fs::write(short.path().join("current"), "too short\n").expect("key");
+    for (dir, says) in [
+        (empty.path(), "No such file"),
+        (short.path(), "at least 32 are required"),
+    ] {
+        let out = agent()
+            .args(BASE)
+            .args([
+                "--no-watchdog",
+                "--i-understand-no-fencing",
+                "--peer-key-dir",
+            ])
+            .arg(dir)
+            .output()
+            .expect("runs");
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("no usable peer key"), "{stderr}");
+        assert!(stderr.contains(says), "{stderr}");
+        assert!(
+            !stderr.contains("too short"),
+            "the key is never printed: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn insecure_peer_probes_without_acknowledging_no_fencing_are_refused() {
+    let out = agent()
+        .args(BASE)
+        .args(["--insecure-peer-probes"])
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--insecure-peer-probes lets anyone"),
+        "{stderr}"
     );
 }

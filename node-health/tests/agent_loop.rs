@@ -21,6 +21,7 @@ struct Harness {
     log: EventLog,
     api: FakeHeartbeatApi,
     partner: FakePeer,
+    probes: peer::ProbeContext,
     partners: PartnerCache,
     facts: NodeFacts,
     agent: NodeAgent<FakeWatchdog, FakeStopper>,
@@ -56,6 +57,7 @@ impl Harness {
             log,
             api: FakeHeartbeatApi::new(),
             partner: FakePeer::new(),
+            probes: node_health::agentd::fake::test_probe_context(),
             partners,
             agent,
             timing,
@@ -84,6 +86,7 @@ impl Harness {
                     &self.partners,
                     self.agent.core(),
                     &self.clock,
+                    &self.probes,
                 )
                 .await;
             }

@@ -32,6 +32,12 @@ fn files() -> Files {
         _dir: dir,
     };
     std::fs::write(&f.boot_id, "boot-test-1\n").expect("boot id");
+    std::fs::create_dir(f.dir.join("peer-key")).expect("key dir");
+    std::fs::write(
+        f.dir.join("peer-key/current"),
+        "a test peer key of more than 32 bytes\n",
+    )
+    .expect("peer key");
     // An API server that refuses every connection: nothing is ever renewed.
     std::fs::write(
         &f.kubeconfig,
@@ -54,6 +60,8 @@ fn start(f: &Files, run: u32) -> Child {
         .arg(&f.boot_id)
         .arg("--state-file")
         .arg(&f.state)
+        .arg("--peer-key-dir")
+        .arg(f.dir.join("peer-key"))
         .arg("--stop-command")
         .arg(format!("echo stopped >> '{}'", f.stops.display()))
         .env("KUBECONFIG", &f.kubeconfig)

@@ -29,6 +29,7 @@ struct Harness {
     contact: FakeContact,
     watch: OtherRoomWatch,
     partner: FakePeer,
+    probes: peer::ProbeContext,
     partners: PartnerCache,
     facts: NodeFacts,
     witness: WitnessClient,
@@ -81,6 +82,7 @@ impl Harness {
             contact,
             watch: OtherRoomWatch::new("room-a"),
             partner,
+            probes: node_health::agentd::fake::test_probe_context(),
             partners,
             agent,
             timing,
@@ -121,6 +123,7 @@ impl Harness {
                     &self.partners,
                     self.agent.core(),
                     &self.clock,
+                    &self.probes,
                 )
                 .await;
             }

@@ -6,10 +6,79 @@ use super::api::{Key, LeaseObj, Obj, Precondition, Stored};
 use super::cluster::{Cluster, REBOOT_MS, ms};
 use super::scenario::Site;
 use node_health::agent::CLAIM_EVERY;
-use node_health::{AgentCore, ClaimOutcome};
+use node_health::peer_auth::{Nonce, sign_answer};
+use node_health::{AgentCore, ClaimOutcome, MonoTime, PeerReport};
 use std::time::Duration;
 
 impl Cluster {
+    /// One partner probe of node `i`'s agent, as the shipped agent does it: a fresh nonce, the
+    /// answers of whoever answers on the partner's address (a forger first, then the partner if
+    /// reachable), each handed to the core, which verifies it. Probes answer instantly.
+    fn probe_partner(&mut self, i: usize, local: MonoTime) {
+        self.probes_sent += 1;
+        let mut nonce = [0u8; 16];
+        nonce[..8].copy_from_slice(&self.probes_sent.to_le_bytes());
+        let Some(question) = self.nodes[i]
+            .agent
+            .as_mut()
+            .and_then(|a| a.ask_partner(local, Nonce(nonce)))
+        else {
+            return;
+        };
+        let Some(partner) = self.nodes[i]
+            .agent
+            .as_ref()
+            .and_then(|a| a.partner().map(str::to_string))
+        else {
+            return;
+        };
+        let mut answers = Vec::new();
+        if self.nodes[i].forged && !self.nodes[i].isolated {
+            // The forger says what keeps this node running, in the partner's name; it echoes
+            // the nonce (it read the question) but cannot sign with the cluster's key.
+            let other = if self.nodes[i].room == Site::RoomA {
+                Site::RoomB
+            } else {
+                Site::RoomA
+            };
+            let vouch = PeerReport {
+                node: partner.clone(),
+                room: other.name().to_string(),
+                partner: Some(self.nodes[i].name.clone()),
+                api_reachable: false,
+                has_right: true,
+            };
+            answers.push((
+                true,
+                sign_answer(Some(&self.forger_keys), &question, &vouch),
+            ));
+        }
+        if let Some(p) = self.node_idx(&partner) {
+            let pn = &self.nodes[p];
+            if pn.powered && self.nodes_connected(i, p) {
+                let at = pn.clock.read(self.now);
+                if let Some(agent) = pn.agent.as_ref() {
+                    answers.push((false, agent.answer(at, self.peer_keys.as_ref(), &question)));
+                }
+            }
+        }
+        for (forged, body) in answers {
+            let keys = self.peer_keys.clone();
+            let Some(agent) = self.nodes[i].agent.as_mut() else {
+                return;
+            };
+            let taken = agent.partner_answered(keys.as_ref(), &body);
+            if forged {
+                let figure = if taken.is_ok() {
+                    "forged_answers_taken"
+                } else {
+                    "forged_answers_refused"
+                };
+                *self.record.counters.entry(figure).or_default() += 1;
+            }
+        }
+    }
+
     pub(super) fn step_agent(&mut self, i: usize) {
         if self.nodes[i].agent.is_none() {
             return;
@@ -116,22 +185,7 @@ impl Cluster {
 
         if local >= self.nodes[i].next_probe {
             self.nodes[i].next_probe = local + timing.probe_interval;
-            let partner = self.nodes[i]
-                .agent
-                .as_ref()
-                .and_then(|a| a.partner().map(str::to_string));
-            if let Some(p) = partner.and_then(|p| self.node_idx(&p)) {
-                let pn = &self.nodes[p];
-                if pn.powered && self.nodes_connected(i, p) {
-                    let report = pn.agent.as_ref().map(|a| a.report(pn.clock.read(self.now)));
-                    if let (Some(report), Some(agent)) = (report, self.nodes[i].agent.as_mut()) {
-                        agent.peer_answered(local, &report);
-                        if report.has_right {
-                            agent.observe_other_room(local);
-                        }
-                    }
-                }
-            }
+            self.probe_partner(i, local);
         }
         // Rooms out of contact: claim (or renew) the room's right at the witness, as the core
         // says and as often as the shipped agent does.

@@ -13,6 +13,7 @@ use super::replica::Replica;
 use super::report::{TimelineEntry, Violation};
 use super::scenario::{Fault, Scenario, Site, node_name};
 use super::witness::SimWitness;
+use node_health::peer_auth::{PeerKey, PeerKeys};
 use node_health::{
     AgentCore, Arbiter, HealthTiming, LeaderConfig, LeaderElector, MonoTime, WitnessConfig,
     WitnessRecord,
@@ -74,6 +75,9 @@ pub(super) struct SimNode {
     /// Cut from every other site (the API server, the witness, the other room). Survives a
     /// reboot.
     pub(super) isolated: bool,
+    /// Someone in its room's network answers its partner probes in the partner's name, without
+    /// the key (a forged peer), ahead of the real partner.
+    pub(super) forged: bool,
     /// Real time at which its links last came back after an isolation.
     pub(super) reconnected_at: Option<u64>,
     pub(super) next_kubelet: MonoTime,
@@ -119,6 +123,9 @@ pub struct SimConfig {
     /// its out-of-service taint lands half a second later (a controller pass, or a Node write
     /// that met a conflict and was retried).
     pub release_before_taint: bool,
+    /// A faulty agent, as twosite was before: partner answers are not verified (the agents run
+    /// with `--insecure-peer-probes`), so a forged peer's vouch counts.
+    pub insecure_peer_probes: bool,
 }
 
 impl Default for SimConfig {
@@ -138,6 +145,7 @@ impl Default for SimConfig {
             contact_by_resource_version: false,
             no_unschedulable_taint: false,
             release_before_taint: false,
+            insecure_peer_probes: false,
         }
     }
 }
@@ -172,6 +180,8 @@ pub struct Record {
     /// Power losses and returns, with the state of the world then (the liveness checks').
     pub(super) lost: Vec<super::liveness::Probe>,
     pub(super) returned: Vec<super::liveness::Probe>,
+    /// Event counts reported as figures (forged partner answers refused and taken).
+    pub counters: BTreeMap<&'static str, u64>,
 }
 
 impl Record {
@@ -205,6 +215,13 @@ pub struct Cluster {
     pub(super) witness: Option<SimWitness>,
     pub(super) scheduler: super::scheduler::Scheduler,
     pub(super) seq: u64,
+    /// The cluster's peer keys (the Secret every agent mounts); `None` with
+    /// `insecure_peer_probes`.
+    pub(super) peer_keys: Option<PeerKeys>,
+    /// A forger's own key: not the cluster's.
+    pub(super) forger_keys: PeerKeys,
+    /// Probes sent so far: every nonce is fresh.
+    pub(super) probes_sent: u64,
     pub timeline: Vec<TimelineEntry>,
     pub violations: Vec<Violation>,
     pub record: Record,
@@ -216,6 +233,15 @@ pub(super) fn ordered(a: Site, b: Site) -> (Site, Site) {
 
 pub(super) fn zone(room: Site) -> String {
     room.name().to_string()
+}
+
+/// Peer keys from a fixed secret (32 bytes and more).
+fn peer_keys(secret: &[u8]) -> PeerKeys {
+    let padded = [secret, &[0u8; 32]].concat();
+    match PeerKey::new(&padded) {
+        Ok(k) => PeerKeys::new(k, None),
+        Err(e) => unreachable!("a padded key is long enough: {e}"),
+    }
 }
 
 pub(super) fn ms(d: Duration) -> u64 {
@@ -245,11 +271,17 @@ impl Cluster {
             witness: None,
             scheduler: super::scheduler::Scheduler::default(),
             seq: 0,
+            peer_keys: None,
+            forger_keys: peer_keys(b"a forger's key, not the cluster's"),
+            probes_sent: 0,
             timeline: Vec::new(),
             violations: Vec::new(),
             record: Record::default(),
         };
         std::mem::swap(&mut cluster.rng, &mut rng);
+        if !cluster.cfg.insecure_peer_probes {
+            cluster.peer_keys = Some(peer_keys(b"the simulated cluster's key"));
+        }
         if scenario.witness {
             let rate = cluster.draw_rate();
             let clock = SimClock::new(0, rate);
@@ -361,6 +393,7 @@ impl Cluster {
             reset_by: "",
             watchdog_broken: false,
             isolated: false,
+            forged: false,
             reconnected_at: None,
             next_kubelet: MonoTime::ZERO,
             next_agent: MonoTime::ZERO,
@@ -544,6 +577,16 @@ impl Cluster {
                 {
                     self.nodes[i].isolated = false;
                     self.nodes[i].reconnected_at = Some(self.now);
+                }
+            }
+            Fault::ForgePeer(n) => {
+                if let Some(i) = self.node_idx(n) {
+                    self.nodes[i].forged = true;
+                }
+            }
+            Fault::StopForging(n) => {
+                if let Some(i) = self.node_idx(n) {
+                    self.nodes[i].forged = false;
                 }
             }
             Fault::WitnessDown => {

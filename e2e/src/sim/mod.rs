@@ -74,6 +74,9 @@ pub fn run_with(scenario: &Scenario, seed: u64, cfg: SimConfig) -> Report {
     report
         .figures
         .insert("simulated_ms".into(), scenario.duration_ms);
+    for (name, n) in &cluster.record.counters {
+        report.figures.insert((*name).into(), *n);
+    }
     if let Some(target) = &scenario.target
         && let Some(lost) = scenario.faults.iter().find_map(|f| match &f.fault {
             Fault::PowerOff(n) | Fault::AgentCrash(n) | Fault::Isolate(n) if n == target => {
@@ -147,6 +150,9 @@ pub fn run_with(scenario: &Scenario, seed: u64, cfg: SimConfig) -> Report {
     report
 }
 
+/// Figures of single runs that the schedules' summary adds up.
+const COUNTERS: [&str; 2] = ["forged_answers_refused", "forged_answers_taken"];
+
 /// Runs `n` random fault schedules with seeds `seed, seed+1, …`, spread over the machine's
 /// cores; the result does not depend on how many. The timeline is left empty; each violation
 /// names the seed that reproduces it (`--scenario random --seed S`).
@@ -210,6 +216,10 @@ pub fn run_schedules(seed: u64, n: u64) -> Report {
             .iter()
             .filter(|e| e.event.starts_with("agent rebooted the node"))
             .count() as u64;
+        for counter in COUNTERS {
+            *report.figures.entry(counter.into()).or_default() +=
+                one.figures.get(counter).copied().unwrap_or(0);
+        }
         for (kind, v) in &one.samples {
             samples.entry(kind.clone()).or_default().extend(v);
         }

@@ -50,6 +50,12 @@ pub enum Fault {
     Reconnect(String),
     WitnessDown,
     WitnessUp,
+    /// Someone in the node's room (a host-network pod, a machine given the partner's old
+    /// address) starts answering the node's partner probes in the partner's name, vouching,
+    /// without the cluster's key.
+    ForgePeer(String),
+    /// The forger is gone.
+    StopForging(String),
 }
 
 impl std::fmt::Display for Fault {
@@ -70,6 +76,11 @@ impl std::fmt::Display for Fault {
             Fault::Reconnect(n) => write!(f, "reconnect {n}"),
             Fault::WitnessDown => f.write_str("witness goes down"),
             Fault::WitnessUp => f.write_str("witness comes back"),
+            Fault::ForgePeer(n) => write!(
+                f,
+                "a forger in {n}'s room answers its partner probes in the partner's name"
+            ),
+            Fault::StopForging(n) => write!(f, "the forger answering {n}'s probes is gone"),
         }
     }
 }
@@ -262,6 +273,10 @@ pub const NAMES: &[(&str, &str)] = &[
         "a worker joins each room, then a Node is deleted: old pairs stay, new ones form",
     ),
     (
+        "forged-peer",
+        "a forger in room A answers a-2's partner probes in its partner's name without the key; room A loses the API server at 60 s: a-2 stops anyway, is fenced and fails over",
+    ),
+    (
         "random",
         "a random fault schedule drawn from --seed (what --schedules runs)",
     ),
@@ -369,6 +384,26 @@ pub fn named(name: &str, seed: u64) -> Option<Scenario> {
                 Expectation::NoTaint,
                 Expectation::NoReboot,
                 Expectation::PairsAtEnd(3),
+            ];
+        }
+        "forged-peer" => {
+            s.faults = vec![
+                at(30, Fault::ForgePeer("a-2".into())),
+                at(60, Fault::Cut(Site::RoomA, Site::Api)),
+                at(150, Fault::Heal(Site::RoomA, Site::Api)),
+                at(170, Fault::StopForging("a-2".into())),
+            ];
+            s.expectations = vec![
+                Expectation::TaintWithin {
+                    node: "a-2".into(),
+                    after_ms: 60_000,
+                    within_ms: 30_000,
+                },
+                Expectation::PodsReleasedWithin {
+                    node: "a-2".into(),
+                    after_ms: 60_000,
+                    within_ms: 30_000,
+                },
             ];
         }
         "agent-crash" => {
@@ -790,6 +825,29 @@ pub fn random(seed: u64) -> Scenario {
         })
         .collect();
     faults.retain(|f| !matches!(&f.fault, Fault::AgentCrash(n) if broken.contains(n)));
+    // A forged peer in a third of the schedules, drawn from a stream of its own so the other
+    // faults of a seed stay what they were before forgers existed.
+    let mut forge = ChaCha8Rng::seed_from_u64(seed ^ 0x666f_7267_6564_2121);
+    if forge.random_bool(0.33) {
+        let room = if forge.random_bool(0.5) {
+            Site::RoomA
+        } else {
+            Site::RoomB
+        };
+        let n = if room == Site::RoomA { na } else { nb };
+        let node = node_name(room, forge.random_range(1..=n));
+        let t = forge.random_range(0..200_000u64);
+        faults.push(ScheduledFault {
+            at_ms: t,
+            fault: Fault::ForgePeer(node.clone()),
+        });
+        if forge.random_bool(0.5) {
+            faults.push(ScheduledFault {
+                at_ms: t + forge.random_range(10_000..100_000u64),
+                fault: Fault::StopForging(node),
+            });
+        }
+    }
     faults.sort_by_key(|f| f.at_ms);
     Scenario {
         name: "random".into(),

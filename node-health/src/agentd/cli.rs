@@ -18,7 +18,8 @@ use super::error::{Error, Result, report, with_timeout};
 use super::heartbeat::{KubeLeases, NodeFacts, read_boot_id, run_heartbeat};
 use super::node_agent::{NodeAgent, TICK};
 use super::partner::{KubePairing, PartnerCache, run_partner_refresh, zone};
-use super::peer::{self, HttpProbe, run_probes};
+use super::peer::{self, HttpProbe, PeerMetrics, ProbeContext, run_probes};
+use super::peer_keys::{self, DEFAULT_KEY_DIR, KeyStore, RELOAD_EVERY, run_key_reload};
 use super::state::{
     self, BootClock, DEFAULT_STATE_FILE, SavedState, StateFile, StateIdentity, StateRecorder,
     run_state_writer,
@@ -82,7 +83,20 @@ pub struct Args {
     #[arg(long, conflicts_with_all = ["no_watchdog", "watchdog_device"])]
     pub test_watchdog_file: Option<PathBuf>,
 
-    /// Address of the peer port (GET /v1/peer); the partner is probed on the same port.
+    /// The directory of the peer keys (the mounted Secret twosite-peer-key: `current`, and
+    /// `previous` during a rotation). Answers to partner probes are signed with them and only
+    /// answers signed with them count; the directory is read again every 2 s.
+    #[arg(long, env = "TWOSITE_PEER_KEY_DIR", default_value = DEFAULT_KEY_DIR)]
+    pub peer_key_dir: PathBuf,
+
+    /// Tests only: sign nothing and take unsigned answers, so anyone who can answer on the
+    /// partner's address can vouch for this node. Refused unless --i-understand-no-fencing is
+    /// given too.
+    #[arg(long, conflicts_with = "peer_key_dir")]
+    pub insecure_peer_probes: bool,
+
+    /// Address of the peer port (GET /v1/peer, GET /metrics); the partner is probed on the same
+    /// port.
     #[arg(long, default_value = "0.0.0.0:9477")]
     pub peer_addr: SocketAddr,
 
@@ -120,7 +134,19 @@ impl Args {
                 flag: "--test-watchdog-file",
             });
         }
+        if self.insecure_peer_probes && !self.i_understand_no_fencing {
+            return Err(Error::InsecurePeersNotAcknowledged);
+        }
         Ok(())
+    }
+
+    /// The peer keys, read once at start: none only with the explicit insecure flag.
+    pub fn peer_keys(&self) -> Result<KeyStore> {
+        if self.insecure_peer_probes {
+            return Ok(KeyStore::new(None));
+        }
+        let keys = peer_keys::load_keys(&self.peer_key_dir).map_err(Error::PeerKeys)?;
+        Ok(KeyStore::new(Some(keys)))
     }
 
     /// The witness client, when `--witness-url` is given; refuses flags that do not go together
@@ -149,6 +175,19 @@ pub fn main(args: Args) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let keys = match args.peer_keys() {
+        Ok(k) => k,
+        Err(err) => {
+            eprintln!("error: {}", report(&err));
+            return ExitCode::from(2);
+        }
+    };
+    if keys.get().is_none() {
+        tracing::warn!(
+            "INSECURE PEER PROBES (--insecure-peer-probes --i-understand-no-fencing): anyone who \
+             can answer on the partner's address can vouch for this node"
+        );
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -159,7 +198,7 @@ pub fn main(args: Args) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(args, witness)) {
+    match runtime.block_on(run(args, witness, keys)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!(error = %report(&err), "agent stopped");
@@ -305,7 +344,7 @@ fn spawn_decision_loop(
     tasks.spawn(async move { ("decision loop", agent.run(TICK).await) });
 }
 
-async fn run(args: Args, witness: Option<WitnessClient>) -> Result<()> {
+async fn run(args: Args, witness: Option<WitnessClient>, keys: KeyStore) -> Result<()> {
     let timing = HealthTiming::default();
     timing.validate().map_err(Error::Timing)?;
     let watchdog = watchdog(&args, &timing)?;
@@ -394,8 +433,17 @@ async fn run(args: Args, witness: Option<WitnessClient>) -> Result<()> {
         witness = witness.as_ref().map(|w| w.base_url()),
         cluster = witness.as_ref().map(|w| w.cluster()),
         state_file = %args.state_file.display(),
+        peer_keys = keys.get().map(|k| k.ids()).unwrap_or_else(|| "NONE (--insecure-peer-probes)".into()),
         "starting twosite agent"
     );
+    let metrics = PeerMetrics::new();
+    if !args.insecure_peer_probes {
+        let (dir, store) = (args.peer_key_dir.clone(), keys.clone());
+        tasks.spawn(async move {
+            run_key_reload(dir, store, RELOAD_EVERY).await;
+            ("peer key reload", Ok(()))
+        });
+    }
 
     let partners = PartnerCache::new();
     let facts = NodeFacts {
@@ -429,17 +477,21 @@ async fn run(args: Args, witness: Option<WitnessClient>) -> Result<()> {
     tasks.spawn({
         let probe = HttpProbe::new(timing.probe_interval / 2);
         let (cache, core, clock) = (partners.clone(), core.clone(), clock.clone());
+        let ctx = ProbeContext::new(keys.clone(), metrics.clone());
         let every = timing.probe_interval;
         async move {
             (
                 "peer probe",
-                run_probes(probe, cache, core, clock, every).await,
+                run_probes(probe, cache, core, clock, ctx, every).await,
             )
         }
     });
     tasks.spawn({
-        let (core, clock) = (core.clone(), clock.clone());
-        async move { ("peer port", peer::serve(listener, core, clock).await) }
+        let (core, clock, keys, metrics) = (core.clone(), clock.clone(), keys.clone(), metrics);
+        async move {
+            let served = peer::serve(listener, core, clock, keys, metrics);
+            ("peer port", served.await)
+        }
     });
     if let Some(witness) = witness {
         tasks.spawn({

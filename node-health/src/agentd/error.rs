@@ -72,6 +72,29 @@ pub enum Error {
         what: String,
     },
 
+    /// A partner's answer was refused: it counts as no answer.
+    #[error("refused the answer from {addr}: {refusal}")]
+    PeerRefused {
+        addr: std::net::SocketAddr,
+        refusal: crate::peer_auth::PeerRefusal,
+    },
+
+    /// The peer keys could not be read at start.
+    #[error(
+        "no usable peer key: without it any process on the node network could vouch for this \
+         node. Mount the Secret twosite-peer-key (see the README), or pass \
+         --insecure-peer-probes --i-understand-no-fencing for tests"
+    )]
+    PeerKeys(#[source] super::peer_keys::KeyFileError),
+
+    /// `--insecure-peer-probes` without `--i-understand-no-fencing`.
+    #[error(
+        "--insecure-peer-probes lets anyone who can answer on the partner's address vouch for \
+         this node, so the controller may release its workloads while they still run here. \
+         Pass --i-understand-no-fencing as well to accept that"
+    )]
+    InsecurePeersNotAcknowledged,
+
     /// The peer HTTP port could not be opened or failed.
     #[error("peer HTTP server on {addr} failed")]
     PeerServer {

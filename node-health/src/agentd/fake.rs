@@ -272,25 +272,58 @@ impl HeartbeatApi for FakeHeartbeatApi {
     }
 }
 
-/// A partner that answers with whatever report it is given (or does not answer).
+/// The peer key of the fakes and tests.
+pub fn test_keys() -> crate::peer_auth::PeerKeys {
+    let key = crate::peer_auth::PeerKey::new(b"twosite test peer key, never used in a cluster");
+    // A 46-byte constant: always long enough.
+    crate::peer_auth::PeerKeys::new(key.expect("a long test key"), None)
+}
+
+/// What a [`FakePeer`] answers.
+#[derive(Debug, Clone)]
+enum FakeAnswer {
+    /// The report, signed with [`test_keys`] for the question asked.
+    Signed(PeerReport),
+    /// These bytes, whatever the question.
+    Raw(Vec<u8>),
+}
+
+/// A partner that answers with whatever report it is given, signed with [`test_keys`] (or
+/// with given bytes, or does not answer).
 #[derive(Debug, Clone, Default)]
-pub struct FakePeer(Arc<Mutex<Option<PeerReport>>>);
+pub struct FakePeer(Arc<Mutex<Option<FakeAnswer>>>);
 
 impl FakePeer {
     pub fn new() -> Self {
         Self::default()
     }
     pub fn answer(&self, report: Option<PeerReport>) {
-        *lock(&self.0) = report;
+        *lock(&self.0) = report.map(FakeAnswer::Signed);
+    }
+    /// Answers `body` to every question (a forger, a replay).
+    pub fn answer_raw(&self, body: Vec<u8>) {
+        *lock(&self.0) = Some(FakeAnswer::Raw(body));
     }
 }
 
 impl PeerProbe for FakePeer {
-    async fn probe(&self, addr: SocketAddr) -> Result<PeerReport> {
-        lock(&self.0).clone().ok_or(Error::Probe {
-            addr,
-            what: "the fake partner does not answer".into(),
-        })
+    async fn probe(
+        &self,
+        addr: SocketAddr,
+        question: &crate::peer_auth::Question,
+    ) -> Result<Vec<u8>> {
+        match lock(&self.0).clone() {
+            Some(FakeAnswer::Signed(report)) => Ok(crate::peer_auth::sign_answer(
+                Some(&test_keys()),
+                question,
+                &report,
+            )),
+            Some(FakeAnswer::Raw(body)) => Ok(body),
+            None => Err(Error::Probe {
+                addr,
+                what: "the fake partner does not answer".into(),
+            }),
+        }
     }
 }
 
@@ -501,4 +534,12 @@ impl FakeWitness {
     pub fn received(&self) -> Vec<ReceivedClaim> {
         lock(&self.state).received.clone()
     }
+}
+
+/// Probe context of the fakes and tests: [`test_keys`], fresh metrics.
+pub fn test_probe_context() -> super::peer::ProbeContext {
+    super::peer::ProbeContext::new(
+        super::peer_keys::KeyStore::new(Some(test_keys())),
+        super::peer::PeerMetrics::new(),
+    )
 }

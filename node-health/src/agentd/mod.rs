@@ -19,6 +19,7 @@ pub mod heartbeat;
 pub mod node_agent;
 pub mod partner;
 pub mod peer;
+pub mod peer_keys;
 pub mod state;
 pub mod stopper;
 pub mod watchdog;
