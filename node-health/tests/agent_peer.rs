@@ -330,7 +330,6 @@ async fn a_replayed_genuine_answer_is_refused() {
         .await
         .expect("partner known")
         .expect("genuine");
-    drop(recorder);
     assert!(!recorded.is_empty());
 
     // Later, b-1 is gone; the eavesdropper on its address plays the recording back.

@@ -47,6 +47,31 @@ pub fn agent_files(server: &ApiServer, node: &str) -> AgentFiles {
     }
 }
 
+/// The cluster's peer key, as the Secret twosite-peer-key would hold it (the same for every
+/// agent of a test, in `<server dir>/peer-key`).
+pub fn cluster_key_dir(server: &ApiServer) -> PathBuf {
+    let dir = server.dir().join("peer-key");
+    if !dir.join("current").exists() {
+        std::fs::create_dir_all(&dir).expect("create the peer key dir");
+        std::fs::write(
+            dir.join("current"),
+            "the test cluster's peer key, 32 bytes or more\n",
+        )
+        .expect("write the peer key");
+    }
+    dir
+}
+
+/// What else an agent of a test is started with.
+#[derive(Default)]
+pub struct AgentOptions {
+    /// Another kubeconfig than the agent ServiceAccount's (one through a cuttable proxy).
+    pub kubeconfig: Option<PathBuf>,
+    /// Another key directory than [`cluster_key_dir`].
+    pub key_dir: Option<PathBuf>,
+    pub extra_args: Vec<String>,
+}
+
 /// Starts `node`'s agent after writing its boot ID file; the watchdog file is emptied.
 pub fn start_agent(
     server: &ApiServer,
@@ -55,14 +80,32 @@ pub fn start_agent(
     peer_port: u16,
     run: u32,
 ) -> Process {
+    start_agent_with(server, node, boot, peer_port, run, AgentOptions::default())
+}
+
+/// [`start_agent`] with options.
+pub fn start_agent_with(
+    server: &ApiServer,
+    node: &TestNode,
+    boot: &str,
+    peer_port: u16,
+    run: u32,
+    options: AgentOptions,
+) -> Process {
     let files = agent_files(server, &node.name);
     std::fs::write(&files.boot_id, format!("{boot}\n")).expect("write the boot ID file");
     std::fs::write(&files.watchdog, b"").expect("reset the watchdog file");
-    let kubeconfig = server
-        .service_account_kubeconfig(apiserver::AGENT_SA.0, apiserver::AGENT_SA.1)
-        .expect("the agent's kubeconfig")
-        .to_path_buf();
-    let args: Vec<String> = vec![
+    let kubeconfig = options.kubeconfig.clone().unwrap_or_else(|| {
+        server
+            .service_account_kubeconfig(apiserver::AGENT_SA.0, apiserver::AGENT_SA.1)
+            .expect("the agent's kubeconfig")
+            .to_path_buf()
+    });
+    let insecure = options
+        .extra_args
+        .iter()
+        .any(|a| a == "--insecure-peer-probes");
+    let mut args: Vec<String> = vec![
         "--node-name".into(),
         node.name.clone(),
         "--namespace".into(),
@@ -77,6 +120,14 @@ pub fn start_agent(
         files.state.display().to_string(),
         "--i-understand-no-fencing".into(),
     ];
+    if !insecure {
+        let dir = options
+            .key_dir
+            .clone()
+            .unwrap_or_else(|| cluster_key_dir(server));
+        args.extend(["--peer-key-dir".into(), dir.display().to_string()]);
+    }
+    args.extend(options.extra_args.iter().cloned());
     Process::start(
         server,
         &format!("agent-{}-{run}", node.name),

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod agents;
+pub mod proxy;
 
 use e2e::apiserver::{self, ApiServer};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
