@@ -74,6 +74,18 @@ fn refusals(ip: [u8; 4], port: u16, reason: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// `twosite_agent_peer_answers_total` on the agent at `ip:port`.
+fn answers(ip: [u8; 4], port: u16) -> u64 {
+    get_at(ip, port, "/metrics")
+        .and_then(|m| {
+            m.lines().find_map(|l| {
+                l.strip_prefix("twosite_agent_peer_answers_total ")
+                    .and_then(|v| v.trim().parse().ok())
+            })
+        })
+        .unwrap_or(0)
+}
+
 /// Samples a watchdog file's feeds every 100 ms in the background: the instant of each feed.
 fn watch_feeds(path: PathBuf) -> Arc<Mutex<Vec<Instant>>> {
     let times: Arc<Mutex<Vec<Instant>>> = Arc::default();
@@ -350,6 +362,8 @@ async fn a_forger_on_the_partners_address_cannot_keep_a_cut_off_node_running() {
     // renew cleanly, so knowing b-1 never vouched — fenced it and released its workloads.
     agent_a1.kill();
     link_a1.heal();
+    // The test as kubelet: the node is back with a new boot ID.
+    common::set_node_state(&nodes, "a-1", true, Some("boot-a-1-2")).await;
     let mut agent_a1 = start_agent_with(
         &server,
         &all[0],
@@ -358,14 +372,23 @@ async fn a_forger_on_the_partners_address_cannot_keep_a_cut_off_node_running() {
         2,
         a1_options(&["--insecure-peer-probes"]),
     );
-    wait_running(&leases, &["a-1"]).await;
     wait_taint(&nodes, "a-1", false, Duration::from_secs(60)).await;
+    // The marker comes off with the taint; the agent sees that at its next renewal and runs.
     let a1_feeds = watch_feeds(agent_files(&server, "a-1").watchdog);
+    wait_for("a-1 running again", Duration::from_secs(30), || async {
+        match last_feed(&a1_feeds) {
+            Some(t) if t.elapsed() < Duration::from_secs(2) => Ok(()),
+            _ => Err(agent_a1.log_tail(5)),
+        }
+    })
+    .await;
+    wait_running(&leases, &["a-1"]).await;
     link_a1.cut();
     let cut = Instant::now();
     let tainted = wait_taint(&nodes, "a-1", true, Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let fed = last_feed(&a1_feeds).expect("a-1 fed");
+    let fed = last_feed(&a1_feeds)
+        .unwrap_or_else(|| panic!("a-1 fed after the cut: {}", agent_a1.log_tail(40)));
     agent_a1.assert_running();
     println!(
         "without verification: a-1 tainted {:?} after the cut and still feeding {:?} after the \
@@ -446,6 +469,21 @@ async fn key_rotation_keeps_vouching_without_a_gap_and_a_retired_key_is_refused(
         key_links.push(key_link);
     }
     wait_running(&leases, &["a-1", "b-1"]).await;
+    // Each agent knows its partner (read every 10 s) and has had its answers.
+    wait_for(
+        "the partners answering each other",
+        Duration::from_secs(30),
+        || async {
+            for (i, ip) in [[127, 0, 0, 2], [127, 0, 0, 3]].into_iter().enumerate() {
+                let answers = answers(ip, peer_port);
+                if answers == 0 {
+                    return Err(format!("{}: no partner answer taken yet", agents[i].name));
+                }
+            }
+            Ok(())
+        },
+    )
+    .await;
     let fed: Vec<_> = ["a-1", "b-1"]
         .iter()
         .map(|n| watch_feeds(agent_files(&server, n).watchdog))

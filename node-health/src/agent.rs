@@ -345,10 +345,11 @@ impl AgentCore {
         // A node that has not yet heard from the other room since boot (its partner and the other
         // room's heartbeats not known yet) does not claim: a spurious grant would block the room
         // that may need it. It still stops once the contact timeout passes without a grant.
-        // With a partner, its probe answers arrive every probe interval; without one, only the
-        // other room's heartbeats read through the API server tell, every renew interval or two.
+        // With a partner, its probe answers arrive every probe interval (three missed: 1.5 s);
+        // without one, only the other room's heartbeats read through the API server tell,
+        // every renew interval or two.
         let claim_after = if self.partner.is_some() {
-            self.timing.probe_interval + self.timing.probe_interval / 2
+            self.timing.probe_interval * 3
         } else {
             self.timing.agent_renew * 2 + self.timing.probe_interval / 2
         };
@@ -738,7 +739,7 @@ mod tests {
         a.renewal_succeeded(MonoTime(2_000));
         assert!(!a.needs_witness(MonoTime(2_500)));
         assert_eq!(a.right_to_run(MonoTime(2_500)), Some(RunBasis::Lease));
-        // Silent for 1.5 s (it has a partner, probed every second): claim early, still running
+        // Silent for 1.5 s (it has a partner: three probes unanswered): claim early, still running
         // on the lease.
         assert!(a.needs_witness(MonoTime(2_501)));
         a.renewal_succeeded(MonoTime(6_000));
@@ -1082,8 +1083,8 @@ mod tests {
         let mut a = agent();
         assert!(!a.report(MonoTime(0)).api_reachable);
         a.renewal_succeeded(MonoTime(0));
-        assert!(a.report(MonoTime(5_000)).api_reachable);
-        assert!(!a.report(MonoTime(5_001)).api_reachable);
+        assert!(a.report(MonoTime(4_500)).api_reachable);
+        assert!(!a.report(MonoTime(4_501)).api_reachable);
         a.renewal_failed();
         a.renewal_failed();
         assert_eq!(a.failures_before_next_renewal(), 2);

@@ -51,8 +51,8 @@ impl Default for HealthTiming {
             kubelet_lease: Duration::from_secs(40),
             request_timeout: Duration::from_secs(2),
             feed_interval: Duration::from_secs(1),
-            probe_interval: Duration::from_secs(1),
-            vouch_after_silence: Duration::from_secs(5),
+            probe_interval: Duration::from_millis(500),
+            vouch_after_silence: Duration::from_millis(4500),
             vouch_validity: Duration::from_secs(3),
             clear_gap: Duration::from_secs(3),
             drift_ppm: crate::time::DEFAULT_DRIFT_PPM,
@@ -73,6 +73,16 @@ pub enum TimingError {
         "the clear gap ({gap:?}) must lie between the renew interval and the silence before a vouch"
     )]
     ClearGap { gap: Duration },
+    #[error(
+        "a vouch comes too late: a partner vouches after {silence:?} of silence, up to a renew \
+         interval after the asker's last renewal, and the asker probes every {probe:?} (answers \
+         within half of it); all of that must fit in the agent lease ({lease:?}) shrunk by drift"
+    )]
+    VouchTooLate {
+        silence: Duration,
+        probe: Duration,
+        lease: Duration,
+    },
     #[error("the agent lease ({lease:?}) must be longer than two renew intervals")]
     LeaseTooShort { lease: Duration },
     #[error("the watchdog ({watchdog:?}) must be fed at least twice per timeout")]
@@ -96,6 +106,17 @@ impl HealthTiming {
         if self.clear_gap <= self.agent_renew || self.clear_gap >= self.vouch_after_silence {
             return Err(TimingError::ClearGap {
                 gap: self.clear_gap,
+            });
+        }
+        // S3: when the API server goes for both rooms, the partner's last renewal may be a renew
+        // interval younger than the asker's; the asker must still get a vouch (its probe asked
+        // and answered) before its own lease runs out, or the whole cluster stops.
+        let vouch_by = self.vouch_after_silence + self.agent_renew + self.probe_interval * 3 / 2;
+        if vouch_by >= crate::time::shrink(self.agent_lease, self.drift_ppm) {
+            return Err(TimingError::VouchTooLate {
+                silence: self.vouch_after_silence,
+                probe: self.probe_interval,
+                lease: self.agent_lease,
             });
         }
         if self.agent_lease <= self.agent_renew * 2 {
@@ -402,6 +423,17 @@ mod tests {
         assert!(matches!(
             bad.validate(),
             Err(TimingError::VouchTooEager { .. })
+        ));
+        // The defaults before the real agents showed it: a cluster-wide API outage could stop a
+        // node whose last renewal was a renew interval older than its partner's.
+        let bad = HealthTiming {
+            probe_interval: Duration::from_secs(1),
+            vouch_after_silence: Duration::from_secs(5),
+            ..HealthTiming::default()
+        };
+        assert!(matches!(
+            bad.validate(),
+            Err(TimingError::VouchTooLate { .. })
         ));
         let bad = HealthTiming {
             clear_gap: Duration::from_secs(6),
