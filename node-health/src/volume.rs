@@ -70,6 +70,7 @@
 
 mod guard;
 mod lease;
+pub mod switch;
 mod timing;
 
 #[cfg(test)]
@@ -82,5 +83,9 @@ pub use guard::{
 };
 pub use lease::{
     Handover, LeaseView, Take, TakeBasis, TakeRefusal, VolumeLease, handover, may_take,
+};
+pub use switch::{
+    Consumer, SwitchRefusal, SwitchTarget, VolumeAction, VolumeEventReason, VolumeFacts,
+    VolumeSwitch, active_consumer, plan_handover, plan_switchover, proven_fenced,
 };
 pub use timing::{VolumeTiming, VolumeTimingError};
