@@ -346,7 +346,10 @@ impl VolumeSwitch {
         } else {
             out.push(event(
                 VolumeEventReason::VolumeFailover,
-                format!("{h} took the volume over from {prev} (epoch {})", lease.epoch),
+                format!(
+                    "{h} took the volume over from {prev} (epoch {})",
+                    lease.epoch
+                ),
             ));
         }
     }

@@ -64,7 +64,15 @@ fn lease_writes(a: &[VolumeAction]) -> Vec<&VolumeAction> {
 fn the_role_label_follows_the_holder_with_its_epoch_and_comes_off_first() {
     let mut s = VolumeSwitch::new();
     let mut c = consumers();
-    let a = step(&mut s, &lease(Some("uid-a"), 1, "5"), &c, &[], &["a-2", "b-2"], None, 0);
+    let a = step(
+        &mut s,
+        &lease(Some("uid-a"), 1, "5"),
+        &c,
+        &[],
+        &["a-2", "b-2"],
+        None,
+        0,
+    );
     assert_eq!(
         a,
         vec![VolumeAction::SetRole {
@@ -74,7 +82,15 @@ fn the_role_label_follows_the_holder_with_its_epoch_and_comes_off_first() {
     );
     c[0].role_active = true;
     // uid-b takes over: the label comes off uid-a before it goes on uid-b.
-    let a = step(&mut s, &lease(Some("uid-b"), 2, "9"), &c, &[], &["a-2", "b-2"], None, 10);
+    let a = step(
+        &mut s,
+        &lease(Some("uid-b"), 2, "9"),
+        &c,
+        &[],
+        &["a-2", "b-2"],
+        None,
+        10,
+    );
     assert_eq!(
         &a[..2],
         &[
@@ -206,7 +222,15 @@ fn no_handover_to_a_non_consumer_a_dead_node_or_on_a_stale_view() {
     );
     // The state machine refuses a view older than one it has seen, and does nothing on it.
     let mut s = VolumeSwitch::new();
-    step(&mut s, &lease(Some("uid-a"), 7, "30"), &c, &[], &["a-2", "b-2"], None, 0);
+    step(
+        &mut s,
+        &lease(Some("uid-a"), 7, "30"),
+        &c,
+        &[],
+        &["a-2", "b-2"],
+        None,
+        0,
+    );
     let a = step(&mut s, &l, &c, &["a-2"], &["b-2"], None, 100);
     assert!(a.is_empty(), "{a:?}");
     assert_eq!(
