@@ -17,6 +17,7 @@ pub mod admin;
 pub mod crd;
 pub mod error;
 pub mod fence_marker;
+pub mod guard;
 pub mod heartbeats;
 pub mod leader_lease;
 pub mod metrics;

@@ -22,6 +22,9 @@ enum Command {
     Crd,
     /// Run the simulated two-room cluster and check the safety invariants.
     Simulate(controller::simulate::SimulateArgs),
+    /// Run an app only while this consumer holds its RWX block volume's Lease (the container's
+    /// entrypoint in each consumer pod).
+    Guard(controller::guard::run::GuardArgs),
     /// Run a witness: the third vote that lets one room go on when the rooms lose each other.
     Witness(witness::WitnessArgs),
 }
@@ -32,6 +35,7 @@ fn main() -> ExitCode {
         Command::Simulate(args) => controller::simulate::main(args),
         Command::Crd => controller::run::print_crd(),
         Command::Controller(args) => controller::run::main(args),
+        Command::Guard(args) => controller::guard::run::main(args),
         Command::Witness(args) => witness::main(args),
     }
 }

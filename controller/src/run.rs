@@ -114,7 +114,7 @@ pub fn print_crd() -> ExitCode {
     }
 }
 
-fn init_tracing() {
+pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // A subscriber may already be set (tests); keep it.

@@ -513,6 +513,10 @@ impl AgentCore {
         self.lost.is_some()
     }
 
+    pub fn timing(&self) -> &HealthTiming {
+        &self.timing
+    }
+
     pub fn is_armed(&self) -> bool {
         self.armed
     }

@@ -68,8 +68,10 @@
 //!   (for example by feeding its watchdog only while `now + watchdog ≤ at + fence_delay`).
 //! - The controller never lowers `leaseTransitions` (recreating a Lease carries the epoch over).
 
+pub mod device;
 mod guard;
 mod lease;
+pub mod node_deadline;
 pub mod switch;
 mod timing;
 

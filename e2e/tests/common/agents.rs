@@ -37,6 +37,9 @@ pub struct AgentFiles {
     pub watchdog: PathBuf,
     /// The node's own state file (the default under /run would be shared by every test node).
     pub state: PathBuf,
+    /// The node's guard socket and deadline file (the defaults under /run are shared too).
+    pub guard_socket: PathBuf,
+    pub deadlines: PathBuf,
 }
 
 pub fn agent_files(server: &ApiServer, node: &str) -> AgentFiles {
@@ -44,6 +47,8 @@ pub fn agent_files(server: &ApiServer, node: &str) -> AgentFiles {
         boot_id: server.dir().join(format!("{node}.boot_id")),
         watchdog: server.dir().join(format!("{node}.watchdog")),
         state: server.dir().join(format!("{node}.state.json")),
+        guard_socket: server.dir().join(format!("{node}.guard.sock")),
+        deadlines: server.dir().join(format!("{node}.deadlines.json")),
     }
 }
 
@@ -118,6 +123,10 @@ pub fn start_agent_with(
         files.watchdog.display().to_string(),
         "--state-file".into(),
         files.state.display().to_string(),
+        "--guard-socket".into(),
+        files.guard_socket.display().to_string(),
+        "--deadline-file".into(),
+        files.deadlines.display().to_string(),
         "--i-understand-no-fencing".into(),
     ];
     if !insecure {

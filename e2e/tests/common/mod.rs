@@ -7,6 +7,7 @@
 
 pub mod agents;
 pub mod proxy;
+pub mod volume;
 
 use e2e::apiserver::{self, ApiServer};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};

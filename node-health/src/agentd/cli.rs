@@ -15,6 +15,7 @@ use super::SharedCore;
 use super::claims::{CLAIM_EVERY, run_claims};
 use super::contact::{KubeContact, OtherRoomWatch, run_other_room_watch};
 use super::error::{Error, Result, report, with_timeout};
+use super::guard_socket::{self, DeadlineStore, GuardContext};
 use super::heartbeat::{KubeLeases, NodeFacts, read_boot_id, run_heartbeat};
 use super::node_agent::{NodeAgent, TICK};
 use super::partner::{KubePairing, PartnerCache, run_partner_refresh, zone};
@@ -114,6 +115,15 @@ pub struct Args {
     /// (/run): a reboot must clear it.
     #[arg(long, default_value = DEFAULT_STATE_FILE)]
     pub state_file: PathBuf,
+
+    /// The unix socket on which the volume guards of this node arm their fence deadlines.
+    #[arg(long, default_value = super::guard_socket::DEFAULT_GUARD_SOCKET)]
+    pub guard_socket: PathBuf,
+
+    /// Where the armed volume deadlines are kept (tmpfs, beside the state file): an agent
+    /// restart resumes enforcing them.
+    #[arg(long, default_value = super::guard_socket::DEFAULT_DEADLINE_FILE)]
+    pub deadline_file: PathBuf,
 
     /// With a witness, a room out of contact with the other room runs on only while the
     /// witness grants it the right.
@@ -335,12 +345,14 @@ fn spawn_decision_loop(
     watchdog: &mut Option<Box<dyn Watchdog>>,
     stopper: &CommandStopper,
     recorder: StateRecorder,
+    deadlines: &DeadlineStore,
 ) {
     let Some(watchdog) = watchdog.take() else {
         return;
     };
-    let agent =
-        NodeAgent::new(core.clone(), clock.clone(), watchdog, stopper.clone()).with_state(recorder);
+    let agent = NodeAgent::new(core.clone(), clock.clone(), watchdog, stopper.clone())
+        .with_state(recorder)
+        .with_deadlines(deadlines.clone());
     tasks.spawn(async move { ("decision loop", agent.run(TICK).await) });
 }
 
@@ -357,6 +369,8 @@ async fn run(args: Args, witness: Option<WitnessClient>, keys: KeyStore) -> Resu
     let clock: Arc<dyn Clock + Send + Sync> = Arc::new(boot);
     let state_file = StateFile::new(&args.state_file);
     let saved = load_state(&state_file, &boot_id, &args.node_name).await;
+    // Before the decision loop: deadlines armed under the previous agent process stay enforced.
+    let deadlines = DeadlineStore::load(Some(&args.deadline_file), &boot_id);
 
     let mut tasks: JoinSet<(&'static str, Result<()>)> = JoinSet::new();
     let (state_tx, state_rx) = watch::channel(None);
@@ -395,6 +409,7 @@ async fn run(args: Args, witness: Option<WitnessClient>, keys: KeyStore) -> Resu
                 &mut watchdog,
                 &stopper,
                 recorder(&room),
+                &deadlines,
             );
             resumed = Some((core, room));
         }
@@ -421,8 +436,28 @@ async fn run(args: Args, witness: Option<WitnessClient>, keys: KeyStore) -> Resu
         &mut watchdog,
         &stopper,
         recorder(&room),
+        &deadlines,
     );
     let listener = peer::bind(args.peer_addr).await?;
+    let guard_listener =
+        guard_socket::bind(&args.guard_socket).map_err(|source| Error::GuardSocket {
+            path: args.guard_socket.clone(),
+            source,
+        })?;
+    tasks.spawn({
+        let ctx = GuardContext {
+            store: deadlines.clone(),
+            core: core.clone(),
+            clock: clock.clone(),
+            watchdog_fences: fences,
+        };
+        async move {
+            (
+                "guard socket",
+                guard_socket::serve(guard_listener, ctx).await,
+            )
+        }
+    });
     tracing::info!(
         node = args.node_name,
         room,
@@ -433,6 +468,7 @@ async fn run(args: Args, witness: Option<WitnessClient>, keys: KeyStore) -> Resu
         witness = witness.as_ref().map(|w| w.base_url()),
         cluster = witness.as_ref().map(|w| w.cluster()),
         state_file = %args.state_file.display(),
+        guard_socket = %args.guard_socket.display(),
         peer_keys = keys.get().map(|k| k.ids()).unwrap_or_else(|| "NONE (--insecure-peer-probes)".into()),
         "starting twosite agent"
     );

@@ -103,6 +103,14 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// The guards' socket could not be bound.
+    #[error("could not listen for volume guards on {path}")]
+    GuardSocket {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
     /// The tokio runtime could not be built.
     #[error("could not start the async runtime")]
     Runtime(#[source] std::io::Error),

@@ -15,6 +15,7 @@ pub mod cli;
 pub mod contact;
 pub mod error;
 pub mod fake;
+pub mod guard_socket;
 pub mod heartbeat;
 pub mod node_agent;
 pub mod partner;

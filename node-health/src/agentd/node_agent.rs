@@ -8,6 +8,7 @@
 
 use super::SharedCore;
 use super::error::report;
+use super::guard_socket::{DeadlineStore, log_overdue};
 use super::state::StateRecorder;
 use super::stopper::WorkloadStopper;
 use super::watchdog::Watchdog;
@@ -26,6 +27,10 @@ pub struct NodeAgent<W, S> {
     watchdog: W,
     stopper: S,
     state: Option<StateRecorder>,
+    /// The volume guards' deadlines on this node: while one could be overrun, no feed.
+    deadlines: Option<DeadlineStore>,
+    /// A deadline has passed: the HA workloads were told to stop (once).
+    overdue_handled: bool,
 }
 
 impl<W: Watchdog, S: WorkloadStopper> NodeAgent<W, S> {
@@ -41,7 +46,16 @@ impl<W: Watchdog, S: WorkloadStopper> NodeAgent<W, S> {
             watchdog,
             stopper,
             state: None,
+            deadlines: None,
+            overdue_handled: false,
         }
+    }
+
+    /// Enforces the volume guards' deadlines of this node (see
+    /// [`crate::volume::node_deadline`]).
+    pub fn with_deadlines(mut self, deadlines: DeadlineStore) -> Self {
+        self.deadlines = Some(deadlines);
+        self
     }
 
     /// Saves the core's state for the next agent process of this boot whenever it changes.
@@ -64,10 +78,26 @@ impl<W: Watchdog, S: WorkloadStopper> NodeAgent<W, S> {
 
     /// One step: the core decides at the current time; the loop stops, arms and feeds as told.
     pub async fn tick(&mut self) -> AgentStep {
-        let step = {
-            let now = self.clock.now();
-            self.core.lock().tick(now)
+        let now = self.clock.now();
+        let (mut step, watchdog_timeout) = {
+            let mut core = self.core.lock();
+            (core.tick(now), core.timing().watchdog)
         };
+        if let Some(deadlines) = &self.deadlines {
+            let check = deadlines.check(now, watchdog_timeout);
+            // The core's right to run is necessary, not sufficient: a guard's app that may
+            // outlive its deadline keeps the feeds back, so the watchdog fences in time.
+            if check.withhold_feed {
+                step.feed = false;
+            }
+            if check.overdue.is_empty() {
+                self.overdue_handled = false;
+            } else if !std::mem::replace(&mut self.overdue_handled, true) {
+                log_overdue(&check);
+                step.stop_workloads = true;
+                step.reboot |= self.core.lock().is_watchdog_failed();
+            }
+        }
         // Before acting: a loss is on file before the stop begins (which may outlive us).
         self.save_state();
         if step.stop_workloads {

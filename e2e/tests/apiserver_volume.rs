@@ -1,0 +1,266 @@
+//! The real-API-server tier, RWX block volumes: two real `twosite guard` processes share one
+//! loop device, standing in for two nodes (each guard in a mount namespace of its own, beside
+//! its node's real `twosite-agent`), with the Lease and RBAC of `examples/block-active-standby.yaml`
+//! on a real kube-apiserver. Each guard's app writes to the device every 100 ms and records, off
+//! the device, the boot-clock time of every write.
+//!
+//! - The empty device is formatted once (by the first active guard); the standby never mounts
+//!   while the active holds; a planned switchover (the preferred-holder annotation) moves the
+//!   app, and the lines written before are on the device after it; failback works.
+//! - The active guard is frozen (SIGSTOP) while its app keeps writing. The test plays a-1's
+//!   watchdog: when the agent stops feeding it for the watchdog timeout, every process of "node"
+//!   a-1 is killed. The standby's guard must not mount before that: the two apps' write times
+//!   never interleave (overlap 0 ms). Prints the switchover, failback and takeover times.
+//!
+//! Needs root, loop devices, mkfs.xfs and unshare: without them the test fails saying so.
+
+mod common;
+
+use common::agents::{agent_files, feeds, start_agent};
+use common::volume::{Consumer, LoopDevice, overlap_ms, require_root_and_tools, watchdog_fires};
+use common::{
+    AGENT_BIN, CONTROLLER_BIN, Setup, TestNode, wait_for, workspace_root, yaml_documents,
+};
+use e2e::apiserver::{self, Identity, Options};
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::Client;
+use kube::api::{
+    Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
+};
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+const NS: &str = "block-demo";
+const LEASE: &str = "block-data";
+const GUARD_SA: &str = "block-guard";
+const PREFERRED: &str = "twosite.dev/preferred-holder";
+
+/// Creates the example's objects of the given kinds; server-side dry-runs the others.
+async fn apply_example(admin: &Client, file: &str, create: &[&str]) {
+    let path = workspace_root().join("examples").join(file);
+    for doc in yaml_documents(&path) {
+        let api_version = doc["apiVersion"].as_str().expect("apiVersion");
+        let kind = doc["kind"].as_str().expect("kind");
+        let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+        let gvk = GroupVersionKind::gvk(group, version, kind);
+        let plural = match kind {
+            "Policy" => "policies".to_string(),
+            k => format!("{}s", k.to_lowercase()),
+        };
+        let resource = ApiResource::from_gvk_with_plural(&gvk, &plural);
+        let obj: DynamicObject = serde_json::from_value(doc.clone()).expect("an object");
+        let api: Api<DynamicObject> = match obj.metadata.namespace.as_deref() {
+            Some(ns) => Api::namespaced_with(admin.clone(), ns, &resource),
+            None => Api::all_with(admin.clone(), &resource),
+        };
+        let params = if create.contains(&kind) {
+            PostParams::default()
+        } else {
+            PostParams {
+                dry_run: true,
+                ..PostParams::default()
+            }
+        };
+        api.create(&params, &obj)
+            .await
+            .unwrap_or_else(|e| panic!("{file}: {kind} {:?} refused: {e}", obj.metadata.name));
+    }
+}
+
+async fn prefer(leases: &Api<Lease>, who: &str) {
+    leases
+        .patch(
+            LEASE,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "metadata": { "annotations": { PREFERRED: who } } })),
+        )
+        .await
+        .expect("set the preferred holder");
+}
+
+async fn wait_ready(c: &Consumer, what: &str, timeout: Duration) -> Duration {
+    let t = Instant::now();
+    wait_for(what, timeout, || async {
+        if c.ready() {
+            Ok(())
+        } else {
+            Err(format!("{} not ready", c.who))
+        }
+    })
+    .await;
+    t.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_guards_switch_over_fail_back_and_a_frozen_holder_is_fenced_before_takeover() {
+    let test = "two_guards_switch_over_fail_back_and_a_frozen_holder_is_fenced_before_takeover";
+    let nodes = vec![
+        TestNode::new("a-1", "room-a", "127.0.0.2"),
+        TestNode::new("b-1", "room-b", "127.0.0.3"),
+    ];
+    let mut options = Options::default();
+    options
+        .identities
+        .push(Identity::service_account(NS, GUARD_SA));
+    let setup = Setup {
+        binaries: &[CONTROLLER_BIN, AGENT_BIN],
+        options,
+        rbac: &["rbac-agent.yaml"],
+        nodes: &nodes,
+    };
+    let Some((server, admin)) = common::start(test, setup).await else {
+        return;
+    };
+    require_root_and_tools();
+    apply_example(
+        &admin,
+        "block-active-standby.yaml",
+        &[
+            "Namespace",
+            "ServiceAccount",
+            "Role",
+            "RoleBinding",
+            "Lease",
+        ],
+    )
+    .await;
+    let leases: Api<Lease> = Api::namespaced(admin.clone(), NS);
+    let guard_kubeconfig = server
+        .service_account_kubeconfig(NS, GUARD_SA)
+        .expect("the guard's kubeconfig")
+        .to_path_buf();
+
+    // The two nodes' agents, with test watchdogs; the guards arm deadlines with them.
+    let peer_port = apiserver::free_port().expect("a free port");
+    let mut agent_a = start_agent(&server, &nodes[0], "boot-a-1", peer_port, 1);
+    let _agent_b = start_agent(&server, &nodes[1], "boot-b-1", peer_port, 1);
+    let (files_a, files_b) = (agent_files(&server, "a-1"), agent_files(&server, "b-1"));
+    wait_for(
+        "both agents feed their watchdogs",
+        Duration::from_secs(30),
+        || async {
+            if feeds(&files_a.watchdog) > 1 && feeds(&files_b.watchdog) > 1 {
+                Ok(())
+            } else {
+                Err("not yet".to_string())
+            }
+        },
+    )
+    .await;
+
+    let disk = LoopDevice::new(320);
+    let mut a = Consumer::new(&server, "a", apiserver::free_port().expect("port"));
+    let mut b = Consumer::new(&server, "b", apiserver::free_port().expect("port"));
+    let start = |c: &mut Consumer, socket: &std::path::Path| {
+        c.start(
+            &server,
+            &guard_kubeconfig,
+            NS,
+            LEASE,
+            &disk.dev,
+            "xfs",
+            socket,
+        )
+    };
+
+    // a takes the free Lease, formats the empty device and runs its app.
+    start(&mut a, &files_a.guard_socket);
+    wait_ready(&a, "a becomes active", Duration::from_secs(30)).await;
+    let log_a = a.guard.as_ref().map(|g| g.log_text()).unwrap_or_default();
+    assert!(
+        log_a.contains("prepared=Formatted"),
+        "a formatted the empty device:\n{log_a}"
+    );
+
+    // b stays standby: attached, nothing mounted, not ready.
+    start(&mut b, &files_b.guard_socket);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(
+        !b.ready() && !b.mounted(),
+        "b must stay standby while a holds"
+    );
+    assert!(a.ready() && a.mounted());
+
+    // Planned switchover to b.
+    let t = Instant::now();
+    prefer(&leases, &b.identity).await;
+    let switchover = wait_ready(&b, "switchover to b", Duration::from_secs(30)).await;
+    println!("switchover_ms {}", switchover.as_millis());
+    assert!(!a.ready() && !a.mounted(), "a stepped down and unmounted");
+    let on_device = b.read_log();
+    assert!(
+        on_device.contains("a 0\n"),
+        "a's lines are on the device after the switchover"
+    );
+    let log_b = b.guard.as_ref().map(|g| g.log_text()).unwrap_or_default();
+    assert!(log_b.contains("prepared=Existing") && !log_b.contains("prepared=Formatted"));
+    let _ = t;
+
+    // Failback to a.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    prefer(&leases, &a.identity).await;
+    let failback = wait_ready(&a, "failback to a", Duration::from_secs(30)).await;
+    println!("failback_ms {}", failback.as_millis());
+    assert!(
+        a.read_log().contains("b 0\n"),
+        "b's lines survive the failback"
+    );
+    assert!(!b.mounted());
+
+    // a's guard freezes; its app keeps writing. The test is a-1's watchdog.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pid = a.pid().expect("a's guard") as i32;
+    let frozen = Instant::now();
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let fired = watchdog_fires(
+        &files_a.watchdog,
+        Duration::from_secs(5),
+        Duration::from_secs(40),
+    )
+    .await
+    .expect("a-1's agent stopped feeding its watchdog before the deadline passed");
+    println!(
+        "a-1 reset {} ms after the freeze",
+        (fired - frozen).as_millis()
+    );
+    assert!(!b.mounted(), "b mounted before a-1 was reset");
+    a.kill_all();
+    agent_a.kill();
+    let takeover = wait_ready(&b, "b takes over", Duration::from_secs(40)).await;
+    println!(
+        "takeover_ms {} (from the freeze)",
+        (frozen.elapsed()).as_millis()
+    );
+    let _ = takeover;
+
+    let overlap = overlap_ms(&a.write_times(), &b.write_times());
+    println!(
+        "writes: a {}, b {}; overlap_ms {overlap}",
+        a.write_times().len(),
+        b.write_times().len()
+    );
+    assert_eq!(overlap, 0.0, "two writers at once");
+    let lease = leases.get(LEASE).await.expect("the Lease");
+    let spec = lease.spec.expect("spec");
+    assert_eq!(spec.holder_identity.as_deref(), Some(b.identity.as_str()));
+    // Three takes: a, b, a, then b: four holders, each with a higher epoch.
+    assert!(spec.lease_transitions.unwrap_or(0) >= 4, "{spec:?}");
+
+    // b steps down on SIGTERM: app stopped, device unmounted, Lease released, exit 0.
+    let guard_b = b.guard.as_mut().expect("b's guard");
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(guard_b.child.id() as i32, libc::SIGTERM) };
+    let status = tokio::task::block_in_place(|| guard_b.child.wait()).expect("b exits");
+    assert!(
+        status.success(),
+        "b's guard exits 0 after stepping down: {status}"
+    );
+    let spec = leases
+        .get(LEASE)
+        .await
+        .expect("the Lease")
+        .spec
+        .expect("spec");
+    assert_eq!(spec.holder_identity, None, "released");
+}
