@@ -142,6 +142,9 @@ async fn chart_installs_upgrades_and_runs_the_controller() {
         return;
     }
     let mut options = Options::default();
+    // As every real cluster's API server runs (kubeadm and kind set it): the agent DaemonSet is
+    // privileged, and kube-apiserver refuses privileged pod templates without it.
+    options.extra_args.push("--allow-privileged=true".into());
     options
         .identities
         .push(Identity::service_account(GUARD_NS, GUARD_SA));
