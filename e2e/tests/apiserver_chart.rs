@@ -12,6 +12,7 @@
 //! - the `twosite-guard` ClusterRole, bound with a RoleBinding in one namespace, lets a guard
 //!   renew a Lease there and nothing else (no other namespace, no Pods);
 //! - `helm uninstall` leaves the peer-key Secret and the CRD.
+//!
 //! The agent DaemonSet is created but its binary is not started here: the agent's RBAC is
 //! deploy/rbac-agent.yaml's (charts/tests/deploy_drift.py proves them equal), which
 //! apiserver_agent runs against.
