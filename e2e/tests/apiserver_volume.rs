@@ -102,6 +102,8 @@ async fn two_guards_switch_over_fail_back_and_a_frozen_holder_is_fenced_before_t
     options
         .identities
         .push(Identity::service_account(NS, GUARD_SA));
+    // As on kubeadm and kind clusters: the consumer pods are privileged (they mount).
+    options.extra_args.push("--allow-privileged=true".into());
     let setup = Setup {
         binaries: &[CONTROLLER_BIN, AGENT_BIN],
         options,

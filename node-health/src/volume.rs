@@ -84,7 +84,8 @@ pub use guard::{
     DemoteReason, GuardAction, GuardConfigError, GuardState, VolumeGuard, WriteId, WriteOutcome,
 };
 pub use lease::{
-    Handover, LeaseView, Take, TakeBasis, TakeRefusal, VolumeLease, handover, may_take,
+    Handover, LeaseView, Take, TakeBasis, TakeRefusal, VolumeLease, acquire_keeps_preferred,
+    handover, may_take,
 };
 pub use switch::{
     Consumer, SwitchRefusal, SwitchTarget, VolumeAction, VolumeEventReason, VolumeFacts,

@@ -16,7 +16,7 @@
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-use node_health::volume::{Handover, VolumeLease};
+use node_health::volume::{Handover, VolumeLease, acquire_keeps_preferred};
 use std::time::Duration;
 
 pub const PREFERRED_HOLDER_ANNOTATION: &str = "twosite.dev/preferred-holder";
@@ -92,10 +92,18 @@ fn drop_handover(lease: &mut Lease) {
 }
 
 /// The acquire write: holder = `me`, epoch, acquire and renew time now, the duration, no
-/// handover; the preferred holder is kept. `None` when the epoch does not fit the field.
+/// handover; the preferred holder is kept unless it names another consumer
+/// ([`acquire_keeps_preferred`]). `None` when the epoch does not fit the field or the Lease
+/// cannot be read.
 pub fn acquired(read: &Lease, me: &str, epoch: u64, duration: Duration) -> Option<Lease> {
     let mut lease = read.clone();
     let transitions = epoch_i32(epoch)?;
+    if !acquire_keeps_preferred(&to_volume_lease(read).ok()?, me) {
+        if let Some(a) = lease.metadata.annotations.as_mut() {
+            a.remove(PREFERRED_HOLDER_ANNOTATION);
+        }
+        spec_mut(&mut lease).preferred_holder = None;
+    }
     let spec = spec_mut(&mut lease);
     spec.holder_identity = Some(me.to_string());
     spec.lease_transitions = Some(transitions);
@@ -207,5 +215,8 @@ mod tests {
         assert_eq!(r.preferred_holder.as_deref(), Some("uid-b"));
         assert!(renewed(&a).spec.and_then(|s| s.renew_time).is_some());
         assert!(acquired(&read, "x", u64::MAX, Duration::from_secs(10)).is_none());
+        // Taken by another than the preferred one (by expiry): the preference goes.
+        let c = acquired(&read, "uid-c", 4, Duration::from_secs(10)).expect("fits");
+        assert_eq!(to_volume_lease(&c).expect("reads").preferred_holder, None);
     }
 }

@@ -29,6 +29,10 @@ const STEP: Duration = Duration::from_millis(100);
 const REQUEST_TIMEOUT: Duration = Duration::from_millis(1_500);
 /// The agent's time limit.
 const AGENT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often the Lease is read besides the core's own refreshes: a standby sees a release or a
+/// switchover within this, an active guard a handover between its renewals. Two consumers per
+/// volume cost four small GETs a second, which small edge clusters carry easily.
+const POLL_EVERY: Duration = Duration::from_millis(500);
 /// Pause before starting the app again after a failed start.
 const START_RETRY: Duration = Duration::from_secs(1);
 
@@ -204,6 +208,9 @@ struct Shell {
     acked: Option<MonoTime>,
     disarm_pending: bool,
     next_start: Option<MonoTime>,
+    next_poll: MonoTime,
+    /// The last reason logged for not taking the Lease (logged when it changes).
+    waiting: Option<String>,
     ready: Arc<AtomicBool>,
     tx: mpsc::UnboundedSender<Event>,
 }
@@ -244,6 +251,8 @@ async fn run(
         acked: None,
         disarm_pending: false,
         next_start: None,
+        next_poll: MonoTime::ZERO,
+        waiting: None,
         ready,
         tx,
     };
@@ -351,7 +360,12 @@ impl Shell {
         if self.disarm_pending {
             self.flush_disarm().await;
         }
+        if now >= self.next_poll {
+            self.next_poll = now + POLL_EVERY;
+            self.refresh();
+        }
         let actions = self.guard.step(now);
+        self.log_waiting();
         let mut armed_in_batch = None;
         for action in actions {
             match action {
@@ -401,6 +415,27 @@ impl Shell {
                     "stopping overran the fence deadline: the node agent fences this node"
                 ),
             }
+        }
+    }
+
+    /// Says why a standby does not take the Lease, once per kind of reason.
+    fn log_waiting(&mut self) {
+        let why = match self.guard.state() {
+            GuardState::Standby => self.guard.last_refusal().map(|r| {
+                // The reason without its changing figures.
+                let text = r.to_string();
+                text.split(", unchanged for")
+                    .next()
+                    .unwrap_or(&text)
+                    .to_string()
+            }),
+            _ => None,
+        };
+        if why != self.waiting {
+            if let Some(w) = &why {
+                tracing::info!(why = %w, "standby: not taking the Lease");
+            }
+            self.waiting = why;
         }
     }
 

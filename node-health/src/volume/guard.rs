@@ -27,7 +27,8 @@ pub enum GuardAction {
     Refresh,
     /// Replace the Lease, precondition `resourceVersion == expected_rv`: holder = me,
     /// `leaseTransitions = epoch`, acquire and renew time now, `leaseDurationSeconds`, no
-    /// released flag, no handover; keep the preferred holder.
+    /// released flag, no handover; the preferred holder kept only if
+    /// [`acquire_keeps_preferred`](super::acquire_keeps_preferred).
     Acquire {
         id: WriteId,
         expected_rv: String,

@@ -189,6 +189,15 @@ pub fn may_take(
     }
 }
 
+/// Whether the acquire write of `me` keeps the preferred holder: kept when it names `me` (the
+/// switchover is done), cleared when it names another consumer — which can only happen on a take
+/// by expiry, so that consumer let a lease that was free for it go unused for a whole takeover
+/// period (dead, or gone). Kept, it would make the new holder demote at once for a switchover
+/// nobody completes, and the volume would never be served.
+pub fn acquire_keeps_preferred(lease: &VolumeLease, me: &str) -> bool {
+    lease.preferred_other(me).is_none()
+}
+
 /// The controller's handover write: precondition `expected_rv`, annotation naming `to` with an
 /// epoch above the Lease's. Only call it once the holder's node is proven fenced.
 pub fn handover(lease: &VolumeLease, to: &str) -> Result<(String, Handover), TakeRefusal> {
