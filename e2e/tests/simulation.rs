@@ -54,6 +54,11 @@ fn random_schedules_hold_the_invariants() {
         r.figures["dead_verdicts"] > 0,
         "the schedules must kill nodes"
     );
+    assert!(
+        r.figures["volume_faults"] > 0 && r.figures["volume_app_starts"] > 200,
+        "the schedules must exercise the volumes"
+    );
+    assert_eq!(r.figures["two_writer_steps"], 0);
 }
 
 /// The checks are live: break an assumption of the core on purpose and they must say so.
@@ -412,4 +417,133 @@ fn a_forged_peer_cannot_keep_a_node_running_and_without_verification_two_copies_
         "{invariants:?}\n{}",
         r.render_text()
     );
+}
+
+/// The volume scenarios (issue 10): the real guard, agent deadline and controller core, S1 on
+/// every step, with several seeds, and the issue's figures.
+fn volume_scenario(name: &str, check: impl Fn(u64, &sim::Report)) {
+    for seed in 1..=5 {
+        let r = run(name, seed);
+        assert!(r.ok(), "{name} seed {seed}:\n{}", r.render_text());
+        assert_eq!(r.figures["two_writer_steps"], 0, "{name} seed {seed}");
+        check(seed, &r);
+    }
+}
+
+#[test]
+fn a_planned_switchover_takes_under_five_seconds() {
+    volume_scenario("switchover", |seed, r| {
+        let ms = r.figures["switchover_ms"];
+        assert!(ms < 5_000, "seed {seed}: switchover_ms = {ms}");
+        assert!(
+            r.timeline
+                .iter()
+                .any(|e| e.event.starts_with("Event VolumeSwitchover on vol-1")),
+            "seed {seed}: the Switchover event"
+        );
+    });
+}
+
+#[test]
+fn failback_returns_the_volume_under_five_seconds() {
+    volume_scenario("failback", |seed, r| {
+        let ms = r.figures["switchover_ms"];
+        assert!(ms < 5_000, "seed {seed}: slowest switch {ms} ms");
+        assert_eq!(r.figures["volume_app_starts"], 3, "seed {seed}");
+    });
+}
+
+#[test]
+fn a_partitioned_holder_stops_its_app_before_the_standby_mounts() {
+    volume_scenario("holder-partitioned", |seed, r| {
+        assert!(r.figures["failover_ms"] < 30_000, "seed {seed}");
+        // The guard stopped its app itself: no node was fenced over its deadline.
+        assert!(
+            r.timeline
+                .iter()
+                .any(|e| e.actor.starts_with("guard/vol-1-consumer-0")
+                    && e.event.starts_with("demoting")),
+            "seed {seed}:\n{}",
+            r.render_text()
+        );
+    });
+}
+
+#[test]
+fn a_frozen_holder_is_fenced_by_its_agent_before_the_standby_mounts() {
+    volume_scenario("holder-frozen", |seed, r| {
+        assert!(r.figures["failover_ms"] < 30_000, "seed {seed}");
+        let reset = r
+            .timeline
+            .iter()
+            .find(|e| e.actor == "node/a-2" && e.event.starts_with("watchdog fired"))
+            .map(|e| e.t_ms);
+        let mounted = r
+            .timeline
+            .iter()
+            .find(|e| e.actor.starts_with("guard/vol-1-consumer-1") && e.event.contains("mounted"))
+            .map(|e| e.t_ms);
+        assert!(
+            matches!((reset, mounted), (Some(a), Some(b)) if a < b),
+            "seed {seed}: reset {reset:?}, standby mounted {mounted:?}"
+        );
+    });
+}
+
+#[test]
+fn db_failover_keeps_every_acknowledged_record() {
+    volume_scenario("db-failover", |seed, r| {
+        assert_eq!(r.figures["acked_records"], 10_000, "seed {seed}");
+        assert_eq!(r.figures["lost_records"], 0, "seed {seed}");
+        assert!(r.figures["failover_ms"] < 30_000, "seed {seed}");
+        assert!(
+            r.figures["client_retries"] > 0,
+            "seed {seed}: the kill was felt"
+        );
+    });
+}
+
+/// The volume checks are live: an agent that ignores the guards' deadlines, or guards built
+/// with a timing that fails `VolumeTiming::validate`, let a frozen holder's app write on while
+/// the standby mounts — and S1 says so; the same timing through `VolumeGuard::new` is refused.
+#[test]
+fn volume_checks_catch_an_agent_ignoring_deadlines_and_an_unsafe_timing() {
+    let s = scenario::named("holder-frozen", 1).expect("scenario");
+    let two_writers = |r: &sim::Report| {
+        r.violations
+            .iter()
+            .any(|v| v.invariant == "S1-single-writer")
+    };
+    let ignoring = sim::SimConfig {
+        agent_ignores_deadlines: true,
+        ..sim::SimConfig::default()
+    };
+    let r = sim::run_with(&s, 1, ignoring);
+    assert!(two_writers(&r), "{}", r.render_text());
+
+    // Demote after 20 s with a 10 s lease: the holder outlives its lease.
+    let unsafe_timing = node_health::VolumeTiming {
+        demote_after: std::time::Duration::from_secs(20),
+        ..node_health::VolumeTiming::default()
+    };
+    assert!(unsafe_timing.validate().is_err());
+    let unchecked = sim::SimConfig {
+        volume_timing: unsafe_timing,
+        unchecked_volume_timing: true,
+        ..sim::SimConfig::default()
+    };
+    let r = sim::run_with(&s, 1, unchecked);
+    assert!(two_writers(&r), "{}", r.render_text());
+
+    let checked = sim::SimConfig {
+        volume_timing: unsafe_timing,
+        ..sim::SimConfig::default()
+    };
+    let r = sim::run_with(&s, 1, checked);
+    assert!(
+        r.violations.iter().any(|v| v.invariant == "configuration"),
+        "{}",
+        r.render_text()
+    );
+    assert!(!two_writers(&r));
 }

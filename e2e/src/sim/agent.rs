@@ -275,7 +275,7 @@ impl Cluster {
                         );
                     }
                 }
-            } else if step.feed {
+            } else if step.feed && !self.deadline_withholds_feed(i, local) {
                 self.nodes[i].last_feed = Some(self.now);
             }
         }
@@ -297,5 +297,25 @@ impl Cluster {
             }),
             _ => None,
         }
+    }
+
+    /// The guards' deadlines ([`node_health::volume::node_deadline`]): the agent feeds its
+    /// watchdog only while no armed deadline says withhold, so the node resets by the deadline
+    /// plus the fence delay unless the guard disarms first.
+    fn deadline_withholds_feed(&mut self, i: usize, local: MonoTime) -> bool {
+        let check = self.nodes[i]
+            .deadlines
+            .check(local, self.cfg.timing.watchdog);
+        let withhold = check.withhold_feed && !self.cfg.agent_ignores_deadlines;
+        if withhold && !self.nodes[i].feeds_withheld {
+            let name = self.nodes[i].name.clone();
+            self.log(
+                &format!("agent/{name}"),
+                "a guard's fence deadline is near and not disarmed: watchdog feeds held back"
+                    .into(),
+            );
+        }
+        self.nodes[i].feeds_withheld = withhold;
+        withhold
     }
 }

@@ -1,6 +1,7 @@
 //! A model of the Kubernetes API server: objects with a resourceVersion, conditional writes
 //! that answer 409 on a stale resourceVersion, and watches that deliver events late.
 
+use node_health::volume::{Handover, SwitchTarget};
 use node_health::{Pair, Readiness};
 use std::collections::BTreeMap;
 
@@ -17,6 +18,10 @@ pub enum Key {
     /// The `TwoSite` status the leader writes.
     Status,
     Pod(String),
+    /// A protected volume's Lease (`coordination.k8s.io/v1`, in the volume's namespace).
+    VolumeLease(String),
+    /// A consumer pod of a protected volume (pinned to its node; its guard wraps the app).
+    Consumer(String),
 }
 
 impl Key {
@@ -24,7 +29,12 @@ impl Key {
     pub fn watched(&self) -> bool {
         matches!(
             self,
-            Key::Node(_) | Key::KubeletLease(_) | Key::AgentLease(_) | Key::Pod(_)
+            Key::Node(_)
+                | Key::KubeletLease(_)
+                | Key::AgentLease(_)
+                | Key::Pod(_)
+                | Key::VolumeLease(_)
+                | Key::Consumer(_)
         )
     }
 }
@@ -73,6 +83,35 @@ pub struct PodObj {
     pub terminating: bool,
 }
 
+/// A volume Lease as stored: the fields [`node_health::volume::VolumeLease`] reads, plus the
+/// switchover request `twosite switchover` leaves for the controller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeLeaseObj {
+    pub holder: Option<String>,
+    /// `leaseTransitions`: the epoch.
+    pub epoch: u64,
+    pub duration_ms: u64,
+    /// `spec.preferredHolder`.
+    pub preferred: Option<String>,
+    pub released: bool,
+    pub handover: Option<Handover>,
+    /// `twosite.dev/switchover-to`, written by `twosite switchover`.
+    pub request: Option<SwitchTarget>,
+    /// `renewTime`: every guard write changes it.
+    pub renew_seq: u64,
+}
+
+/// A consumer pod of a protected volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerObj {
+    pub volume: String,
+    pub node: String,
+    /// The pod UID: the guard's identity.
+    pub uid: String,
+    /// `twosite.dev/role=active`, kept by the controller.
+    pub role_active: bool,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct StatusObj {
     pub pairs: Vec<Pair>,
@@ -88,6 +127,8 @@ pub enum Obj {
     Lease(LeaseObj),
     Status(StatusObj),
     Pod(PodObj),
+    VolumeLease(VolumeLeaseObj),
+    Consumer(ConsumerObj),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -20,6 +20,7 @@ impl Cluster {
             self.fan_out(&key, Some(stored.clone()));
         }
         self.scheduler_watch(&key, Some(&stored));
+        self.guard_watch(&key, Some(&stored));
         Ok(stored)
     }
 
@@ -30,6 +31,7 @@ impl Cluster {
         }
         if gone {
             self.scheduler_watch(key, None);
+            self.guard_watch(key, None);
         }
         gone
     }
@@ -59,7 +61,12 @@ impl Cluster {
             if !self.replicas[i].connected {
                 continue;
             }
-            let delay = self.rng.random_range(lo..=hi);
+            // Volume objects draw from their own stream: adding volumes leaves the rest of a
+            // seed's timeline as it was.
+            let delay = match key {
+                Key::VolumeLease(_) | Key::Consumer(_) => self.vol_rng.random_range(lo..=hi),
+                _ => self.rng.random_range(lo..=hi),
+            };
             let r = &mut self.replicas[i];
             // A watch delivers in order: never before the previous event.
             let mut at = (self.now + delay).max(r.last_delivery);

@@ -14,6 +14,7 @@ use super::report::{TimelineEntry, Violation};
 use super::scenario::{Fault, Scenario, Site, node_name};
 use super::witness::SimWitness;
 use node_health::peer_auth::{PeerKey, PeerKeys};
+use node_health::volume::node_deadline::NodeDeadlines;
 use node_health::{
     AgentCore, Arbiter, HealthTiming, LeaderConfig, LeaderElector, MonoTime, WitnessConfig,
     WitnessRecord,
@@ -88,6 +89,10 @@ pub(super) struct SimNode {
     /// Real time of this agent's previous listing of the other room's Leases (for the checks).
     pub(super) other_listed_at: Option<u64>,
     pub(super) next_claim: MonoTime,
+    /// The agent's table of the fence deadlines its node's guards armed.
+    pub(super) deadlines: NodeDeadlines,
+    /// A deadline holds the watchdog feeds back (logged once per episode).
+    pub(super) feeds_withheld: bool,
 }
 
 /// Knobs of one run that are not faults.
@@ -113,6 +118,13 @@ pub struct SimConfig {
     /// A faulty agent: it ignores the core's [`node_health::AgentStep::reboot`] and leaves a
     /// node whose watchdog is broken running after it lost the right to run.
     pub ignore_reboot_step: bool,
+    /// The volume lease's timing every guard uses.
+    pub volume_timing: node_health::VolumeTiming,
+    /// Guards are built with `VolumeGuard::new_unchecked`: an unsafe `volume_timing` is used
+    /// as it is (to show the checks catch it).
+    pub unchecked_volume_timing: bool,
+    /// A faulty agent: it feeds its watchdog whatever deadlines the guards armed.
+    pub agent_ignores_deadlines: bool,
     /// A faulty agent: it takes any change of another room's heartbeat Lease (its
     /// resourceVersion) as contact, the controller's fence-marker write included.
     pub contact_by_resource_version: bool,
@@ -146,6 +158,9 @@ impl Default for SimConfig {
             no_unschedulable_taint: false,
             release_before_taint: false,
             insecure_peer_probes: false,
+            volume_timing: node_health::VolumeTiming::default(),
+            unchecked_volume_timing: false,
+            agent_ignores_deadlines: false,
         }
     }
 }
@@ -182,6 +197,7 @@ pub struct Record {
     pub(super) returned: Vec<super::liveness::Probe>,
     /// Event counts reported as figures (forged partner answers refused and taken).
     pub counters: BTreeMap<&'static str, u64>,
+    pub(super) volumes: super::volume::VolumeRecord,
 }
 
 impl Record {
@@ -222,6 +238,11 @@ pub struct Cluster {
     pub(super) forger_keys: PeerKeys,
     /// Probes sent so far: every nonce is fresh.
     pub(super) probes_sent: u64,
+    /// Protected volumes, their consumers and devices.
+    pub(super) volumes: Vec<super::volume::SimVolume>,
+    /// The volumes' own randomness (delays of guard IO), apart from `rng` so that adding
+    /// volumes leaves the rest of a seed's timeline as it was.
+    pub(super) vol_rng: ChaCha8Rng,
     pub timeline: Vec<TimelineEntry>,
     pub violations: Vec<Violation>,
     pub record: Record,
@@ -274,6 +295,8 @@ impl Cluster {
             peer_keys: None,
             forger_keys: peer_keys(b"a forger's key, not the cluster's"),
             probes_sent: 0,
+            volumes: Vec::new(),
+            vol_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x766f_6c75_6d65_7321),
             timeline: Vec::new(),
             violations: Vec::new(),
             record: Record::default(),
@@ -318,6 +341,7 @@ impl Cluster {
                 );
             }
         }
+        cluster.add_volumes(&scenario.volumes, scenario.client_records);
         for room in [Site::RoomA, Site::RoomB] {
             let host = node_name(room, 1);
             let name = format!("controller-{}", &host[..1]);
@@ -349,6 +373,9 @@ impl Cluster {
                 grants: BTreeMap::new(),
                 deferred_taint: BTreeMap::new(),
                 next_claim: MonoTime::ZERO,
+                volumes: BTreeMap::new(),
+                consumers: BTreeMap::new(),
+                switches: BTreeMap::new(),
             });
         }
         Ok(cluster)
@@ -401,6 +428,8 @@ impl Cluster {
             other_marks: node_health::OtherRoomMarks::default(),
             other_listed_at: None,
             next_claim: MonoTime::ZERO,
+            deadlines: NodeDeadlines::new(),
+            feeds_withheld: false,
         });
     }
 
@@ -459,6 +488,7 @@ impl Cluster {
             r.up = false;
             r.leading = false;
         }
+        self.volume_node_down(&name);
     }
 
     fn power_on(&mut self, i: usize) {
@@ -481,16 +511,22 @@ impl Cluster {
         n.next_kubelet = MonoTime::ZERO;
         n.next_agent = MonoTime::ZERO;
         n.next_probe = MonoTime::ZERO;
+        n.deadlines = NodeDeadlines::new();
+        n.feeds_withheld = false;
         let name = n.name.clone();
         for r in self.replicas.iter_mut().filter(|r| r.host == name) {
             r.up = true;
             r.restart(now, rate);
         }
+        self.volume_node_up(&name);
     }
 
     /// Applies one fault now.
     pub fn apply(&mut self, fault: &Fault) {
         self.log("fault", fault.to_string());
+        if self.apply_volume_fault(fault) {
+            return;
+        }
         match fault {
             Fault::PowerOff(n) => {
                 self.record.powered_off.push((self.now, n.clone()));
@@ -594,6 +630,11 @@ impl Cluster {
                     w.up = false;
                 }
             }
+            Fault::Switchover { .. }
+            | Fault::FreezeHolder { .. }
+            | Fault::KillHolder(_)
+            | Fault::IsolateHolder(_)
+            | Fault::ReconnectHolder(_) => {}
             Fault::WitnessUp => {
                 if let Some(w) = self.witness.as_mut()
                     && !w.up
@@ -611,6 +652,7 @@ impl Cluster {
     pub fn step(&mut self) {
         self.step_reboots();
         self.step_nodes();
+        self.step_guards();
         self.step_kcm();
         self.step_scheduler();
         for i in 0..self.replicas.len() {
@@ -618,6 +660,7 @@ impl Cluster {
         }
         self.check_single_leader();
         self.check_single_copy();
+        self.check_single_writer();
         if self.witness.is_some() {
             self.check_single_grant();
         }
@@ -651,6 +694,18 @@ impl Cluster {
             {
                 let name = self.nodes[i].name.clone();
                 self.record.watchdog_fired.push((self.now, name.clone()));
+                let local = self.nodes[i].clock.read(self.now);
+                if self.nodes[i]
+                    .deadlines
+                    .check(local, self.cfg.timing.watchdog)
+                    .withhold_feed
+                {
+                    // A guard's deadline holds the feeds back: the node is fenced over it.
+                    self.record
+                        .volumes
+                        .fenced_by_deadline
+                        .push((self.now, name.clone()));
+                }
                 self.log(
                     &format!("node/{name}"),
                     "watchdog fired: node resets".into(),

@@ -8,6 +8,7 @@ pub mod api;
 mod api_io;
 mod checks;
 pub mod cluster;
+mod guard;
 mod kcm;
 mod kubelet;
 mod liveness;
@@ -15,6 +16,10 @@ mod replica;
 pub mod report;
 pub mod scenario;
 mod scheduler;
+mod volume;
+mod volume_checks;
+mod volume_controller;
+mod volume_scenarios;
 mod witness;
 
 pub use cluster::SimConfig;
@@ -64,6 +69,7 @@ pub fn run_with(scenario: &Scenario, seed: u64, cfg: SimConfig) -> Report {
         cluster.step();
     }
     cluster.check_expectations(&scenario.expectations);
+    cluster.check_volume_expectations(&scenario.volume_expectations);
     if scenario.name == "random" {
         report.samples = cluster.check_liveness(scenario);
     }
@@ -77,6 +83,7 @@ pub fn run_with(scenario: &Scenario, seed: u64, cfg: SimConfig) -> Report {
     for (name, n) in &cluster.record.counters {
         report.figures.insert((*name).into(), *n);
     }
+    cluster.volume_figures(&mut report.figures);
     if let Some(target) = &scenario.target
         && let Some(lost) = scenario.faults.iter().find_map(|f| match &f.fault {
             Fault::PowerOff(n) | Fault::AgentCrash(n) | Fault::Isolate(n) if n == target => {
@@ -151,7 +158,13 @@ pub fn run_with(scenario: &Scenario, seed: u64, cfg: SimConfig) -> Report {
 }
 
 /// Figures of single runs that the schedules' summary adds up.
-const COUNTERS: [&str; 2] = ["forged_answers_refused", "forged_answers_taken"];
+const COUNTERS: [&str; 5] = [
+    "forged_answers_refused",
+    "forged_answers_taken",
+    "volume_app_starts",
+    "volume_faults",
+    "two_writer_steps",
+];
 
 /// Runs `n` random fault schedules with seeds `seed, seed+1, …`, spread over the machine's
 /// cores; the result does not depend on how many. The timeline is left empty; each violation

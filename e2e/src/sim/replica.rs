@@ -1,13 +1,17 @@
 //! A twosite controller replica: its watches, leader election, verdicts, pairing, remediation
 //! and the shell that executes remediation actions, all through the core (`node_health`).
 
-use super::api::{Key, LeaseObj, NodeObj, Obj, PodObj, Precondition, StatusObj, Stored};
+use super::api::{
+    ConsumerObj, Key, LeaseObj, NodeObj, Obj, PodObj, Precondition, StatusObj, Stored,
+    VolumeLeaseObj,
+};
 use super::cluster::{Cluster, SimClock, ms, zone};
 use super::scenario::Site;
 use node_health::assess::{
     AGENT_LEASE_PREFIX, AgentRecord, NodeRecord, apply_witness, needs_pod_count, rooms_to_claim,
     verdict_observation,
 };
+use node_health::volume::VolumeSwitch;
 use node_health::{
     Action, Claim, ClaimOutcome, ClusterView, HealthTiming, Heartbeat, LeaderAction, LeaderElector,
     LeaseRecord, MonoTime, NodeFacts, NodeObservation, NodeRemediation, NodeVerdict,
@@ -80,6 +84,12 @@ pub(super) struct Replica {
     /// The faulty shell's taints put off, with when they go out (`release_before_taint`).
     pub(super) deferred_taint: BTreeMap<String, (u64, Action)>,
     pub(super) next_claim: MonoTime,
+    /// The volume Leases as its watch shows them: (resourceVersion, object).
+    pub(super) volumes: BTreeMap<String, (u64, VolumeLeaseObj)>,
+    /// The consumer pods as its watch shows them.
+    pub(super) consumers: BTreeMap<String, ConsumerObj>,
+    /// The core's per-volume state while leading.
+    pub(super) switches: BTreeMap<String, VolumeSwitch>,
 }
 
 impl Replica {
@@ -100,6 +110,9 @@ impl Replica {
         self.leading = false;
         self.grants.clear();
         self.next_claim = MonoTime::ZERO;
+        self.volumes.clear();
+        self.consumers.clear();
+        self.switches.clear();
     }
 }
 
@@ -151,6 +164,11 @@ impl Cluster {
             // A re-list also forgets objects deleted while disconnected.
             r.nodes.retain(|n, _| listed_nodes.contains(n));
             r.pods.retain(|p, _| listed_pods.contains(p));
+            r.consumers.retain(|p, _| {
+                snapshot
+                    .iter()
+                    .any(|(_, k, _)| *k == Key::Consumer(p.clone()))
+            });
             r.queue.extend(snapshot);
         }
         let timing = self.cfg.timing;
@@ -200,6 +218,7 @@ impl Cluster {
                 let epoch = self.replicas[i].elector.epoch().unwrap_or(0);
                 self.replicas[i].verdicts.clear();
                 self.replicas[i].remediation.clear();
+                self.replicas[i].switches.clear();
                 self.log(&name, format!("became leader (epoch {epoch})"));
             } else {
                 self.log(&name, "stopped leading".to_string());
@@ -332,6 +351,7 @@ impl Cluster {
         let config = RoomConfig::Explicit(zone(Site::RoomA), zone(Site::RoomB));
         let pairing = pair_nodes(&config, &facts, &previous);
         self.remediate(i, local, &pairing, &view);
+        self.lead_volumes(i, local);
 
         let desired = StatusObj {
             pairs: pairing.pairs,
@@ -757,6 +777,30 @@ fn apply_watch_event(
         }
         (Key::Pod(p), None) => {
             r.pods.remove(&p);
+        }
+        (
+            Key::VolumeLease(v),
+            Some(Stored {
+                rv,
+                obj: Obj::VolumeLease(l),
+            }),
+        ) => {
+            r.volumes.insert(v, (rv, l));
+        }
+        (Key::VolumeLease(v), None) => {
+            r.volumes.remove(&v);
+        }
+        (
+            Key::Consumer(p),
+            Some(Stored {
+                obj: Obj::Consumer(c),
+                ..
+            }),
+        ) => {
+            r.consumers.insert(p, c);
+        }
+        (Key::Consumer(p), None) => {
+            r.consumers.remove(&p);
         }
         _ => {}
     }

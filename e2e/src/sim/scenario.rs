@@ -4,6 +4,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeSet;
 
+pub use super::volume::VolumeSpec;
+pub use super::volume_checks::VolumeExpectation;
+
 /// Where an actor stands. Rooms A and B hold the workers; the API server and the witness are
 /// reached over links that can be cut.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -56,6 +59,24 @@ pub enum Fault {
     ForgePeer(String),
     /// The forger is gone.
     StopForging(String),
+    /// `twosite switchover` on a volume: to its consumer `to` (an index into the scenario's
+    /// consumers; a killed consumer's replacement keeps its index), or any standby.
+    Switchover {
+        volume: String,
+        to: Option<usize>,
+    },
+    /// The guard of the volume's holder freezes (SIGSTOP) for `for_ms`; its app writes on.
+    FreezeHolder {
+        volume: String,
+        for_ms: u64,
+    },
+    /// The holder's guard and app are killed (SIGKILL) and its pod deleted; a new pod (a new
+    /// UID) starts on the same node.
+    KillHolder(String),
+    /// The node of the volume's holder loses every link (as `Isolate`).
+    IsolateHolder(String),
+    /// The node `IsolateHolder` cut off gets its links back.
+    ReconnectHolder(String),
 }
 
 impl std::fmt::Display for Fault {
@@ -81,6 +102,18 @@ impl std::fmt::Display for Fault {
                 "a forger in {n}'s room answers its partner probes in the partner's name"
             ),
             Fault::StopForging(n) => write!(f, "the forger answering {n}'s probes is gone"),
+            Fault::Switchover { volume, to } => match to {
+                Some(k) => write!(f, "twosite switchover {volume} --to consumer {k}"),
+                None => write!(f, "twosite switchover {volume}"),
+            },
+            Fault::FreezeHolder { volume, for_ms } => write!(
+                f,
+                "the guard of {volume}'s holder freezes for {} s (its app writes on)",
+                for_ms / 1000
+            ),
+            Fault::KillHolder(v) => write!(f, "{v}'s holder is killed (guard and app)"),
+            Fault::IsolateHolder(v) => write!(f, "the node of {v}'s holder loses every link"),
+            Fault::ReconnectHolder(v) => write!(f, "the node of {v}'s holder is reconnected"),
         }
     }
 }
@@ -180,6 +213,12 @@ pub struct Scenario {
     /// The agents' stop command does nothing (none configured, or it fails): a node that lost
     /// its right to run keeps its HA workloads running until it resets.
     pub stop_command_fails: bool,
+    /// Protected RWX block volumes and where their consumers run.
+    pub volumes: Vec<VolumeSpec>,
+    /// Records the database client writes through the first volume's active consumer (0: no
+    /// client).
+    pub client_records: u64,
+    pub volume_expectations: Vec<VolumeExpectation>,
 }
 
 fn at(s: u64, fault: Fault) -> ScheduledFault {
@@ -277,6 +316,26 @@ pub const NAMES: &[(&str, &str)] = &[
         "a forger in room A answers a-2's partner probes in its partner's name without the key; room A loses the API server at 60 s: a-2 stops anyway, is fenced and fails over",
     ),
     (
+        "switchover",
+        "a volume's consumers on a-2 and b-2; a planned switchover at 20 s moves it to b-2 (promise: under 5 s, never two writers)",
+    ),
+    (
+        "failback",
+        "the same volume switched to b-2 at 20 s and back to a-2 at 40 s (promise: each under 5 s)",
+    ),
+    (
+        "holder-partitioned",
+        "room A (with the volume's holder on a-2) loses the API server at 30 s: a-2's guard stops its app itself (no deadline fence) before b-2 mounts, within 30 s",
+    ),
+    (
+        "holder-frozen",
+        "the holder's guard on a-2 freezes for 60 s while its app writes on: a-2's agent withholds its watchdog and the node resets before b-2 mounts",
+    ),
+    (
+        "db-failover",
+        "a client writes 10,000 records with retry through the active consumer; the active is killed at 20 s: every acknowledged record is on the device",
+    ),
+    (
         "random",
         "a random fault schedule drawn from --seed (what --schedules runs)",
     ),
@@ -299,7 +358,13 @@ pub fn named(name: &str, seed: u64) -> Option<Scenario> {
         extreme_drift: false,
         witness: false,
         stop_command_fails: false,
+        volumes: Vec::new(),
+        client_records: 0,
+        volume_expectations: Vec::new(),
     };
+    if let Some(v) = super::volume_scenarios::named(name, &s) {
+        return Some(v);
+    }
     match name {
         "node-loss" => {
             s.faults = vec![
@@ -848,6 +913,7 @@ pub fn random(seed: u64) -> Scenario {
             });
         }
     }
+    let volumes = super::volume_scenarios::random_volume(seed, na, nb, &mut faults);
     faults.sort_by_key(|f| f.at_ms);
     Scenario {
         name: "random".into(),
@@ -863,6 +929,9 @@ pub fn random(seed: u64) -> Scenario {
         extreme_drift: false,
         witness,
         stop_command_fails: false,
+        volumes,
+        client_records: 0,
+        volume_expectations: Vec::new(),
     }
 }
 
