@@ -73,6 +73,7 @@ mod guard;
 mod lease;
 pub mod node_deadline;
 pub mod switch;
+pub mod switchover;
 mod timing;
 
 #[cfg(test)]
