@@ -12,8 +12,10 @@
 //! - [`witness_link`], [`witness_port`]: the witness's grants and reachability, for the
 //!   remediation loop and the status.
 //! - [`run`]: `twosite controller` and `twosite crd`.
+//! - [`cli`]: `twosite switchover` and `twosite status`, the operator's commands.
 
 pub mod admin;
+pub mod cli;
 pub mod crd;
 pub mod error;
 pub mod fence_marker;

@@ -25,6 +25,10 @@ enum Command {
     /// Run an app only while this consumer holds its RWX block volume's Lease (the container's
     /// entrypoint in each consumer pod).
     Guard(controller::guard::run::GuardArgs),
+    /// Move a protected volume to another consumer pod and wait until it holds it.
+    Switchover(controller::cli::switchover::SwitchoverArgs),
+    /// Show rooms, pairs, nodes, witness, leader and every protected volume.
+    Status(controller::cli::status::StatusArgs),
     /// Run a witness: the third vote that lets one room go on when the rooms lose each other.
     Witness(witness::WitnessArgs),
 }
@@ -36,6 +40,8 @@ fn main() -> ExitCode {
         Command::Crd => controller::run::print_crd(),
         Command::Controller(args) => controller::run::main(args),
         Command::Guard(args) => controller::guard::run::main(args),
+        Command::Switchover(args) => controller::cli::switchover::main(args),
+        Command::Status(args) => controller::cli::status::main(args),
         Command::Witness(args) => witness::main(args),
     }
 }

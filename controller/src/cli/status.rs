@@ -1,0 +1,691 @@
+//! `twosite status [--json]`: the cluster as the controller sees it (rooms, pairs, node phases,
+//! witness, leader: the `TwoSite` `default` status) and every protected volume (each Lease
+//! labelled `twosite.dev/volume`, with its holder, epoch, last switch, a switchover or handover
+//! under way, and its consumer pods).
+//!
+//! The IO only reads; [`report`] assembles the report from the objects read and [`render`]
+//! prints it, both pure.
+
+use super::{CliError, REQUEST_TIMEOUT, client, pod_facts};
+use crate::crd::{DEFAULT_NAME, RoomSource, TwoSite, TwoSiteStatus};
+use crate::error::with_timeout;
+use crate::guard::lease_io::to_volume_lease;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use kube::api::ListParams;
+use node_health::volume::switchover::{PodFacts, VOLUME_LABEL};
+use serde::Serialize;
+use std::fmt::Write as _;
+use std::process::ExitCode;
+
+pub const NO_STATUS: &str = "controller has not written a status yet";
+
+/// Show the rooms, pairs, nodes, witness, leader and every protected volume.
+#[derive(clap::Args, Debug, Clone)]
+pub struct StatusArgs {
+    /// Print one JSON object (for scripts) instead of the text report.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The whole report.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusReport {
+    /// The `TwoSite` `default` status, when the controller has written one.
+    pub cluster: Option<TwoSiteStatus>,
+    /// Why `cluster` is missing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_note: Option<String>,
+    pub volumes: Vec<VolumeReport>,
+}
+
+/// A consumer as the report names it: its identity and, when a consumer pod has that UID, the
+/// pod and its node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsumerRef {
+    pub identity: String,
+    pub pod: Option<String>,
+    pub node: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HandoverReport {
+    pub to: ConsumerRef,
+    pub epoch: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsumerReport {
+    pub pod: String,
+    pub uid: String,
+    pub node: Option<String>,
+    pub phase: Option<String>,
+    pub holder: bool,
+}
+
+/// One protected volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeReport {
+    pub namespace: String,
+    pub name: String,
+    /// `None`: released (or never taken).
+    pub holder: Option<ConsumerRef>,
+    pub epoch: u64,
+    /// `acquireTime`: when the current holder took the lease (RFC 3339).
+    pub last_switch: Option<String>,
+    pub last_switch_seconds_ago: Option<i64>,
+    /// The target of a planned switchover under way.
+    pub preferred_holder: Option<ConsumerRef>,
+    /// The controller's handover after a fence.
+    pub handover: Option<HandoverReport>,
+    pub consumers: Vec<ConsumerReport>,
+    /// What looks wrong (a malformed annotation, a holder that is no consumer).
+    pub problems: Vec<String>,
+}
+
+pub fn main(args: StatusArgs) -> ExitCode {
+    super::run(|| status(args))
+}
+
+async fn status(args: StatusArgs) -> Result<(), CliError> {
+    let client = client().await?;
+    let twosites: Api<TwoSite> = Api::all(client.clone());
+    let cluster = match with_timeout(
+        "get the TwoSite",
+        REQUEST_TIMEOUT,
+        twosites.get_opt(DEFAULT_NAME),
+    )
+    .await
+    {
+        Ok(t) => Ok(t.and_then(|t| t.status)),
+        Err(e) => {
+            tracing::warn!(error = %crate::error::report(&e), "could not read the TwoSite");
+            Err(crate::error::report(&e))
+        }
+    };
+    let by_label = ListParams::default().labels(VOLUME_LABEL);
+    let leases: Api<Lease> = Api::all(client.clone());
+    let leases = with_timeout(
+        "list the volume Leases",
+        REQUEST_TIMEOUT,
+        leases.list(&by_label),
+    )
+    .await?;
+    let pods: Api<Pod> = Api::all(client);
+    let pods = with_timeout(
+        "list the consumer pods",
+        REQUEST_TIMEOUT,
+        pods.list(&by_label),
+    )
+    .await?;
+    let r = report(cluster, &leases.items, &pods.items, jiff::Timestamp::now());
+    if args.json {
+        let text = serde_json::to_string_pretty(&r).map_err(CliError::Json)?;
+        println!("{text}");
+    } else {
+        print!("{}", render(&r));
+    }
+    Ok(())
+}
+
+fn consumer_ref(identity: &str, consumers: &[PodFacts]) -> ConsumerRef {
+    let pod = consumers.iter().find(|p| p.uid == identity);
+    ConsumerRef {
+        identity: identity.to_string(),
+        pod: pod.map(|p| p.name.clone()),
+        node: pod.and_then(|p| p.node.clone()),
+    }
+}
+
+fn volume_report(lease: &Lease, pods: &[(String, PodFacts)], now: jiff::Timestamp) -> VolumeReport {
+    let namespace = lease.metadata.namespace.clone().unwrap_or_default();
+    let name = lease.metadata.name.clone().unwrap_or_default();
+    let mut consumers: Vec<PodFacts> = pods
+        .iter()
+        .filter(|(ns, p)| *ns == namespace && p.volume.as_deref() == Some(name.as_str()))
+        .map(|(_, p)| p.clone())
+        .collect();
+    consumers.sort_by(|a, b| a.name.cmp(&b.name));
+    let spec = lease.spec.clone().unwrap_or_default();
+    let mut problems = Vec::new();
+    let (holder, epoch, preferred, handover) = match to_volume_lease(lease) {
+        Ok(v) => (
+            v.holder().map(str::to_string),
+            v.epoch,
+            v.preferred_holder.clone(),
+            v.handover.clone(),
+        ),
+        Err(e) => {
+            problems.push(e.to_string());
+            (
+                spec.holder_identity.clone().filter(|h| !h.is_empty()),
+                u64::try_from(spec.lease_transitions.unwrap_or(0)).unwrap_or(0),
+                None,
+                None,
+            )
+        }
+    };
+    if let Some(h) = holder.as_deref()
+        && !consumers.iter().any(|p| p.uid == h)
+    {
+        problems.push(format!(
+            "the holder {h} is no consumer pod of this volume (none labelled {VOLUME_LABEL}={name} has that UID)"
+        ));
+    }
+    let acquired = spec.acquire_time.map(|t| t.0).filter(|_| holder.is_some());
+    VolumeReport {
+        holder: holder.as_deref().map(|h| consumer_ref(h, &consumers)),
+        epoch,
+        last_switch: acquired.map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()),
+        last_switch_seconds_ago: acquired.map(|t| (now.as_second() - t.as_second()).max(0)),
+        preferred_holder: preferred.as_deref().map(|p| consumer_ref(p, &consumers)),
+        handover: handover.map(|h| HandoverReport {
+            to: consumer_ref(&h.to, &consumers),
+            epoch: h.epoch,
+        }),
+        consumers: consumers
+            .iter()
+            .map(|p| ConsumerReport {
+                pod: p.name.clone(),
+                uid: p.uid.clone(),
+                node: p.node.clone(),
+                phase: p.phase.clone(),
+                holder: holder.as_deref() == Some(p.uid.as_str()),
+            })
+            .collect(),
+        problems,
+        namespace,
+        name,
+    }
+}
+
+/// The report from what was read: the TwoSite status (`Ok(None)`: none yet; `Err`: why it
+/// could not be read), the volume Leases and the labelled pods, at `now`.
+pub fn report(
+    cluster: Result<Option<TwoSiteStatus>, String>,
+    leases: &[Lease],
+    pods: &[Pod],
+    now: jiff::Timestamp,
+) -> StatusReport {
+    let pods: Vec<(String, PodFacts)> = pods
+        .iter()
+        .map(|p| {
+            (
+                p.metadata.namespace.clone().unwrap_or_default(),
+                pod_facts(p),
+            )
+        })
+        .collect();
+    let mut volumes: Vec<VolumeReport> = leases
+        .iter()
+        .map(|l| volume_report(l, &pods, now))
+        .collect();
+    volumes.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    let (cluster, cluster_note) = match cluster {
+        Ok(Some(s)) => (Some(s), None),
+        Ok(None) => (None, Some(NO_STATUS.to_string())),
+        Err(e) => (
+            None,
+            Some(format!("could not read the TwoSite {DEFAULT_NAME}: {e}")),
+        ),
+    };
+    StatusReport {
+        cluster,
+        cluster_note,
+        volumes,
+    }
+}
+
+/// `12s`, `5m 3s`, `2h 4m`, `3d 2h`.
+pub fn ago(secs: i64) -> String {
+    let s = secs.max(0);
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m {}s", s / 60, s % 60),
+        3600..86400 => format!("{}h {}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d {}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+/// Rows with aligned columns, each line indented; trailing blanks trimmed.
+pub fn table(indent: &str, rows: &[Vec<String>]) -> String {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let mut line = indent.to_string();
+        for (c, cell) in row.iter().enumerate() {
+            let _ = write!(line, "{cell:<width$}  ", width = widths[c]);
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn row(cells: &[&str]) -> Vec<String> {
+    cells.iter().map(|s| s.to_string()).collect()
+}
+
+fn or_dash(s: Option<&str>) -> String {
+    s.unwrap_or("-").to_string()
+}
+
+fn consumer_words(c: &ConsumerRef) -> String {
+    match (&c.pod, &c.node) {
+        (Some(pod), Some(node)) => format!("{pod} on {node} (uid {})", c.identity),
+        (Some(pod), None) => format!("{pod}, not scheduled (uid {})", c.identity),
+        _ => format!("{} (no consumer pod has this UID)", c.identity),
+    }
+}
+
+fn render_cluster(s: &TwoSiteStatus, out: &mut String) {
+    let mut fields: Vec<Vec<String>> = Vec::new();
+    let rooms = match &s.rooms {
+        Some(r) => {
+            let source = match r.source {
+                RoomSource::Configured => "configured",
+                RoomSource::Automatic => "automatic",
+            };
+            format!("{} and {} ({source})", r.a, r.b)
+        }
+        None => "not resolved".to_string(),
+    };
+    fields.push(row(&["Rooms:", &rooms]));
+    let leader = match &s.leader {
+        Some(l) => format!("{} (epoch {})", l.identity, l.epoch),
+        None => "none".to_string(),
+    };
+    fields.push(row(&["Leader:", &leader]));
+    let witness = match &s.witness {
+        None => "not reported".to_string(),
+        Some(w) if !w.configured => "not configured".to_string(),
+        Some(w) => {
+            let mut text = if w.reachable {
+                "reachable".to_string()
+            } else {
+                "UNREACHABLE".to_string()
+            };
+            if let Some(g) = &w.grant {
+                let _ = write!(text, ", grant to {} (epoch {})", g.room, g.epoch);
+            }
+            if let Some(t) = &w.last_contact {
+                let _ = write!(text, ", last contact {t}");
+            }
+            text
+        }
+    };
+    fields.push(row(&["Witness:", &witness]));
+    fields.push(row(&[
+        "Pairs:",
+        &format!("{} paired, {} unpaired", s.pair_count, s.unpaired_count),
+    ]));
+    out.push_str(&table("  ", &fields));
+    if !s.pairs.is_empty() {
+        out.push_str("\n  Pairs:\n");
+        let mut rows = vec![row(&["ROOM A", "", "ROOM B"])];
+        rows.extend(s.pairs.iter().map(|p| row(&[&p.a, "<->", &p.b])));
+        out.push_str(&table("    ", &rows));
+    }
+    if !s.unpaired.is_empty() {
+        out.push_str("\n  Unpaired:\n");
+        let mut rows = vec![row(&["NODE", "REASON", "MESSAGE"])];
+        rows.extend(
+            s.unpaired
+                .iter()
+                .map(|u| row(&[&u.node, &u.reason, &u.message])),
+        );
+        out.push_str(&table("    ", &rows));
+    }
+    if !s.nodes.is_empty() {
+        out.push_str("\n  Nodes:\n");
+        let mut rows = vec![row(&[
+            "NODE",
+            "ROOM",
+            "PARTNER",
+            "PHASE",
+            "VERDICT",
+            "WAITING FOR",
+        ])];
+        rows.extend(s.nodes.iter().map(|n| {
+            vec![
+                n.name.clone(),
+                or_dash(n.room.as_deref()),
+                or_dash(n.partner.as_deref()),
+                n.phase.clone(),
+                n.verdict.clone(),
+                or_dash(n.waiting_for.as_deref()),
+            ]
+        }));
+        out.push_str(&table("    ", &rows));
+    }
+    if !s.conditions.is_empty() {
+        out.push_str("\n  Conditions:\n");
+        let mut rows = vec![row(&["TYPE", "STATUS", "REASON", "MESSAGE"])];
+        rows.extend(
+            s.conditions
+                .iter()
+                .map(|c| row(&[&c.type_, &c.status, &c.reason, &c.message])),
+        );
+        out.push_str(&table("    ", &rows));
+    }
+}
+
+fn render_volume(v: &VolumeReport, out: &mut String) {
+    let _ = writeln!(out, "\n  {}/{}", v.namespace, v.name);
+    let mut fields: Vec<Vec<String>> = Vec::new();
+    let holder = match &v.holder {
+        Some(h) => consumer_words(h),
+        None => "nobody (released)".to_string(),
+    };
+    fields.push(row(&["Holder:", &holder]));
+    fields.push(row(&["Epoch:", &v.epoch.to_string()]));
+    let last = match (&v.last_switch, v.last_switch_seconds_ago) {
+        (Some(t), Some(s)) => format!("{t} ({} ago)", ago(s)),
+        (Some(t), None) => t.clone(),
+        _ => "-".to_string(),
+    };
+    fields.push(row(&["Last switch:", &last]));
+    if let Some(p) = &v.preferred_holder {
+        let is_holder = v.holder.as_ref().is_some_and(|h| h.identity == p.identity);
+        let words = if is_holder {
+            format!(
+                "done, to {} (preferred holder still set)",
+                consumer_words(p)
+            )
+        } else {
+            format!("under way, to {}", consumer_words(p))
+        };
+        fields.push(row(&["Switchover:", &words]));
+    }
+    if let Some(h) = &v.handover {
+        fields.push(row(&[
+            "Handover:",
+            &format!("to {}, epoch {}", consumer_words(&h.to), h.epoch),
+        ]));
+    }
+    for p in &v.problems {
+        fields.push(row(&["Problem:", p]));
+    }
+    out.push_str(&table("    ", &fields));
+    if v.consumers.is_empty() {
+        let _ = writeln!(
+            out,
+            "    Consumers:    none (no pod labelled {VOLUME_LABEL}={})",
+            v.name
+        );
+        return;
+    }
+    out.push_str("    Consumers:\n");
+    let mut rows = vec![row(&["POD", "NODE", "ROLE", "PHASE", "UID"])];
+    rows.extend(v.consumers.iter().map(|c| {
+        vec![
+            c.pod.clone(),
+            or_dash(c.node.as_deref()),
+            if c.holder { "holder" } else { "standby" }.to_string(),
+            or_dash(c.phase.as_deref()),
+            c.uid.clone(),
+        ]
+    }));
+    out.push_str(&table("      ", &rows));
+}
+
+/// The text report.
+pub fn render(r: &StatusReport) -> String {
+    let mut out = String::from("Cluster (TwoSite default)\n");
+    match (&r.cluster, &r.cluster_note) {
+        (Some(s), _) => render_cluster(s, &mut out),
+        (None, Some(note)) => {
+            let _ = writeln!(out, "  {note}");
+        }
+        (None, None) => {
+            let _ = writeln!(out, "  {NO_STATUS}");
+        }
+    }
+    let _ = writeln!(out, "\nVolumes ({})", r.volumes.len());
+    if r.volumes.is_empty() {
+        let _ = writeln!(out, "  none (no Lease labelled {VOLUME_LABEL})");
+    }
+    for v in &r.volumes {
+        render_volume(v, &mut out);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn now() -> jiff::Timestamp {
+        "2026-12-07T02:10:42Z".parse().expect("a timestamp")
+    }
+
+    fn lease(holder: &str, annotations: serde_json::Value) -> Lease {
+        serde_json::from_value(json!({
+            "metadata": {"name": "block-data", "namespace": "block-demo",
+                         "labels": {"twosite.dev/volume": "block-data"},
+                         "annotations": annotations},
+            "spec": {"holderIdentity": holder, "leaseTransitions": 4,
+                     "acquireTime": "2026-12-07T02:10:00.123456Z", "leaseDurationSeconds": 10}
+        }))
+        .expect("a lease")
+    }
+
+    fn pod(ns: &str, name: &str, volume: &str, node: &str) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": ns, "uid": format!("uid-{name}"),
+                         "labels": {"twosite.dev/volume": volume}},
+            "spec": {"nodeName": node, "containers": []},
+            "status": {"phase": "Running"}
+        }))
+        .expect("a pod")
+    }
+
+    fn pods() -> Vec<Pod> {
+        vec![
+            pod("block-demo", "block-b", "block-data", "b-1"),
+            pod("block-demo", "block-a", "block-data", "a-1"),
+            // Same label value, other namespace: not a consumer of block-demo/block-data.
+            pod("other", "block-c", "block-data", "a-2"),
+        ]
+    }
+
+    fn cluster() -> TwoSiteStatus {
+        serde_json::from_value(json!({
+            "rooms": {"a": "room-a", "b": "room-b", "source": "Automatic"},
+            "pairs": [{"a": "a-1", "b": "b-1"}], "pairCount": 1,
+            "unpaired": [], "unpairedCount": 0,
+            "leader": {"identity": "twosite-controller-0", "epoch": 2},
+            "nodes": [
+                {"name": "a-1", "room": "room-a", "partner": "b-1", "phase": "Healthy", "verdict": "Alive"},
+                {"name": "b-1", "room": "room-b", "partner": "a-1", "phase": "Healthy", "verdict": "Alive"}
+            ],
+            "witness": {"configured": true, "reachable": true, "grant": {"room": "room-a", "epoch": 3}},
+            "conditions": [{"type": "Paired", "status": "True", "reason": "AllPaired",
+                            "message": "every worker has a partner", "lastTransitionTime": "2026-12-07T02:00:00Z"}]
+        }))
+        .expect("a status")
+    }
+
+    #[test]
+    fn a_volume_names_its_holder_pod_node_epoch_and_last_switch() {
+        let r = report(Ok(None), &[lease("uid-block-a", json!({}))], &pods(), now());
+        assert_eq!(r.cluster_note.as_deref(), Some(NO_STATUS));
+        let v = &r.volumes[0];
+        assert_eq!(
+            (v.namespace.as_str(), v.name.as_str()),
+            ("block-demo", "block-data")
+        );
+        assert_eq!(
+            v.holder,
+            Some(ConsumerRef {
+                identity: "uid-block-a".into(),
+                pod: Some("block-a".into()),
+                node: Some("a-1".into()),
+            })
+        );
+        assert_eq!(v.epoch, 4);
+        assert_eq!(v.last_switch.as_deref(), Some("2026-12-07T02:10:00Z"));
+        assert_eq!(v.last_switch_seconds_ago, Some(42));
+        assert_eq!(v.preferred_holder, None);
+        assert_eq!(v.handover, None);
+        assert!(v.problems.is_empty(), "{:?}", v.problems);
+        let names: Vec<(&str, bool)> = v
+            .consumers
+            .iter()
+            .map(|c| (c.pod.as_str(), c.holder))
+            .collect();
+        assert_eq!(names, vec![("block-a", true), ("block-b", false)]);
+    }
+
+    #[test]
+    fn a_switchover_and_a_handover_under_way_are_shown() {
+        let l = lease(
+            "uid-block-a",
+            json!({"twosite.dev/preferred-holder": "uid-block-b",
+                   "twosite.dev/handover": "{\"to\": \"uid-block-b\", \"epoch\": 5}"}),
+        );
+        let r = report(Ok(Some(cluster())), &[l], &pods(), now());
+        let v = &r.volumes[0];
+        assert_eq!(
+            v.preferred_holder.as_ref().and_then(|p| p.pod.as_deref()),
+            Some("block-b")
+        );
+        let h = v.handover.as_ref().expect("a handover");
+        assert_eq!((h.to.pod.as_deref(), h.epoch), (Some("block-b"), 5));
+        let text = render(&r);
+        assert!(
+            text.contains("Switchover:   under way, to block-b on b-1 (uid uid-block-b)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Handover:     to block-b on b-1 (uid uid-block-b), epoch 5"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_released_lease_a_stranger_holder_and_a_bad_annotation_are_reported_not_fatal() {
+        let released = report(Ok(None), &[lease("", json!({}))], &pods(), now());
+        let v = &released.volumes[0];
+        assert_eq!((v.holder.as_ref(), v.last_switch.as_ref()), (None, None));
+        assert!(v.consumers.iter().all(|c| !c.holder));
+        assert!(render(&released).contains("Holder:       nobody (released)"));
+
+        let bad = lease("uid-x", json!({"twosite.dev/handover": "block-b"}));
+        let r = report(Ok(None), &[bad], &pods(), now());
+        let v = &r.volumes[0];
+        assert_eq!(v.holder.as_ref().map(|h| h.pod.clone()), Some(None));
+        assert_eq!(v.epoch, 4);
+        assert_eq!(v.problems.len(), 2, "{:?}", v.problems);
+        let text = render(&r);
+        assert!(
+            text.contains("Holder:       uid-x (no consumer pod has this UID)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Problem:      the annotation twosite.dev/handover"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_text_report_has_aligned_sections() {
+        let r = report(
+            Ok(Some(cluster())),
+            &[lease("uid-block-a", json!({}))],
+            &pods(),
+            now(),
+        );
+        let text = render(&r);
+        let expected = "\
+Cluster (TwoSite default)
+  Rooms:    room-a and room-b (automatic)
+  Leader:   twosite-controller-0 (epoch 2)
+  Witness:  reachable, grant to room-a (epoch 3)
+  Pairs:    1 paired, 0 unpaired
+
+  Pairs:
+    ROOM A       ROOM B
+    a-1     <->  b-1
+
+  Nodes:
+    NODE  ROOM    PARTNER  PHASE    VERDICT  WAITING FOR
+    a-1   room-a  b-1      Healthy  Alive    -
+    b-1   room-b  a-1      Healthy  Alive    -
+
+  Conditions:
+    TYPE    STATUS  REASON     MESSAGE
+    Paired  True    AllPaired  every worker has a partner
+
+Volumes (1)
+
+  block-demo/block-data
+    Holder:       block-a on a-1 (uid uid-block-a)
+    Epoch:        4
+    Last switch:  2026-12-07T02:10:00Z (42s ago)
+    Consumers:
+      POD      NODE  ROLE     PHASE    UID
+      block-a  a-1   holder   Running  uid-block-a
+      block-b  b-1   standby  Running  uid-block-b
+";
+        assert_eq!(text, expected, "\n{text}");
+    }
+
+    #[test]
+    fn without_a_status_or_volumes_the_report_says_so() {
+        let r = report(Ok(None), &[], &[], now());
+        assert_eq!(
+            render(&r),
+            "Cluster (TwoSite default)\n  controller has not written a status yet\n\nVolumes (0)\n  none (no Lease labelled twosite.dev/volume)\n"
+        );
+        let r = report(Err("forbidden".into()), &[], &[], now());
+        assert!(render(&r).contains("could not read the TwoSite default: forbidden"));
+    }
+
+    #[test]
+    fn the_json_report_carries_the_same_content() {
+        let r = report(
+            Ok(Some(cluster())),
+            &[lease("uid-block-a", json!({}))],
+            &pods(),
+            now(),
+        );
+        let j = serde_json::to_value(&r).expect("json");
+        assert_eq!(j["cluster"]["leader"]["identity"], "twosite-controller-0");
+        assert_eq!(j["cluster"]["nodes"][0]["phase"], "Healthy");
+        let v = &j["volumes"][0];
+        assert_eq!(v["holder"]["pod"], "block-a");
+        assert_eq!(v["holder"]["node"], "a-1");
+        assert_eq!(v["epoch"], 4);
+        assert_eq!(v["lastSwitch"], "2026-12-07T02:10:00Z");
+        assert_eq!(v["lastSwitchSecondsAgo"], 42);
+        assert_eq!(v["consumers"][1]["pod"], "block-b");
+        assert_eq!(v["consumers"][1]["holder"], false);
+        assert!(j.get("clusterNote").is_none());
+    }
+
+    #[test]
+    fn ages_read_like_a_person_would_say_them() {
+        assert_eq!(ago(-3), "0s");
+        assert_eq!(ago(42), "42s");
+        assert_eq!(ago(303), "5m 3s");
+        assert_eq!(ago(7440), "2h 4m");
+        assert_eq!(ago(266400), "3d 2h");
+    }
+}
