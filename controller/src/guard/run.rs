@@ -64,7 +64,11 @@ pub struct GuardArgs {
     /// Readiness (/readyz: 200 only while the app runs as the active consumer) and /livez.
     #[arg(long, default_value = "0.0.0.0:9479")]
     pub health_addr: SocketAddr,
-    /// How long the app has after SIGTERM before SIGKILL.
+    /// The signal that asks the app to stop (SIGKILL follows after --stop-grace-ms), e.g. INT
+    /// for PostgreSQL's fast shutdown.
+    #[arg(long, default_value = "TERM", value_parser = parse_stop_signal)]
+    pub stop_signal: i32,
+    /// How long the app has after the stop signal before SIGKILL.
     #[arg(long, default_value = "1500", value_parser = parse_ms)]
     pub stop_grace_ms: Duration,
     /// The app and its arguments, after `--`.
@@ -74,6 +78,10 @@ pub struct GuardArgs {
 
 fn parse_fs(s: &str) -> Result<Filesystem, String> {
     s.parse::<Filesystem>().map_err(|e| e.to_string())
+}
+
+fn parse_stop_signal(s: &str) -> Result<i32, String> {
+    super::app::parse_signal(s).map_err(|e| e.to_string())
 }
 
 fn parse_ms(s: &str) -> Result<Duration, String> {
@@ -570,13 +578,10 @@ impl Shell {
             return;
         };
         self.stopping = true;
-        let (grace, mount, tx) = (
-            self.args.stop_grace_ms,
-            self.args.mount.clone(),
-            self.tx.clone(),
-        );
+        let (signal, grace) = (self.args.stop_signal, self.args.stop_grace_ms);
+        let (mount, tx) = (self.args.mount.clone(), self.tx.clone());
         tokio::spawn(async move {
-            let stopped = app.stop(grace).await.map_err(|e| e.to_string());
+            let stopped = app.stop(signal, grace).await.map_err(|e| e.to_string());
             let result = match stopped {
                 Ok(status) => {
                     tracing::info!(%status, "app stopped");

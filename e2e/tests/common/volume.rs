@@ -129,7 +129,39 @@ impl Consumer {
         fs: &str,
         agent_socket: &Path,
     ) {
-        let args: Vec<String> = vec![
+        let app = vec![
+            "python3".into(),
+            "-c".into(),
+            WRITER.into(),
+            self.who.clone(),
+            self.record.display().to_string(),
+        ];
+        self.start_app(
+            server,
+            kubeconfig,
+            &[namespace, lease, fs],
+            device,
+            agent_socket,
+            &[],
+            &app,
+        );
+    }
+
+    /// Starts its guard (`target`: namespace, lease, filesystem) with `extra` guard flags,
+    /// running `app`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_app(
+        &mut self,
+        server: &ApiServer,
+        kubeconfig: &Path,
+        target: &[&str; 3],
+        device: &Path,
+        agent_socket: &Path,
+        extra: &[String],
+        app: &[String],
+    ) {
+        let [namespace, lease, fs] = *target;
+        let mut args: Vec<String> = vec![
             "--mount".into(),
             "--propagation".into(),
             "private".into(),
@@ -144,13 +176,10 @@ impl Consumer {
             format!("--identity={}", self.identity),
             format!("--agent-socket={}", agent_socket.display()),
             format!("--health-addr=127.0.0.1:{}", self.health_port),
-            "--".into(),
-            "python3".into(),
-            "-c".into(),
-            WRITER.into(),
-            self.who.clone(),
-            self.record.display().to_string(),
         ];
+        args.extend(extra.iter().cloned());
+        args.push("--".into());
+        args.extend(app.iter().cloned());
         self.guard = Some(Process::start(
             server,
             &format!("guard-{}", self.who),
