@@ -37,14 +37,14 @@ pub enum CliError {
     #[error("--timeout-secs must be at least 1")]
     BadTimeout,
     #[error(
-        "the switch to {to} did not finish within {after:?}: the Lease is held by {holder} (epoch {epoch}); the preferred holder stays set, so {to} takes over once the holder stands down (clear it with `kubectl -n {namespace} annotate lease {lease} twosite.dev/preferred-holder-`)"
+        "the switch to {to} did not finish within {after:?}: {state}; the preferred holder stays set to {to} (clear it with `kubectl -n {namespace} annotate lease {lease} twosite.dev/preferred-holder-`)"
     )]
     Timeout {
         namespace: String,
         lease: String,
         to: String,
-        holder: String,
-        epoch: u64,
+        /// Where the switch stands (see [`timeout_state`]).
+        state: String,
         after: Duration,
     },
     #[error("the Lease {namespace}/{lease} was deleted during the switchover")]
@@ -68,6 +68,19 @@ impl CliError {
             | CliError::BadTimeout => 2,
             _ => 1,
         }
+    }
+}
+
+/// Where a switch that timed out stands: still held by `holder` (a pod name and UID), or
+/// released and not taken.
+pub fn timeout_state(holder: Option<&str>, epoch: u64, to: &str) -> String {
+    match holder {
+        Some(h) => format!(
+            "the Lease is still held by {h} at epoch {epoch}: the holder has not stood down (is its guard running, is its app slow to stop?)"
+        ),
+        None => format!(
+            "the holder stood down and released the Lease (epoch {epoch}), but {to} has not taken it (is its guard running?)"
+        ),
     }
 }
 
@@ -151,12 +164,17 @@ mod tests {
             namespace: "ns".into(),
             lease: "l".into(),
             to: "b".into(),
-            holder: "a".into(),
-            epoch: 3,
+            state: timeout_state(Some("a (uid u-a)"), 3, "b"),
             after: Duration::from_secs(60),
         };
         assert_eq!(timeout.exit_code(), 1);
-        assert!(timeout.to_string().contains("held by a (epoch 3)"));
+        assert!(
+            timeout
+                .to_string()
+                .starts_with("the switch to b did not finish within 60s: the Lease is still held by a (uid u-a) at epoch 3"),
+            "{timeout}"
+        );
+        assert!(timeout_state(None, 3, "b").contains("but b has not taken it"));
     }
 
     #[test]

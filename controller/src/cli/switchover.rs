@@ -194,16 +194,15 @@ async fn switchover(args: SwitchoverArgs) -> Result<(), CliError> {
             }
         }
         if started.elapsed() >= timeout {
-            let holder = match &last.0 {
-                Some(uid) => format!("{} (uid {uid})", name_of(&facts, uid)),
-                None => "nobody (released)".to_string(),
-            };
+            let holder = last
+                .0
+                .as_deref()
+                .map(|uid| format!("{} (uid {uid})", name_of(&facts, uid)));
             return Err(CliError::Timeout {
                 namespace: volume.namespace.clone(),
                 lease: volume.lease.clone(),
                 to: to.name.clone(),
-                holder,
-                epoch: last.1,
+                state: super::timeout_state(holder.as_deref(), last.1, &to.name),
                 after: timeout,
             });
         }
