@@ -213,6 +213,11 @@ impl Cluster {
         let Some(step) = self.nodes[i].agent.as_mut().map(|a| a.tick(local)) else {
             return;
         };
+        // The guards' deadlines, as the shipped agent's loop applies them on every tick.
+        let withheld = self.deadline_withholds_feed(i, local);
+        if self.deadline_overdue(i, local) {
+            return;
+        }
         if step.armed {
             self.nodes[i].workloads_running = true;
         }
@@ -275,7 +280,7 @@ impl Cluster {
                         );
                     }
                 }
-            } else if step.feed && !self.deadline_withholds_feed(i, local) {
+            } else if step.feed && !withheld {
                 self.nodes[i].last_feed = Some(self.now);
             }
         }
@@ -317,5 +322,47 @@ impl Cluster {
         }
         self.nodes[i].feeds_withheld = withhold;
         withhold
+    }
+
+    /// A guard's deadline passed without a disarm: its app may still write. As the shipped
+    /// agent: stop the HA workloads, and reboot at once when the watchdog cannot do it.
+    /// Returns whether the node was reset.
+    fn deadline_overdue(&mut self, i: usize, local: MonoTime) -> bool {
+        let check = self.nodes[i]
+            .deadlines
+            .check(local, self.cfg.timing.watchdog);
+        let first = !check.overdue.is_empty() && !self.nodes[i].overdue_handled;
+        self.nodes[i].overdue_handled = !check.overdue.is_empty();
+        if !first || self.cfg.agent_ignores_deadlines {
+            return false;
+        }
+        let name = self.nodes[i].name.clone();
+        if !self.cfg.stop_command_fails {
+            self.nodes[i].workloads_running = false;
+        }
+        let failed = self.nodes[i]
+            .agent
+            .as_ref()
+            .is_some_and(AgentCore::is_watchdog_failed);
+        self.log(
+            &format!("agent/{name}"),
+            format!(
+                "fence deadline of {} passed: HA workloads stopped{}",
+                check.overdue.join(", "),
+                if failed {
+                    "; the watchdog is broken: rebooting the node directly"
+                } else {
+                    ""
+                }
+            ),
+        );
+        if failed {
+            self.record
+                .volumes
+                .fenced_by_deadline
+                .push((self.now, name));
+            self.reset_node(i, "its agent rebooted it (a guard's deadline)");
+        }
+        failed
     }
 }

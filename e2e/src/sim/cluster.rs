@@ -93,6 +93,8 @@ pub(super) struct SimNode {
     pub(super) deadlines: NodeDeadlines,
     /// A deadline holds the watchdog feeds back (logged once per episode).
     pub(super) feeds_withheld: bool,
+    /// An overdue deadline was acted on (once per episode).
+    pub(super) overdue_handled: bool,
 }
 
 /// Knobs of one run that are not faults.
@@ -430,6 +432,7 @@ impl Cluster {
             next_claim: MonoTime::ZERO,
             deadlines: NodeDeadlines::new(),
             feeds_withheld: false,
+            overdue_handled: false,
         });
     }
 
@@ -513,6 +516,7 @@ impl Cluster {
         n.next_probe = MonoTime::ZERO;
         n.deadlines = NodeDeadlines::new();
         n.feeds_withheld = false;
+        n.overdue_handled = false;
         let name = n.name.clone();
         for r in self.replicas.iter_mut().filter(|r| r.host == name) {
             r.up = true;

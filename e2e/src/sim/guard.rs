@@ -301,7 +301,7 @@ impl Cluster {
                 };
                 if !p.armed {
                     // The app never starts before the agent acknowledged the deadline.
-                    p.guard.app_stopped();
+                    p.guard.start_refused(local);
                     return;
                 }
                 p.app = App::Running {

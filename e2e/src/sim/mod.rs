@@ -72,6 +72,7 @@ pub fn run_with(scenario: &Scenario, seed: u64, cfg: SimConfig) -> Report {
     cluster.check_volume_expectations(&scenario.volume_expectations);
     if scenario.name == "random" {
         report.samples = cluster.check_liveness(scenario);
+        cluster.check_volume_liveness(scenario);
     }
 
     report

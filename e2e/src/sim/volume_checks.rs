@@ -249,4 +249,59 @@ impl Cluster {
             self.violate("expectation", u);
         }
     }
+
+    /// Liveness for volumes (random schedules): when the last fault lies [`VOLUME_QUIET_MS`]
+    /// back, no link is cut, and some consumer's node is powered, connected, runs an agent with a
+    /// sound, armed watchdog and was not reset or stopped meanwhile, some consumer of each
+    /// volume writes (a holder that cannot start its app must not keep the volume).
+    pub(super) fn check_volume_liveness(&mut self, scenario: &super::scenario::Scenario) {
+        let last_fault = scenario.faults.iter().map(|f| f.at_ms).max().unwrap_or(0);
+        let end = self.now;
+        if last_fault + VOLUME_QUIET_MS > end || !self.cut.is_empty() {
+            return;
+        }
+        let mut missed = Vec::new();
+        for v in &self.volumes {
+            let since = end - VOLUME_QUIET_MS;
+            let r = &self.record;
+            let calm = |node: &str| {
+                let recent =
+                    |list: &[(u64, String)]| list.iter().any(|(t, n)| n == node && *t >= since);
+                !recent(&r.watchdog_fired)
+                    && !recent(&r.right_lost)
+                    && !recent(&r.volumes.fenced_by_deadline)
+                    && r.agent_rebooted
+                        .get(node)
+                        .is_none_or(|ts| ts.iter().all(|t| *t < since))
+            };
+            let sound = v.consumers.iter().any(|c| {
+                self.nodes.iter().any(|n| {
+                    n.name == c.node
+                        && n.powered
+                        && !n.isolated
+                        && n.last_feed.is_some()
+                        && !n.watchdog_broken
+                        && n.agent.as_ref().is_some_and(|a| !a.is_watchdog_failed())
+                        && calm(&n.name)
+                })
+            });
+            let writing = v
+                .consumers
+                .iter()
+                .any(|c| c.proc.as_ref().is_some_and(|p| p.writing()));
+            if sound && !writing {
+                missed.push(format!(
+                    "{}: no consumer writes {} ms after the last fault, all of them healthy",
+                    v.name,
+                    end - last_fault
+                ));
+            }
+        }
+        for m in missed {
+            self.violate("liveness-volume", m);
+        }
+    }
 }
+
+/// How long after the last fault of a random schedule some consumer of each volume must write.
+pub const VOLUME_QUIET_MS: u64 = 60_000;

@@ -77,6 +77,9 @@ pub enum DemoteReason {
     Switchover,
     /// The shell asked the guard to step down for good.
     Retire,
+    /// The app could not be started for a while (the node agent refuses the deadline, the
+    /// mount fails): the lease goes back so another consumer can write.
+    StartRefused,
 }
 
 impl DemoteReason {
@@ -169,6 +172,10 @@ pub struct VolumeGuard {
     next_refresh: Option<MonoTime>,
     retry_at: Option<MonoTime>,
     retiring: bool,
+    /// Since when every start of this tenure's app was refused ([`VolumeGuard::start_refused`]).
+    refused_since: Option<MonoTime>,
+    /// Starts were refused for too long: give the lease back.
+    stand_down: bool,
     last_refusal: Option<TakeRefusal>,
 }
 
@@ -203,6 +210,8 @@ impl VolumeGuard {
             next_refresh: None,
             retry_at: None,
             retiring: false,
+            refused_since: None,
+            stand_down: false,
             last_refusal: None,
         }
     }
@@ -329,6 +338,22 @@ impl VolumeGuard {
         self.app = AppState::Stopped;
     }
 
+    /// The app could not be started after `StartApp` (the node agent refused the deadline, or
+    /// mounting or starting failed): it is not running. An active guard tries again at the next
+    /// step; once starts have been refused for `demote_after`, it gives the lease back and waits
+    /// a lease duration before competing again, so a consumer that can write takes over
+    /// instead of this one holding the volume with nothing running.
+    pub fn start_refused(&mut self, now: MonoTime) {
+        self.app = AppState::Stopped;
+        let since = *self.refused_since.get_or_insert(now);
+        if matches!(self.state, GuardState::Active { .. })
+            && now >= since + self.timing.demote_after
+        {
+            self.stand_down = true;
+            self.retry_at = Some(now + self.timing.duration);
+        }
+    }
+
     /// Step down for good: demote, release, never acquire again (the pod is terminating).
     pub fn retire(&mut self) {
         self.retiring = true;
@@ -429,7 +454,9 @@ impl VolumeGuard {
             && self.fresh
             && v.lease.holder() == Some(self.identity.as_str())
             && v.lease.handover.is_none()
-            && (self.retiring || v.lease.preferred_other(&self.identity).is_some())
+            && (self.retiring
+                || self.stand_down
+                || v.lease.preferred_other(&self.identity).is_some())
         {
             let (epoch, rv) = (v.lease.epoch, v.lease.resource_version.clone());
             self.state = GuardState::Releasing { epoch };
@@ -454,6 +481,8 @@ impl VolumeGuard {
             Ok(take) => {
                 self.last_refusal = None;
                 self.renewed_at = None;
+                self.refused_since = None;
+                self.stand_down = false;
                 self.state = GuardState::Acquiring { epoch: take.epoch };
                 let a = self.send(WriteKind::Acquire, take.epoch, take.expected_rv, now);
                 out.push(a);
@@ -465,6 +494,9 @@ impl VolumeGuard {
     fn demote_reason(&self, epoch: u64, now: MonoTime) -> Option<DemoteReason> {
         if self.retiring {
             return Some(DemoteReason::Retire);
+        }
+        if self.stand_down {
+            return Some(DemoteReason::StartRefused);
         }
         if self
             .renewed_at

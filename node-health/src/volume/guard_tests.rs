@@ -592,6 +592,61 @@ fn a_crashed_app_is_restarted_while_the_lease_is_held() {
     assert_eq!(g.fence_deadline(), None);
 }
 
+/// Found by the simulation (random schedule 277): a holder whose node agent refuses every
+/// deadline (its watchdog broke) can never start its app, yet renewed the lease for ever, so the
+/// standby on a sound node never wrote. Refused starts for `demote_after` give the lease back.
+#[test]
+fn a_holder_that_cannot_start_its_app_gives_the_lease_back() {
+    let mut api = Api::new(released(0));
+    let mut g = active("me", &mut api);
+    // The agent refused the deadline: the shell reports the start refused, again and again.
+    g.start_refused(MonoTime(0));
+    let mut t = 0;
+    while t < 5_900 {
+        t += 100;
+        let a = run(&mut g, &mut api, t);
+        if a.iter().any(|x| matches!(x, GuardAction::StartApp { .. })) {
+            g.start_refused(MonoTime(t));
+        }
+        assert!(
+            !a.iter().any(|x| matches!(x, GuardAction::Release { .. })),
+            "a short refusal keeps the lease: {t} ms {a:?}"
+        );
+        g.observe(Some(api.lease.clone()), MonoTime(t));
+    }
+    assert!(api.lease.is_held_by("me", 1), "renewed meanwhile");
+    // Refused for 6 s: released, and not taken again for a lease duration.
+    let mut released_at = None;
+    while t < 7_000 {
+        t += 100;
+        let a = run(&mut g, &mut api, t);
+        if a.iter().any(|x| matches!(x, GuardAction::StartApp { .. })) {
+            g.start_refused(MonoTime(t));
+        }
+        g.observe(Some(api.lease.clone()), MonoTime(t));
+        if api.lease.released && released_at.is_none() {
+            released_at = Some(t);
+        }
+    }
+    assert!(released_at.is_some(), "{:?}", api.lease);
+    assert_eq!(g.state(), GuardState::Standby);
+    assert_eq!(g.fence_deadline(), None);
+    while t < 15_900 {
+        t += 100;
+        let a = run(&mut g, &mut api, t);
+        assert!(
+            !a.iter().any(|x| matches!(x, GuardAction::Acquire { .. })),
+            "backs off for a lease duration: {t} ms"
+        );
+    }
+    // Another consumer takes the released lease meanwhile.
+    let mut other = guard("other");
+    other.observe(Some(api.lease.clone()), MonoTime(t));
+    let a = run(&mut other, &mut api, t);
+    assert!(matches!(a[..], [GuardAction::Acquire { .. }]), "{a:?}");
+    assert!(api.lease.is_held_by("other", 2));
+}
+
 #[test]
 fn a_release_that_conflicted_is_sent_again_from_standby() {
     let mut api = Api::new(released(0));
