@@ -547,3 +547,31 @@ fn volume_checks_catch_an_agent_ignoring_deadlines_and_an_unsafe_timing() {
     );
     assert!(!two_writers(&r));
 }
+
+/// Bad input: a switchover to a pod that is not a consumer of the volume is refused with an
+/// Event, and nothing moves.
+#[test]
+fn a_switchover_to_a_non_consumer_is_refused_and_nothing_moves() {
+    let mut s = scenario::named("switchover", 1).expect("scenario");
+    for f in &mut s.faults {
+        f.fault = scenario::Fault::Switchover {
+            volume: "vol-1".into(),
+            to: Some(9),
+        };
+    }
+    s.volume_expectations.clear();
+    let r = sim::run(&s, 1);
+    assert!(r.ok(), "{}", r.render_text());
+    assert!(
+        r.timeline.iter().any(|e| e
+            .event
+            .starts_with("Event VolumeSwitchoverRefused on vol-1: switchover refused: no-such-consumer-9 is not a consumer")),
+        "{}",
+        r.render_text()
+    );
+    assert_eq!(
+        r.figures["volume_app_starts"], 1,
+        "the holder keeps the volume"
+    );
+    assert!(!r.figures.contains_key("switchover_ms"));
+}

@@ -159,11 +159,12 @@ pub fn run_with(scenario: &Scenario, seed: u64, cfg: SimConfig) -> Report {
 }
 
 /// Figures of single runs that the schedules' summary adds up.
-const COUNTERS: [&str; 5] = [
+const COUNTERS: [&str; 6] = [
     "forged_answers_refused",
     "forged_answers_taken",
     "volume_app_starts",
     "volume_faults",
+    "volume_handovers",
     "two_writer_steps",
 ];
 

@@ -778,29 +778,8 @@ fn apply_watch_event(
         (Key::Pod(p), None) => {
             r.pods.remove(&p);
         }
-        (
-            Key::VolumeLease(v),
-            Some(Stored {
-                rv,
-                obj: Obj::VolumeLease(l),
-            }),
-        ) => {
-            r.volumes.insert(v, (rv, l));
-        }
-        (Key::VolumeLease(v), None) => {
-            r.volumes.remove(&v);
-        }
-        (
-            Key::Consumer(p),
-            Some(Stored {
-                obj: Obj::Consumer(c),
-                ..
-            }),
-        ) => {
-            r.consumers.insert(p, c);
-        }
-        (Key::Consumer(p), None) => {
-            r.consumers.remove(&p);
+        (key @ (Key::VolumeLease(_) | Key::Consumer(_)), value) => {
+            super::volume_controller::apply_volume_event(r, key, value);
         }
         _ => {}
     }

@@ -121,6 +121,8 @@ pub(super) struct VolumeRecord {
     pub fenced_by_deadline: Vec<(u64, String)>,
     /// Steps on which two consumers of one volume wrote.
     pub two_writer_steps: u64,
+    /// Handovers the controller committed after fencing a holder's node.
+    pub handovers: u64,
 }
 
 pub(super) fn to_core(stored: &Stored) -> Option<VolumeLease> {

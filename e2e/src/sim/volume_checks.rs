@@ -162,6 +162,7 @@ impl Cluster {
             }
         }
         figures.insert("two_writer_steps".into(), r.two_writer_steps);
+        figures.insert("volume_handovers".into(), r.handovers);
         figures.insert(
             "volume_faults".into(),
             (r.requests.len() + r.holder_faults.len()) as u64,

@@ -3,8 +3,9 @@
 //! the remediation phases ([`proven_fenced`]) and verdicts of their nodes — and this shell
 //! writes what it says: the handover, the preferred holder, the role labels, the Events.
 
-use super::api::{ConsumerObj, Key, Obj, Precondition, VolumeLeaseObj};
+use super::api::{ConsumerObj, Key, Obj, Precondition, Stored, VolumeLeaseObj};
 use super::cluster::Cluster;
+use super::replica::Replica;
 use node_health::MonoTime;
 use node_health::volume::{Consumer, VolumeAction, VolumeFacts, VolumeLease, proven_fenced};
 use std::collections::BTreeSet;
@@ -112,7 +113,7 @@ impl Cluster {
             VolumeAction::SetRole { identity, active } => {
                 // The shell reads the pod first: a label already as asked is not written again.
                 let current = |pod: &str| match self.api.get(&Key::Consumer(pod.to_string())) {
-                    Some(super::api::Stored {
+                    Some(Stored {
                         obj: Obj::Consumer(c),
                         ..
                     }) => Some(c.role_active),
@@ -163,6 +164,7 @@ impl Cluster {
                 .is_ok()
         {
             let what = if let Some(h) = lease.handover.as_ref().filter(|_| obj.handover.is_none()) {
+                self.record.volumes.handovers += 1;
                 format!("handed over to {} (epoch {})", h.to, h.epoch)
             } else if lease.preferred != obj.preferred {
                 match &lease.preferred {
@@ -174,5 +176,36 @@ impl Cluster {
             };
             self.log(actor, format!("{volume}: {what}"));
         }
+    }
+}
+
+/// What the controller's watches do with a volume Lease or consumer pod event.
+pub(super) fn apply_volume_event(r: &mut Replica, key: Key, value: Option<Stored>) {
+    match (key, value) {
+        (
+            Key::VolumeLease(v),
+            Some(Stored {
+                rv,
+                obj: Obj::VolumeLease(l),
+            }),
+        ) => {
+            r.volumes.insert(v, (rv, l));
+        }
+        (Key::VolumeLease(v), _) => {
+            r.volumes.remove(&v);
+        }
+        (
+            Key::Consumer(p),
+            Some(Stored {
+                obj: Obj::Consumer(c),
+                ..
+            }),
+        ) => {
+            r.consumers.insert(p, c);
+        }
+        (Key::Consumer(p), _) => {
+            r.consumers.remove(&p);
+        }
+        _ => {}
     }
 }

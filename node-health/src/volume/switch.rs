@@ -263,6 +263,10 @@ pub struct VolumeSwitch {
     /// The planned switchover under way: its target, since when (this controller's clock).
     switching: Option<(String, MonoTime)>,
     demote_timeout_reported: bool,
+    /// The Lease version the last write was decided on, and when: that version is stale
+    /// whether the write succeeded or conflicted, so it is not decided on again (for a renew
+    /// interval, in case the write never reached the server).
+    wrote: Option<(String, MonoTime)>,
     last_refusal: Option<SwitchRefusal>,
 }
 
@@ -355,6 +359,38 @@ impl VolumeSwitch {
     }
 
     fn lease_write(
+        &mut self,
+        f: &VolumeFacts<'_>,
+        now: MonoTime,
+        timing: &VolumeTiming,
+        out: &mut Vec<VolumeAction>,
+    ) {
+        let lease = f.lease;
+        let rv = lease.resource_version.clone();
+        if self
+            .wrote
+            .as_ref()
+            .is_some_and(|(v, at)| *v == rv && now < *at + timing.renew)
+        {
+            return;
+        }
+        let before = out.len();
+        self.decide_write(f, now, timing, out);
+        let wrote = out[before..].iter().any(|a| {
+            matches!(
+                a,
+                VolumeAction::HandOver { .. }
+                    | VolumeAction::SetPreferred { .. }
+                    | VolumeAction::ClearPreferred { .. }
+                    | VolumeAction::DropRequest { .. }
+            )
+        });
+        if wrote {
+            self.wrote = Some((rv, now));
+        }
+    }
+
+    fn decide_write(
         &mut self,
         f: &VolumeFacts<'_>,
         now: MonoTime,

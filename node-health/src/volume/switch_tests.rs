@@ -340,13 +340,33 @@ fn a_switchover_to_anyone_but_a_live_standby_consumer_is_refused() {
         }]
     );
     // A preferred holder that stopped being viable is cleared.
-    let mut p = l.clone();
+    let mut p = lease(Some("uid-a"), 1, "41");
     p.preferred_holder = Some("uid-x".into());
     let a = step(&mut s, &p, &c, &[], &["a-2", "b-2"], None, 100);
     assert_eq!(
         lease_writes(&a),
         vec![&VolumeAction::ClearPreferred {
-            expected_rv: "40".into()
+            expected_rv: "41".into()
         }]
     );
+}
+
+#[test]
+fn a_version_written_on_is_not_decided_on_again_for_a_renew_interval() {
+    let c = consumers();
+    let mut s = VolumeSwitch::new();
+    let l = lease(Some("uid-a"), 1, "40");
+    let req = SwitchTarget::To("uid-x".into());
+    let live = ["a-2", "b-2"];
+    let a = step(&mut s, &l, &c, &[], &live, Some(&req), 0);
+    assert_eq!(lease_writes(&a).len(), 1);
+    // The watch has not brought the new version yet: no second refusal, no second write.
+    let a = step(&mut s, &l, &c, &[], &live, Some(&req), 500);
+    assert!(
+        a.iter().all(|x| matches!(x, VolumeAction::SetRole { .. })),
+        "{a:?}"
+    );
+    // The write never reached the server: decided again after a renew interval.
+    let a = step(&mut s, &l, &c, &[], &live, Some(&req), 2_000);
+    assert_eq!(lease_writes(&a).len(), 1, "{a:?}");
 }
