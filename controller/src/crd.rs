@@ -93,9 +93,42 @@ pub struct TwoSiteStatus {
     /// controller holds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub witness: Option<WitnessStatus>,
+    /// Every protected RWX block volume (a Lease labelled `twosite.dev/volume`): who holds it,
+    /// with which epoch, since when.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeStatus>,
     /// `RoomsResolved`, `Paired`, `RemediationPaused` and, with a witness, `WitnessReachable`.
     #[serde(default)]
     pub conditions: Vec<Condition>,
+}
+
+/// One protected volume, as the leader sees its Lease and consumer pods.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeStatus {
+    /// The Lease's namespace.
+    pub namespace: String,
+    /// The Lease's name.
+    pub name: String,
+    /// The holding consumer's pod, and its node (`None`: released, or the holder is no pod we
+    /// know).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder_pod: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder_node: Option<String>,
+    /// `leaseTransitions`: rises with every new holder.
+    pub epoch: i64,
+    /// When the current holder took the volume (the Lease's `acquireTime`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_switch: Option<String>,
+    /// The pod a planned switchover moves the volume to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preferred_pod: Option<String>,
+    /// The number of consumer pods (labelled `twosite.dev/volume=<name>`).
+    pub consumers: i32,
+    /// Why the controller does not act on the volume now, if it would otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_for: Option<String>,
 }
 
 /// The witness, as the leader sees it. Losing it stops nothing: without its grant the

@@ -20,6 +20,12 @@ pub struct NodePhaseLabels {
     pub phase: String,
 }
 
+/// The `reason` label of `twosite_volume_events_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
 /// The `outcome` label of `twosite_witness_claims_total`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
@@ -54,6 +60,8 @@ pub struct Metrics {
     pub remediation_errors: Family<ErrorLabels, Counter>,
     pub witness_reachable: Gauge,
     pub witness_claims: Family<OutcomeLabels, Counter>,
+    pub volumes: Gauge,
+    pub volume_events: Family<ReasonLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -150,10 +158,24 @@ impl Metrics {
             "Claims sent to the witness, by outcome (granted, held, refused, unreachable)",
             witness_claims.clone(),
         );
+        let volumes = Gauge::default();
+        let volume_events = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "volumes",
+            "Protected RWX block volumes (volume Leases) the leader sees",
+            volumes.clone(),
+        );
+        registry.register(
+            "volume_events",
+            "Volume switches and problems, by Event reason (VolumeSwitchover, VolumeFailover, VolumeDemoteTimeout, VolumeSwitchoverRefused)",
+            volume_events.clone(),
+        );
         Metrics {
             registry,
             witness_reachable,
             witness_claims,
+            volumes,
+            volume_events,
             node_phase,
             remediations,
             time_to_taint,

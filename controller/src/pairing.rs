@@ -42,6 +42,8 @@ pub struct Context {
     pub pairing_out: watch::Sender<Option<Pairing>>,
     /// The remediation loop's latest view, for the status.
     pub remediation: watch::Receiver<Option<RemediationView>>,
+    /// The volume loop's latest view, for the status.
+    pub volumes: watch::Receiver<Vec<crate::crd::VolumeStatus>>,
 }
 
 impl Context {
@@ -61,6 +63,7 @@ impl Context {
             api_timeout,
             pairing_out: watch::channel(None).0,
             remediation: watch::channel(None).1,
+            volumes: watch::channel(Vec::new()).1,
         }
     }
 }
@@ -148,8 +151,11 @@ async fn reconcile_pairing_inner(ctx: &Context, nodes: &[NodeFacts]) -> Result<O
             .map_or(0, |e| i64::try_from(e).unwrap_or(i64::MAX)),
     };
     let now = now_rfc3339();
+    let volumes = ctx.volumes.borrow().clone();
     let desired = desired_status(
-        &StatusInput::for_object(&obj, nodes, leader, &now).with_remediation(remediation.as_ref()),
+        &StatusInput::for_object(&obj, nodes, leader, &now)
+            .with_remediation(remediation.as_ref())
+            .with_volumes(&volumes),
     );
     ctx.metrics.pairs.set(gauge_value(desired.pairs.len()));
     ctx.metrics
@@ -280,6 +286,8 @@ pub async fn run_pairing_loop(
     let mut retry_at: Option<Instant> = None;
     let mut remediation = ctx.remediation.clone();
     let mut remediation_open = true;
+    let mut volumes = ctx.volumes.clone();
+    let mut volumes_open = true;
     loop {
         guard.beat();
         if let Some(at) = retry_at.take() {
@@ -297,6 +305,9 @@ pub async fn run_pairing_loop(
                     // Without a remediation loop the status simply lists no nodes.
                     remediation_open = changed.is_ok();
                 }
+                changed = volumes.changed(), if volumes_open => {
+                    volumes_open = changed.is_ok();
+                }
                 changed = leading.changed() => {
                     if changed.is_err() {
                         return Err(Error::LoopEnded("leader election"));
@@ -308,6 +319,7 @@ pub async fn run_pairing_loop(
         guard.beat();
         leading.borrow_and_update();
         remediation.borrow_and_update();
+        volumes.borrow_and_update();
         // Never pair from a partial view: wait for the Node watch's first listing.
         let Some(nodes) = facts.borrow_and_update().clone() else {
             continue;

@@ -1,8 +1,8 @@
 //! `twosite controller` and `twosite crd`: wiring the loops together.
 //!
-//! Eight tasks run side by side: the leader election over the Lease, the Node watch, the two
-//! heartbeat Lease watches, the TwoSite watch, the pairing loop, the remediation loop and the
-//! admin HTTP port (and, with a witness, its health check). If any of them ends or panics the
+//! Nine tasks run side by side: the leader election over the Lease, the Node watch, the two
+//! heartbeat Lease watches, the TwoSite watch, the pairing loop, the remediation loop, the
+//! volume loop and the admin HTTP port (and, with a witness, its health check). If any of them ends or panics the
 //! process exits non-zero (Kubernetes restarts it); SIGTERM or Ctrl-C stops it cleanly and hands
 //! the Lease back.
 
@@ -175,6 +175,7 @@ async fn run(args: RunArgs, witness: Option<WitnessSettings>) -> Result<()> {
     );
     let (pairing_tx, pairing_rx) = watch::channel(None);
     let (view_tx, view_rx) = watch::channel(None);
+    let (volumes_tx, volumes_rx) = watch::channel(Vec::new());
     let ctx = Context {
         twosites: Api::<TwoSite>::all(client.clone()),
         recorder: recorder.clone(),
@@ -182,7 +183,19 @@ async fn run(args: RunArgs, witness: Option<WitnessSettings>) -> Result<()> {
         metrics: Arc::clone(&metrics),
         api_timeout,
         pairing_out: pairing_tx,
-        remediation: view_rx,
+        remediation: view_rx.clone(),
+        volumes: volumes_rx,
+    };
+    let volume_ctx = crate::volumes::VolumeContext {
+        leases: Api::all(client.clone()),
+        pods: Api::all(client.clone()),
+        client: client.clone(),
+        recorder: recorder.clone(),
+        leadership: leadership.clone(),
+        metrics: Arc::clone(&metrics),
+        api_timeout,
+        timing: node_health::volume::VolumeTiming::default(),
+        clock: Arc::clone(&clock),
     };
     let mut remediation_ctx = RemediationContext {
         nodes: Api::all(client.clone()),
@@ -279,6 +292,17 @@ async fn run(args: RunArgs, witness: Option<WitnessSettings>) -> Result<()> {
             Arc::clone(&health),
             clock,
             health.register("remediation", remediation_silence),
+        )),
+    );
+    // A pass lists two kinds and makes a few writes per switching volume.
+    let volume_silence = Some(api_timeout * 10 + Duration::from_secs(30));
+    spawn(
+        "volumes",
+        Box::pin(crate::volumes::run_volume_loop(
+            volume_ctx,
+            view_rx,
+            volumes_tx,
+            health.register("volumes", volume_silence),
         )),
     );
     spawn(

@@ -88,6 +88,8 @@ pub struct StatusInput<'a> {
     pub now: &'a str,
     /// The remediation loop's latest view; `None` until it has run as leader.
     pub remediation: Option<&'a RemediationView>,
+    /// The volume loop's latest view.
+    pub volumes: &'a [crate::crd::VolumeStatus],
 }
 
 impl<'a> StatusInput<'a> {
@@ -106,12 +108,18 @@ impl<'a> StatusInput<'a> {
             leader,
             now,
             remediation: None,
+            volumes: &[],
         }
     }
 
     /// The same input, with the remediation loop's view.
     pub fn with_remediation(mut self, view: Option<&'a RemediationView>) -> Self {
         self.remediation = view;
+        self
+    }
+
+    pub fn with_volumes(mut self, volumes: &'a [crate::crd::VolumeStatus]) -> Self {
+        self.volumes = volumes;
         self
     }
 }
@@ -148,6 +156,7 @@ pub fn desired_status(input: &StatusInput<'_>) -> TwoSiteStatus {
                 leader: Some(input.leader.clone()),
                 nodes: remediation_nodes(input),
                 witness: witness_status(input),
+                volumes: input.volumes.to_vec(),
                 conditions: [
                     condition(ROOMS_RESOLVED, false, reason::INVALID_SPEC, message),
                     condition(
@@ -275,6 +284,7 @@ pub fn desired_status(input: &StatusInput<'_>) -> TwoSiteStatus {
         leader: Some(input.leader.clone()),
         nodes: remediation_nodes(input),
         witness: witness_status(input),
+        volumes: input.volumes.to_vec(),
         conditions: [rooms_condition, paired_condition]
             .into_iter()
             .chain(remediation_condition(input))
@@ -562,6 +572,7 @@ mod tests {
             leader: leader(),
             now,
             remediation: None,
+            volumes: &[],
         })
     }
 

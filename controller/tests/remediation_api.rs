@@ -1006,6 +1006,7 @@ async fn without_a_witness_the_status_says_so_and_has_no_witness_condition() {
             },
             now: "2026-11-01T10:00:00Z",
             remediation: None,
+            volumes: &[],
         }
         .with_remediation(Some(&view)),
     );

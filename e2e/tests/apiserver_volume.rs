@@ -11,23 +11,32 @@
 //!   watchdog: when the agent stops feeding it for the watchdog timeout, every process of "node"
 //!   a-1 is killed. The standby's guard must not mount before that: the two apps' write times
 //!   never interleave (overlap 0 ms). Prints the switchover, failback and takeover times.
+//! - The real `twosite controller` runs beside them (deploy/ RBAC): the role label
+//!   `twosite.dev/role=active` is on the holder's pod only and follows every switch, the TwoSite
+//!   status lists the volume with its holder and epoch, the planned switch is reported as a
+//!   `VolumeSwitchover` Event on the Lease, and the controller clears the done switchover's
+//!   preferred holder (so the later takeover by expiry is not pulled back).
 //!
 //! Needs root, loop devices, mkfs.xfs and unshare: without them the test fails saying so.
 
 mod common;
 
-use common::agents::{agent_files, feeds, start_agent};
+use common::agents::{agent_files, feeds, play_kubelets, start_agent};
 use common::volume::{Consumer, LoopDevice, overlap_ms, require_root_and_tools, watchdog_fires};
 use common::{
-    AGENT_BIN, CONTROLLER_BIN, Setup, TestNode, wait_for, workspace_root, yaml_documents,
+    AGENT_BIN, CONTROLLER_BIN, Process, Setup, TestNode, twosite_status, twosites, wait_for,
+    workspace_root, yaml_documents,
 };
 use e2e::apiserver::{self, Identity, Options};
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
 use kube::api::{
     Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
 };
 use serde_json::json;
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const NS: &str = "block-demo";
@@ -78,6 +87,48 @@ async fn prefer(leases: &Api<Lease>, who: &str) {
         .expect("set the preferred holder");
 }
 
+/// A consumer pod as the scheduler leaves it (no kubelet runs it here: the test runs its guard),
+/// labelled for the volume; returns its UID, the guard's identity.
+async fn consumer_pod(pods: &Api<Pod>, name: &str, node: &str) -> String {
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": { "name": name, "labels": { "twosite.dev/volume": LEASE } },
+        "spec": {
+            "nodeName": node,
+            "containers": [{ "name": "app", "image": "registry.invalid/app:1" }]
+        }
+    }))
+    .expect("a Pod");
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("create the consumer pod")
+        .metadata
+        .uid
+        .expect("a UID")
+}
+
+/// Waits until the role label is on `active` only.
+async fn wait_role(pods: &Api<Pod>, active: &str, other: &str) {
+    wait_for(
+        &format!("the role label on {active} only"),
+        Duration::from_secs(15),
+        || async {
+            let label = |p: Pod| {
+                p.metadata
+                    .labels
+                    .and_then(|l| l.get("twosite.dev/role").cloned())
+            };
+            let a = pods.get(active).await.map_err(|e| e.to_string())?;
+            // The other pod may be gone: the controller deletes a fenced node's pods.
+            let o = pods.get_opt(other).await.map_err(|e| e.to_string())?;
+            match (label(a), o.and_then(label)) {
+                (Some(v), None) if v == "active" => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+}
+
 async fn wait_ready(c: &Consumer, what: &str, timeout: Duration) -> Duration {
     let t = Instant::now();
     wait_for(what, timeout, || async {
@@ -107,7 +158,7 @@ async fn two_guards_switch_over_fail_back_and_a_frozen_holder_is_fenced_before_t
     let setup = Setup {
         binaries: &[CONTROLLER_BIN, AGENT_BIN],
         options,
-        rbac: &["rbac-agent.yaml"],
+        rbac: &["rbac-controller.yaml", "rbac-agent.yaml"],
         nodes: &nodes,
     };
     let Some((server, admin)) = common::start(test, setup).await else {
@@ -132,6 +183,19 @@ async fn two_guards_switch_over_fail_back_and_a_frozen_holder_is_fenced_before_t
         .expect("the guard's kubeconfig")
         .to_path_buf();
 
+    let alive = Arc::new(Mutex::new(
+        nodes
+            .iter()
+            .map(|n| n.name.clone())
+            .collect::<BTreeSet<_>>(),
+    ));
+    let _kubelets = play_kubelets(&admin, Arc::clone(&alive));
+    let admin_port = apiserver::free_port().expect("a free port");
+    let _controller = Process::controller(&server, "controller-1", admin_port);
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), NS);
+    let uid_a = consumer_pod(&pods, "block-a", "a-1").await;
+    let uid_b = consumer_pod(&pods, "block-b", "b-1").await;
+
     // The two nodes' agents, with test watchdogs; the guards arm deadlines with them.
     let peer_port = apiserver::free_port().expect("a free port");
     let mut agent_a = start_agent(&server, &nodes[0], "boot-a-1", peer_port, 1);
@@ -153,6 +217,8 @@ async fn two_guards_switch_over_fail_back_and_a_frozen_holder_is_fenced_before_t
     let disk = LoopDevice::new(320);
     let mut a = Consumer::new(&server, "a", apiserver::free_port().expect("port"));
     let mut b = Consumer::new(&server, "b", apiserver::free_port().expect("port"));
+    a.identity = uid_a.clone();
+    b.identity = uid_b.clone();
     let start = |c: &mut Consumer, socket: &std::path::Path| {
         c.start(
             &server,
@@ -173,6 +239,23 @@ async fn two_guards_switch_over_fail_back_and_a_frozen_holder_is_fenced_before_t
         log_a.contains("prepared=Formatted"),
         "a formatted the empty device:\n{log_a}"
     );
+
+    wait_role(&pods, "block-a", "block-b").await;
+    let ts = twosites(&admin);
+    wait_for(
+        "the volume in the TwoSite status",
+        Duration::from_secs(20),
+        || async {
+            let status = twosite_status(&ts).await?;
+            let v = &status["volumes"][0];
+            if v["name"] == LEASE && v["holderPod"] == "block-a" && v["epoch"] == 1 {
+                Ok(())
+            } else {
+                Err(format!("{}", status["volumes"]))
+            }
+        },
+    )
+    .await;
 
     // b stays standby: attached, nothing mounted, not ready.
     start(&mut b, &files_b.guard_socket);
@@ -198,6 +281,50 @@ async fn two_guards_switch_over_fail_back_and_a_frozen_holder_is_fenced_before_t
     assert!(log_b.contains("prepared=Existing") && !log_b.contains("prepared=Formatted"));
     let _ = t;
 
+    wait_role(&pods, "block-b", "block-a").await;
+    let events: Api<DynamicObject> = Api::namespaced_with(
+        admin.clone(),
+        NS,
+        &ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("events.k8s.io", "v1", "Event"),
+            "events",
+        ),
+    );
+    wait_for(
+        "a VolumeSwitchover Event on the Lease",
+        Duration::from_secs(15),
+        || async {
+            let list = events
+                .list(&Default::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            list.items
+                .iter()
+                .find(|e| {
+                    e.data["reason"] == "VolumeSwitchover" && e.data["regarding"]["name"] == LEASE
+                })
+                .map(|_| ())
+                .ok_or_else(|| format!("{} events, none VolumeSwitchover", list.items.len()))
+        },
+    )
+    .await;
+    wait_for(
+        "the controller clears the done switchover's preference",
+        Duration::from_secs(15),
+        || async {
+            let l = leases.get(LEASE).await.map_err(|e| e.to_string())?;
+            match l
+                .metadata
+                .annotations
+                .and_then(|a| a.get(PREFERRED).cloned())
+            {
+                None => Ok(()),
+                Some(p) => Err(p),
+            }
+        },
+    )
+    .await;
+
     // Failback to a.
     tokio::time::sleep(Duration::from_secs(1)).await;
     prefer(&leases, &a.identity).await;
@@ -208,6 +335,7 @@ async fn two_guards_switch_over_fail_back_and_a_frozen_holder_is_fenced_before_t
         "b's lines survive the failback"
     );
     assert!(!b.mounted());
+    wait_role(&pods, "block-a", "block-b").await;
 
     // a's guard freezes; its app keeps writing. The test is a-1's watchdog.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -229,6 +357,9 @@ async fn two_guards_switch_over_fail_back_and_a_frozen_holder_is_fenced_before_t
     assert!(!b.mounted(), "b mounted before a-1 was reset");
     a.kill_all();
     agent_a.kill();
+    if let Ok(mut alive) = alive.lock() {
+        alive.remove("a-1");
+    }
     let takeover = wait_ready(&b, "b takes over", Duration::from_secs(40)).await;
     println!(
         "takeover_ms {} (from the freeze)",
@@ -236,6 +367,7 @@ async fn two_guards_switch_over_fail_back_and_a_frozen_holder_is_fenced_before_t
     );
     let _ = takeover;
 
+    wait_role(&pods, "block-b", "block-a").await;
     let overlap = overlap_ms(&a.write_times(), &b.write_times());
     println!(
         "writes: a {}, b {}; overlap_ms {overlap}",

@@ -308,9 +308,8 @@ impl Shell {
         match ev {
             Event::Read(result) => {
                 self.reading = false;
-                match result {
-                    Ok(found) => self.observe(found, now),
-                    Err(()) => {}
+                if let Ok(found) = result {
+                    self.observe(found, now);
                 }
             }
             Event::Wrote(id, outcome, lease) => {
