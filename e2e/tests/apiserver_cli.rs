@@ -14,7 +14,9 @@
 //! - Refused with exit 2, the Lease unchanged: `--to` a pod that is no consumer, a pod that does
 //!   not exist, a Lease that does not exist, a malformed NAMESPACE/LEASE. `--to` the holder:
 //!   exit 0, nothing to do.
-//! - A target whose guard is gone: exit 1 after `--timeout-secs`, naming the holder.
+//! - A target whose guard is gone: exit 1 after `--timeout-secs`, saying the holder stood down
+//!   and the target did not take the Lease; the preferred holder cleared under a waiting
+//!   command: exit 1 at once, "abandoned".
 //!
 //! Needs root, loop devices, mkfs.xfs and unshare: without them the test fails saying so.
 
@@ -441,5 +443,44 @@ async fn switchover_and_status_commands_drive_and_show_two_real_guards() {
         preferred.as_deref(),
         Some(uid_b.as_str()),
         "left set, as the message says"
+    );
+
+    // Someone (the controller, when the target cannot take the volume) clears the preferred
+    // holder while the command waits: it stops at once, exit 1, and says so.
+    let t = Instant::now();
+    let child = std::process::Command::new(binary("twosite"))
+        .args(["switchover", "block-demo/block-data", "--to", "block-b"])
+        .env("KUBECONFIG", &kubeconfig)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("twosite runs");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    leases
+        .patch(
+            LEASE,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "metadata": { "annotations": { PREFERRED: null } } })),
+        )
+        .await
+        .expect("clear the preferred holder");
+    let out = tokio::task::block_in_place(|| child.wait_with_output()).expect("it exits");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!(
+        "$ twosite switchover block-demo/block-data --to block-b (preferred holder cleared after 2 s) -> {} in {} ms\n{}{stderr}",
+        out.status,
+        t.elapsed().as_millis(),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr
+            .contains("the switchover to block-b was abandoned: the preferred holder was cleared"),
+        "{stderr}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "it stops at once, not at the timeout"
     );
 }

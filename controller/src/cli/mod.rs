@@ -47,6 +47,25 @@ pub enum CliError {
         state: String,
         after: Duration,
     },
+    #[error(
+        "the switchover to {to} was abandoned: {}; the Lease {}. The controller clears the preferred holder when the target cannot take the volume: see `kubectl -n {namespace} get events`",
+        match .preferred {
+            Some(p) => format!("the preferred holder now names {p}"),
+            None => "the preferred holder was cleared".to_string(),
+        },
+        match .holder {
+            Some(h) => format!("is held by {h} (epoch {epoch})"),
+            None => format!("is released (epoch {epoch})"),
+        }
+    )]
+    Abandoned {
+        namespace: String,
+        to: String,
+        preferred: Option<String>,
+        /// The holder's pod name and UID; `None`: released.
+        holder: Option<String>,
+        epoch: u64,
+    },
     #[error("the Lease {namespace}/{lease} was deleted during the switchover")]
     LeaseGone { namespace: String, lease: String },
     #[error("the Lease kept changing under the switchover: {attempts} conflicting writes")]
@@ -175,6 +194,20 @@ mod tests {
             "{timeout}"
         );
         assert!(timeout_state(None, 3, "b").contains("but b has not taken it"));
+        let abandoned = CliError::Abandoned {
+            namespace: "ns".into(),
+            to: "b".into(),
+            preferred: None,
+            holder: None,
+            epoch: 3,
+        };
+        assert_eq!(abandoned.exit_code(), 1);
+        assert!(
+            abandoned.to_string().starts_with(
+                "the switchover to b was abandoned: the preferred holder was cleared; the Lease is released (epoch 3)."
+            ),
+            "{abandoned}"
+        );
     }
 
     #[test]

@@ -87,6 +87,47 @@ fn holder_and_epoch(lease: &Lease) -> (Option<String>, u64) {
     )
 }
 
+/// Where a switchover stands, from one read of the Lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Progress {
+    /// The target holds the Lease.
+    Done { epoch: u64 },
+    /// The preferred holder still names the target, which does not hold the Lease yet.
+    Waiting { holder: Option<String>, epoch: u64 },
+    /// The preferred holder no longer names the target (cleared by the controller, replaced by
+    /// another switchover, or dropped by a consumer that took the Lease by expiry).
+    Abandoned {
+        preferred: Option<String>,
+        holder: Option<String>,
+        epoch: u64,
+    },
+}
+
+fn progress(lease: &Lease, to: &str) -> Progress {
+    let (holder, epoch) = holder_and_epoch(lease);
+    if holder.as_deref() == Some(to) {
+        return Progress::Done { epoch };
+    }
+    // As the guards read it: the annotation, else spec.preferredHolder.
+    let preferred = lease
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(PREFERRED_HOLDER_ANNOTATION).cloned())
+        .or_else(|| lease.spec.as_ref().and_then(|s| s.preferred_holder.clone()))
+        .map(|p| p.trim().to_string())
+        .filter(|p| !p.is_empty());
+    if preferred.as_deref() == Some(to) {
+        Progress::Waiting { holder, epoch }
+    } else {
+        Progress::Abandoned {
+            preferred,
+            holder,
+            epoch,
+        }
+    }
+}
+
 async fn switchover(args: SwitchoverArgs) -> Result<(), CliError> {
     let volume: VolumeRef = args.volume.parse()?;
     if args.timeout_secs == 0 {
@@ -169,19 +210,32 @@ async fn switchover(args: SwitchoverArgs) -> Result<(), CliError> {
     let mut last = (None, 0);
     loop {
         match read_lease(&leases, &volume.lease).await {
-            Ok(Some(lease)) => {
-                last = holder_and_epoch(&lease);
-                if last.0.as_deref() == Some(to.uid.as_str()) {
+            Ok(Some(lease)) => match progress(&lease, &to.uid) {
+                Progress::Done { epoch } => {
                     println!(
-                        "switched {volume} to {} (uid {}) in {:.2} s, epoch {}",
+                        "switched {volume} to {} (uid {}) in {:.2} s, epoch {epoch}",
                         to.name,
                         to.uid,
                         started.elapsed().as_secs_f64(),
-                        last.1
                     );
                     return Ok(());
                 }
-            }
+                Progress::Waiting { holder, epoch } => last = (holder, epoch),
+                Progress::Abandoned {
+                    preferred,
+                    holder,
+                    epoch,
+                } => {
+                    let holder = holder.map(|uid| format!("{} (uid {uid})", name_of(&facts, &uid)));
+                    return Err(CliError::Abandoned {
+                        namespace: volume.namespace.clone(),
+                        to: to.name.clone(),
+                        preferred: preferred.map(|p| name_of(&facts, &p)),
+                        holder,
+                        epoch,
+                    });
+                }
+            },
             Ok(None) => {
                 return Err(CliError::LeaseGone {
                     namespace: volume.namespace.clone(),
@@ -224,5 +278,55 @@ mod tests {
         assert_eq!(holder_and_epoch(&lease), (None, 4));
         let lease: Lease = serde_json::from_value(json!({"metadata": {"name": "l"}})).expect("l");
         assert_eq!(holder_and_epoch(&lease), (None, 0));
+    }
+
+    #[test]
+    fn progress_is_done_waiting_or_abandoned() {
+        let lease = |holder: &str, preferred: Option<&str>| -> Lease {
+            let annotations = match preferred {
+                Some(p) => json!({ PREFERRED_HOLDER_ANNOTATION: p }),
+                None => json!({}),
+            };
+            serde_json::from_value(json!({
+                "metadata": {"name": "l", "annotations": annotations},
+                "spec": {"holderIdentity": holder, "leaseTransitions": 4}
+            }))
+            .expect("a lease")
+        };
+        // Done even when the controller has already cleared the preferred holder.
+        assert_eq!(
+            progress(&lease("b", None), "b"),
+            Progress::Done { epoch: 4 }
+        );
+        assert_eq!(
+            progress(&lease("a", Some("b")), "b"),
+            Progress::Waiting {
+                holder: Some("a".into()),
+                epoch: 4
+            }
+        );
+        assert_eq!(
+            progress(&lease("", Some("b")), "b"),
+            Progress::Waiting {
+                holder: None,
+                epoch: 4
+            }
+        );
+        assert_eq!(
+            progress(&lease("a", None), "b"),
+            Progress::Abandoned {
+                preferred: None,
+                holder: Some("a".into()),
+                epoch: 4
+            }
+        );
+        assert_eq!(
+            progress(&lease("a", Some("c")), "b"),
+            Progress::Abandoned {
+                preferred: Some("c".into()),
+                holder: Some("a".into()),
+                epoch: 4
+            }
+        );
     }
 }
