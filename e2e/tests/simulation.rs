@@ -58,6 +58,10 @@ fn random_schedules_hold_the_invariants() {
         r.figures["volume_faults"] > 0 && r.figures["volume_app_starts"] > 200,
         "the schedules must exercise the volumes"
     );
+    assert!(
+        r.figures["volume_handovers"] > 0,
+        "the controller's handover after a fence must be exercised"
+    );
     assert_eq!(r.figures["two_writer_steps"], 0);
 }
 
@@ -574,4 +578,30 @@ fn a_switchover_to_a_non_consumer_is_refused_and_nothing_moves() {
         "the holder keeps the volume"
     );
     assert!(!r.figures.contains_key("switchover_ms"));
+}
+
+/// A controller that hands a volume over on a mere suspicion (not a proven fence): the handover
+/// and S1 checks fire while the partitioned holder's app still writes.
+#[test]
+fn volume_checks_catch_a_handover_before_the_fence() {
+    // The holder's node alone is cut off; the leader (on a-1) still reaches the API server.
+    let mut s = scenario::named("holder-partitioned", 1).expect("scenario");
+    s.faults = vec![scenario::ScheduledFault {
+        at_ms: 30_000,
+        fault: scenario::Fault::IsolateHolder("vol-1".into()),
+    }];
+    let r = sim::run(&s, 1);
+    assert!(r.ok(), "{}", r.render_text());
+    let hasty = sim::SimConfig {
+        handover_on_suspicion: true,
+        ..sim::SimConfig::default()
+    };
+    let r = sim::run_with(&s, 1, hasty);
+    for invariant in ["S2-no-unsafe-handover", "S1-single-writer"] {
+        assert!(
+            r.violations.iter().any(|v| v.invariant == invariant),
+            "{invariant}:\n{}",
+            r.render_text()
+        );
+    }
 }

@@ -127,6 +127,9 @@ pub struct SimConfig {
     pub unchecked_volume_timing: bool,
     /// A faulty agent: it feeds its watchdog whatever deadlines the guards armed.
     pub agent_ignores_deadlines: bool,
+    /// A faulty controller: it takes a node it does not judge Healthy for fenced and hands its
+    /// volumes over at once.
+    pub handover_on_suspicion: bool,
     /// A faulty agent: it takes any change of another room's heartbeat Lease (its
     /// resourceVersion) as contact, the controller's fence-marker write included.
     pub contact_by_resource_version: bool,
@@ -163,6 +166,7 @@ impl Default for SimConfig {
             volume_timing: node_health::VolumeTiming::default(),
             unchecked_volume_timing: false,
             agent_ignores_deadlines: false,
+            handover_on_suspicion: false,
         }
     }
 }

@@ -17,12 +17,19 @@ impl Cluster {
         if r.volumes.is_empty() {
             return;
         }
-        let fenced: BTreeSet<String> = r
-            .remediation
-            .iter()
-            .filter(|(_, x)| proven_fenced(&x.phase))
-            .map(|(n, _)| n.clone())
-            .collect();
+        let fenced: BTreeSet<String> = if self.cfg.handover_on_suspicion {
+            r.verdicts
+                .iter()
+                .filter(|(_, v)| **v != node_health::NodeVerdict::Healthy)
+                .map(|(n, _)| n.clone())
+                .collect()
+        } else {
+            r.remediation
+                .iter()
+                .filter(|(_, x)| proven_fenced(&x.phase))
+                .map(|(n, _)| n.clone())
+                .collect()
+        };
         let live: BTreeSet<String> = r
             .verdicts
             .iter()
