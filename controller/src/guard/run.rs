@@ -529,7 +529,8 @@ impl Shell {
         let covered =
             armed.is_some() || (self.acked.is_some() && self.acked == self.guard.fence_deadline());
         if !covered || self.next_start.is_some_and(|t| now < t) {
-            self.guard.app_stopped();
+            // Not started: after demote_after of this, the core gives the lease back.
+            self.guard.start_refused(now);
             return;
         }
         let started =
@@ -564,7 +565,7 @@ impl Shell {
             Err(why) => {
                 tracing::error!(why, "could not become active");
                 self.next_start = Some(now + START_RETRY);
-                self.guard.app_stopped();
+                self.guard.start_refused(now);
             }
         }
     }
