@@ -418,3 +418,143 @@ pub fn log_overdue(check: &DeadlineCheck) {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::AgentCore;
+    use crate::verdict::HealthTiming;
+
+    /// A clock the test sets.
+    struct At(Mutex<MonoTime>);
+    impl Clock for At {
+        fn now(&self) -> MonoTime {
+            *self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        }
+    }
+
+    fn context(dir: &Path, armed: bool) -> GuardContext {
+        let mut core = AgentCore::new("a-1", "room-a", HealthTiming::default());
+        if armed {
+            core.renewal_succeeded(MonoTime(0));
+            assert!(core.tick(MonoTime(0)).armed);
+        }
+        GuardContext {
+            store: DeadlineStore::load(Some(&dir.join("deadlines.json")), "boot-1"),
+            core: SharedCore::new(core),
+            clock: Arc::new(At(Mutex::new(MonoTime(0)))),
+            watchdog_fences: true,
+        }
+    }
+
+    async fn ask(socket: &Path, line: &[u8]) -> GuardReply {
+        let mut s = UnixStream::connect(socket).await.expect("connect");
+        s.write_all(line).await.expect("send");
+        let mut reply = Vec::new();
+        BufReader::new(s)
+            .read_until(b'\n', &mut reply)
+            .await
+            .expect("reply");
+        serde_json::from_slice(&reply).expect("a reply")
+    }
+
+    #[tokio::test]
+    async fn a_guard_arms_moves_and_clears_its_deadline_and_nobody_else_can() {
+        let dir = tempfile::tempdir().expect("dir");
+        let socket = dir.path().join("guard.sock");
+        let ctx = context(dir.path(), true);
+        let store = ctx.store.clone();
+        let server = tokio::spawn(serve(bind(&socket).expect("bind"), ctx));
+        let guard =
+            GuardClient::new(&socket, "apps/db/uid-a", Duration::from_secs(1)).expect("client");
+        guard
+            .arm(MonoTime(10_000), Duration::from_secs(1))
+            .await
+            .expect("armed");
+        assert_eq!(
+            store.snapshot().get("apps/db/uid-a").map(|d| d.at),
+            Some(MonoTime(10_000))
+        );
+        // Persisted before the reply: a restarted agent enforces it.
+        let resumed = DeadlineStore::load(Some(&dir.path().join("deadlines.json")), "boot-1");
+        assert_eq!(resumed.snapshot(), store.snapshot());
+        // Another boot's file is not resumed.
+        assert!(
+            DeadlineStore::load(Some(&dir.path().join("deadlines.json")), "boot-2")
+                .snapshot()
+                .is_empty()
+        );
+
+        // Another process with its own token cannot move or clear it.
+        let forger =
+            GuardClient::new(&socket, "apps/db/uid-a", Duration::from_secs(1)).expect("client");
+        assert!(matches!(
+            forger.disarm().await,
+            Err(GuardClientError::Refused(why)) if why.contains("another token")
+        ));
+        assert!(
+            forger
+                .arm(MonoTime(60_000), Duration::from_secs(1))
+                .await
+                .is_err()
+        );
+        assert_eq!(
+            store.snapshot().get("apps/db/uid-a").map(|d| d.at),
+            Some(MonoTime(10_000))
+        );
+
+        // Bad input gets a clear refusal, never a crash.
+        let reply = ask(&socket, b"{\"op\":\"arm\",\"guard\":\"x\"}\n").await;
+        assert!(
+            !reply.ok
+                && reply
+                    .error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("malformed"))
+        );
+        let reply = ask(
+            &socket,
+            b"{\"op\":\"disarm\",\"guard\":\"x\",\"token\":\"***\"}\n",
+        )
+        .await;
+        assert!(!reply.ok && reply.error.as_deref().is_some_and(|e| e.contains("base64")));
+        let mut long = vec![b'x'; MAX_LINE + 10];
+        long.push(b'\n');
+        let reply = ask(&socket, &long).await;
+        assert!(
+            !reply.ok
+                && reply
+                    .error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("one line"))
+        );
+
+        guard.disarm().await.expect("disarmed");
+        assert!(store.snapshot().is_empty());
+        assert!(!server.is_finished(), "the server survives bad input");
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn an_agent_that_cannot_fence_refuses_every_deadline() {
+        let dir = tempfile::tempdir().expect("dir");
+        let socket = dir.path().join("guard.sock");
+        // Not armed yet: its watchdog is not running, nothing would reset the node.
+        let ctx = context(dir.path(), false);
+        let server = tokio::spawn(serve(bind(&socket).expect("bind"), ctx));
+        let guard =
+            GuardClient::new(&socket, "apps/db/uid-a", Duration::from_secs(1)).expect("client");
+        assert!(matches!(
+            guard.arm(MonoTime(10_000), Duration::from_secs(1)).await,
+            Err(GuardClientError::Refused(why)) if why.contains("cannot enforce")
+        ));
+        server.abort();
+        // No agent at all: the guard is told so (and does not start its app).
+        let gone = GuardClient::new(&dir.path().join("none.sock"), "g", Duration::from_secs(1))
+            .expect("client");
+        assert!(matches!(
+            gone.arm(MonoTime(10_000), Duration::from_secs(1)).await,
+            Err(GuardClientError::Unreachable { .. })
+        ));
+    }
+}
