@@ -90,6 +90,6 @@ pub use lease::{
 };
 pub use switch::{
     Consumer, SwitchRefusal, SwitchTarget, VolumeAction, VolumeEventReason, VolumeFacts,
-    VolumeSwitch, active_consumer, plan_handover, plan_switchover, proven_fenced,
+    VolumeSwitch, active_consumer, node_sets, plan_handover, plan_switchover, proven_fenced,
 };
 pub use timing::{VolumeTiming, VolumeTimingError};

@@ -434,3 +434,26 @@ fn new_consumer(v: &mut SimVolume, k: usize, node: &str, start_at: u64) -> SimCo
         proc: None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Device;
+
+    #[test]
+    fn one_writer_at_a_time_keeps_every_record_and_two_lose_some() {
+        let mut d = Device::default();
+        let mut a = d.mount();
+        d.write(&mut a, 1);
+        d.write(&mut a, 2);
+        // A switch: the next writer mounts after the first stopped.
+        let mut b = d.mount();
+        d.write(&mut b, 3);
+        assert_eq!(d.records, vec![1, 2, 3]);
+        // Two writers at once: each writes its own view, the other's records are lost.
+        let mut c = d.mount();
+        d.write(&mut b, 4);
+        d.write(&mut c, 5);
+        assert_eq!(d.records, vec![1, 2, 3, 5]);
+        assert!(d.formatted);
+    }
+}

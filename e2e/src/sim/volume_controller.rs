@@ -1,14 +1,13 @@
 //! The leading controller replica's volume work: for each protected volume, the core
-//! ([`VolumeSwitch`]) decides from the replica's watch caches — the Lease, the consumer pods,
-//! the remediation phases ([`proven_fenced`]) and verdicts of their nodes — and this shell
+//! ([`VolumeSwitch`](node_health::volume::VolumeSwitch)) decides from the replica's watch caches — the Lease, the consumer pods,
+//! the remediation phases and verdicts ([`node_sets`]) of their nodes — and this shell
 //! writes what it says: the handover, the preferred holder, the role labels, the Events.
 
 use super::api::{ConsumerObj, Key, Obj, Precondition, Stored, VolumeLeaseObj};
 use super::cluster::Cluster;
 use super::replica::Replica;
 use node_health::MonoTime;
-use node_health::volume::{Consumer, VolumeAction, VolumeFacts, VolumeLease, proven_fenced};
-use std::collections::BTreeSet;
+use node_health::volume::{Consumer, VolumeAction, VolumeFacts, VolumeLease, node_sets};
 use std::time::Duration;
 
 impl Cluster {
@@ -17,25 +16,16 @@ impl Cluster {
         if r.volumes.is_empty() {
             return;
         }
-        let fenced: BTreeSet<String> = if self.cfg.handover_on_suspicion {
-            r.verdicts
+        let (mut fenced, live) = node_sets(&r.verdicts, &r.remediation);
+        if self.cfg.handover_on_suspicion {
+            // The faulty controller: anything not Healthy counts as fenced.
+            fenced = r
+                .verdicts
                 .iter()
                 .filter(|(_, v)| **v != node_health::NodeVerdict::Healthy)
                 .map(|(n, _)| n.clone())
-                .collect()
-        } else {
-            r.remediation
-                .iter()
-                .filter(|(_, x)| proven_fenced(&x.phase))
-                .map(|(n, _)| n.clone())
-                .collect()
-        };
-        let live: BTreeSet<String> = r
-            .verdicts
-            .iter()
-            .filter(|(_, v)| **v == node_health::NodeVerdict::Healthy)
-            .map(|(n, _)| n.clone())
-            .collect();
+                .collect();
+        }
         let timing = self.cfg.volume_timing;
         let names: Vec<String> = r.volumes.keys().cloned().collect();
         let actor = r.name.clone();

@@ -22,8 +22,9 @@
 //! - At most one Lease write per step: each carries the `resourceVersion` it was decided on.
 
 use super::{Handover, TakeRefusal, VolumeLease, VolumeTiming, handover};
-use crate::remediation::Phase;
+use crate::remediation::{NodeRemediation, Phase};
 use crate::time::MonoTime;
+use crate::verdict::NodeVerdict;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use thiserror::Error;
@@ -36,6 +37,25 @@ pub const ROLE_ACTIVE: &str = "active";
 /// heartbeat Lease (a commit that fails means the node renewed, so `Committing` is not enough).
 pub fn proven_fenced(phase: &Phase) -> bool {
     matches!(phase, Phase::Fenced | Phase::Tainted)
+}
+
+/// The node sets [`VolumeFacts`] needs, from the leader's verdicts and remediation states:
+/// `(fenced, live)` — proven fenced ([`proven_fenced`]), and judged Healthy.
+pub fn node_sets<'a>(
+    verdicts: impl IntoIterator<Item = (&'a String, &'a NodeVerdict)>,
+    remediation: impl IntoIterator<Item = (&'a String, &'a NodeRemediation)>,
+) -> (BTreeSet<String>, BTreeSet<String>) {
+    let fenced = remediation
+        .into_iter()
+        .filter(|(_, r)| proven_fenced(&r.phase))
+        .map(|(n, _)| n.clone())
+        .collect();
+    let live = verdicts
+        .into_iter()
+        .filter(|(_, v)| **v == NodeVerdict::Healthy)
+        .map(|(n, _)| n.clone())
+        .collect();
+    (fenced, live)
 }
 
 /// One consumer of the volume as the controller sees its pod.

@@ -370,3 +370,27 @@ fn a_version_written_on_is_not_decided_on_again_for_a_renew_interval() {
     let a = step(&mut s, &l, &c, &[], &live, Some(&req), 2_000);
     assert_eq!(lease_writes(&a).len(), 1, "{a:?}");
 }
+
+#[test]
+fn node_sets_are_the_committed_fences_and_the_healthy_verdicts() {
+    use crate::remediation::NodeRemediation;
+    use std::collections::BTreeMap;
+    let verdicts: BTreeMap<String, NodeVerdict> = [
+        ("a-1".to_string(), NodeVerdict::Healthy),
+        (
+            "a-2".to_string(),
+            NodeVerdict::Suspect(crate::verdict::SuspectReason::AgentLate),
+        ),
+        ("b-2".to_string(), NodeVerdict::Healthy),
+    ]
+    .into();
+    let mut fenced = NodeRemediation::default();
+    fenced.phase = Phase::Tainted;
+    let mut committing = NodeRemediation::default();
+    committing.phase = Phase::Committing;
+    let remediation: BTreeMap<String, NodeRemediation> =
+        [("a-2".to_string(), fenced), ("a-1".to_string(), committing)].into();
+    let (f, l) = node_sets(&verdicts, &remediation);
+    assert_eq!(f, set(&["a-2"]));
+    assert_eq!(l, set(&["a-1", "b-2"]));
+}
