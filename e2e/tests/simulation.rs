@@ -605,3 +605,44 @@ fn volume_checks_catch_a_handover_before_the_fence() {
         );
     }
 }
+
+/// Every clock at an edge of the 1 % drift bound: still one writer at a time.
+#[test]
+fn volume_scenarios_hold_with_clocks_at_the_drift_bound() {
+    for name in [
+        "holder-frozen",
+        "holder-partitioned",
+        "db-failover",
+        "failback",
+    ] {
+        for seed in 1..=5 {
+            let mut s = scenario::named(name, seed).expect("scenario");
+            s.extreme_drift = true;
+            let r = sim::run(&s, seed);
+            assert!(r.ok(), "{name} seed {seed}:\n{}", r.render_text());
+        }
+    }
+}
+
+/// The slowest timing `VolumeTiming::validate` accepts (the holder done exactly at the drift
+/// bound), with every clock at an edge of it: a frozen holder is still fenced before the
+/// standby mounts.
+#[test]
+fn a_frozen_holder_at_the_edge_of_the_timing_rule_still_never_overlaps() {
+    let edge = node_health::VolumeTiming {
+        stop_budget: std::time::Duration::from_millis(2_900),
+        ..node_health::VolumeTiming::default()
+    };
+    assert_eq!(edge.validate(), Ok(()));
+    for seed in 1..=10 {
+        let mut s = scenario::named("holder-frozen", seed).expect("scenario");
+        s.extreme_drift = true;
+        let cfg = sim::SimConfig {
+            volume_timing: edge,
+            extreme_drift: true,
+            ..sim::SimConfig::default()
+        };
+        let r = sim::run_with(&s, seed, cfg);
+        assert!(r.ok(), "seed {seed}:\n{}", r.render_text());
+    }
+}
