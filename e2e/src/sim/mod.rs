@@ -12,6 +12,7 @@ mod guard;
 mod kcm;
 mod kubelet;
 mod liveness;
+mod random_schedule;
 mod replica;
 pub mod report;
 pub mod scenario;
