@@ -9,7 +9,9 @@ use super::cluster::{Cluster, REBOOT_MS};
 use super::scenario::Site;
 use super::volume::{APP_STOP_MS, Device, Mount, to_core};
 use node_health::MonoTime;
-use node_health::volume::{GuardAction, VolumeGuard, VolumeLease, WriteId, WriteOutcome};
+use node_health::volume::{
+    GuardAction, VolumeGuard, VolumeLease, WriteId, WriteOutcome, acquire_keeps_preferred,
+};
 use rand::Rng;
 use std::collections::VecDeque;
 
@@ -356,10 +358,14 @@ impl Cluster {
         expected_rv: &str,
         epoch: u64,
     ) -> WriteOutcome {
-        let Some(Stored {
+        let Some(stored) = self.api.get(key).cloned() else {
+            return WriteOutcome::Conflict;
+        };
+        let read = to_core(&stored);
+        let Stored {
             rv,
             obj: Obj::VolumeLease(mut l),
-        }) = self.api.get(key).cloned()
+        } = stored
         else {
             return WriteOutcome::Conflict;
         };
@@ -369,8 +375,13 @@ impl Cluster {
         if want != rv {
             return WriteOutcome::Conflict;
         }
+        // The shipped rule for the preferred holder on an acquire.
+        let keeps_preferred = read.is_some_and(|r| acquire_keeps_preferred(&r, uid));
         match action {
             GuardAction::Acquire { .. } => {
+                if !keeps_preferred {
+                    l.preferred = None;
+                }
                 l = VolumeLeaseObj {
                     holder: Some(uid.to_string()),
                     epoch,
