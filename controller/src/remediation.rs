@@ -202,10 +202,16 @@ impl Remediator {
             self.reported.insert(node.name.clone());
             statuses.push(node_status(node, state));
         }
+        let (fenced, live) = node_health::volume::switch::node_sets(
+            assessment.nodes.iter().map(|n| (&n.name, &n.input.verdict)),
+            self.states.iter(),
+        );
         Some(RemediationView {
             nodes: statuses,
             pause: assessment.pause,
             witness: ctx.witness.as_ref().map(|w| w.view()),
+            fenced,
+            live,
         })
     }
 

@@ -42,6 +42,10 @@ pub struct RemediationView {
     pub pause: Option<Pause>,
     /// The witness; `None` when none is configured.
     pub witness: Option<WitnessView>,
+    /// The nodes proven fenced and those judged Healthy, by the core's
+    /// [`node_health::volume::switch::node_sets`], for the volume loop.
+    pub fenced: std::collections::BTreeSet<String>,
+    pub live: std::collections::BTreeSet<String>,
 }
 
 /// What the pairing needs to know of a Node.

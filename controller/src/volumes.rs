@@ -54,22 +54,6 @@ pub struct VolumeContext {
     pub clock: Arc<dyn Clock + Send + Sync>,
 }
 
-/// The nodes the remediation core has proven fenced, and those judged healthy.
-pub fn node_sets(view: Option<&RemediationView>) -> (BTreeSet<String>, BTreeSet<String>) {
-    let mut fenced = BTreeSet::new();
-    let mut live = BTreeSet::new();
-    for n in view.map(|v| v.nodes.as_slice()).unwrap_or(&[]) {
-        // The phases `proven_fenced` accepts, as the status names them.
-        if n.phase == "Fenced" || n.phase == "Tainted" {
-            fenced.insert(n.name.clone());
-        }
-        if n.verdict == "Healthy" {
-            live.insert(n.name.clone());
-        }
-    }
-    (fenced, live)
-}
-
 fn uid(pod: &Pod) -> Option<&str> {
     pod.metadata.uid.as_deref()
 }
@@ -212,7 +196,10 @@ impl VolumeLoop {
             .await?
             .items
         };
-        let (fenced, live) = node_sets(view);
+        // The core's node sets, as the remediation loop computed them this pass.
+        let (fenced, live) = view
+            .map(|v| (v.fenced.clone(), v.live.clone()))
+            .unwrap_or_default();
         let now = ctx.clock.now();
         let mut statuses = Vec::new();
         let mut seen = BTreeSet::new();
@@ -490,38 +477,5 @@ mod tests {
             )
             .is_none()
         );
-    }
-
-    #[test]
-    fn only_proven_fences_count_and_only_healthy_nodes_are_live() {
-        use crate::crd::NodeStatus;
-        let n = |name: &str, phase: &str, verdict: &str| NodeStatus {
-            name: name.into(),
-            room: None,
-            partner: None,
-            phase: phase.into(),
-            waiting_for: None,
-            verdict: verdict.into(),
-            boot_id: None,
-        };
-        let view = RemediationView {
-            nodes: vec![
-                n("a-1", "Tainted", "Dead"),
-                n("a-2", "FenceWaiting", "Dead"),
-                n("b-1", "Healthy", "Healthy"),
-            ],
-            pause: None,
-            witness: None,
-        };
-        let (fenced, live) = node_sets(Some(&view));
-        assert_eq!(
-            fenced.into_iter().collect::<Vec<_>>(),
-            vec!["a-1".to_string()]
-        );
-        assert_eq!(
-            live.into_iter().collect::<Vec<_>>(),
-            vec!["b-1".to_string()]
-        );
-        assert_eq!(node_sets(None), (BTreeSet::new(), BTreeSet::new()));
     }
 }
