@@ -186,7 +186,7 @@ async fn postgres_keeps_every_acknowledged_row_when_the_active_consumer_is_kille
         .to_path_buf();
 
     let peer_port = apiserver::free_port().expect("a free port");
-    let mut agents = vec![
+    let mut agents = [
         Some(start_agent(&server, &nodes[0], "boot-a-1", peer_port, 1)),
         Some(start_agent(&server, &nodes[1], "boot-b-1", peer_port, 1)),
     ];
@@ -265,10 +265,9 @@ async fn postgres_keeps_every_acknowledged_row_when_the_active_consumer_is_kille
                 if watchdog_fires(&feeds_file, Duration::from_secs(5), Duration::from_secs(60))
                     .await
                     .is_some()
+                    && let Some(agent) = node.as_mut()
                 {
-                    if let Some(agent) = node.as_mut() {
-                        agent.kill();
-                    }
+                    agent.kill();
                 }
             });
         }

@@ -331,19 +331,26 @@ impl Cluster {
         let check = self.nodes[i]
             .deadlines
             .check(local, self.cfg.timing.watchdog);
-        let first = !check.overdue.is_empty() && !self.nodes[i].overdue_handled;
-        self.nodes[i].overdue_handled = !check.overdue.is_empty();
-        if !first || self.cfg.agent_ignores_deadlines {
+        if self.cfg.agent_ignores_deadlines {
             return false;
         }
-        let name = self.nodes[i].name.clone();
-        if !self.cfg.stop_command_fails {
-            self.nodes[i].workloads_running = false;
-        }
-        let failed = self.nodes[i]
+        // The shipped agent's rule (the core's): stop once, reboot only without a watchdog.
+        let watchdog_failed = self.nodes[i]
             .agent
             .as_ref()
             .is_some_and(AgentCore::is_watchdog_failed);
+        let mut decided = node_health::AgentStep::default();
+        if !self.nodes[i]
+            .deadline_enforcer
+            .apply(&check, &mut decided, watchdog_failed)
+        {
+            return false;
+        }
+        let name = self.nodes[i].name.clone();
+        if decided.stop_workloads && !self.cfg.stop_command_fails {
+            self.nodes[i].workloads_running = false;
+        }
+        let failed = decided.reboot;
         self.log(
             &format!("agent/{name}"),
             format!(

@@ -93,8 +93,8 @@ pub(super) struct SimNode {
     pub(super) deadlines: NodeDeadlines,
     /// A deadline holds the watchdog feeds back (logged once per episode).
     pub(super) feeds_withheld: bool,
-    /// An overdue deadline was acted on (once per episode).
-    pub(super) overdue_handled: bool,
+    /// The core's rule for an overdue deadline (acted on once per episode).
+    pub(super) deadline_enforcer: node_health::volume::node_deadline::DeadlineEnforcer,
 }
 
 /// Knobs of one run that are not faults.
@@ -436,7 +436,7 @@ impl Cluster {
             next_claim: MonoTime::ZERO,
             deadlines: NodeDeadlines::new(),
             feeds_withheld: false,
-            overdue_handled: false,
+            deadline_enforcer: Default::default(),
         });
     }
 
@@ -520,7 +520,7 @@ impl Cluster {
         n.next_probe = MonoTime::ZERO;
         n.deadlines = NodeDeadlines::new();
         n.feeds_withheld = false;
-        n.overdue_handled = false;
+        n.deadline_enforcer = Default::default();
         let name = n.name.clone();
         for r in self.replicas.iter_mut().filter(|r| r.host == name) {
             r.up = true;

@@ -14,6 +14,7 @@ use super::stopper::WorkloadStopper;
 use super::watchdog::Watchdog;
 use crate::agent::AgentStep;
 use crate::time::Clock;
+use crate::volume::node_deadline::DeadlineEnforcer;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,8 +30,8 @@ pub struct NodeAgent<W, S> {
     state: Option<StateRecorder>,
     /// The volume guards' deadlines on this node: while one could be overrun, no feed.
     deadlines: Option<DeadlineStore>,
-    /// A deadline has passed: the HA workloads were told to stop (once).
-    overdue_handled: bool,
+    /// The core's rule for applying them to each step.
+    enforcer: DeadlineEnforcer,
 }
 
 impl<W: Watchdog, S: WorkloadStopper> NodeAgent<W, S> {
@@ -47,7 +48,7 @@ impl<W: Watchdog, S: WorkloadStopper> NodeAgent<W, S> {
             stopper,
             state: None,
             deadlines: None,
-            overdue_handled: false,
+            enforcer: DeadlineEnforcer::default(),
         }
     }
 
@@ -87,15 +88,9 @@ impl<W: Watchdog, S: WorkloadStopper> NodeAgent<W, S> {
             let check = deadlines.check(now, watchdog_timeout);
             // The core's right to run is necessary, not sufficient: a guard's app that may
             // outlive its deadline keeps the feeds back, so the watchdog fences in time.
-            if check.withhold_feed {
-                step.feed = false;
-            }
-            if check.overdue.is_empty() {
-                self.overdue_handled = false;
-            } else if !std::mem::replace(&mut self.overdue_handled, true) {
+            let failed = self.core.lock().is_watchdog_failed();
+            if self.enforcer.apply(&check, &mut step, failed) {
                 log_overdue(&check);
-                step.stop_workloads = true;
-                step.reboot |= self.core.lock().is_watchdog_failed();
             }
         }
         // Before acting: a loss is on file before the stop begins (which may outlive us).

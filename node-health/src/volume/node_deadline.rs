@@ -230,6 +230,39 @@ impl NodeDeadlines {
     }
 }
 
+/// How an agent applies the deadlines to one step of its core — the shipped agent's loop and the
+/// simulated agent both call it: no feed while a deadline says withhold; on the first step a
+/// deadline is overdue, stop the HA workloads (the app may still write), and reboot at once when
+/// the watchdog that should reset the node has failed.
+#[derive(Debug, Clone, Default)]
+pub struct DeadlineEnforcer {
+    overdue_handled: bool,
+}
+
+impl DeadlineEnforcer {
+    /// Amends `step`; returns whether a deadline became overdue at this step.
+    pub fn apply(
+        &mut self,
+        check: &DeadlineCheck,
+        step: &mut crate::agent::AgentStep,
+        watchdog_failed: bool,
+    ) -> bool {
+        if check.withhold_feed {
+            step.feed = false;
+        }
+        if check.overdue.is_empty() {
+            self.overdue_handled = false;
+            return false;
+        }
+        if std::mem::replace(&mut self.overdue_handled, true) {
+            return false;
+        }
+        step.stop_workloads = true;
+        step.reboot |= watchdog_failed;
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -320,6 +353,36 @@ mod tests {
             NodeDeadlines::new().arm("p", &TOKEN, at(1_000), F, at(0), W, true),
             Err(DeadlineRefusal::TooClose { .. })
         ));
+    }
+
+    #[test]
+    fn an_overdue_deadline_stops_the_workloads_once_and_reboots_only_without_a_watchdog() {
+        use crate::agent::AgentStep;
+        let mut d = NodeDeadlines::new();
+        d.arm("pod-1", &TOKEN, at(10_000), F, at(0), W, true)
+            .expect("armed");
+        let mut e = DeadlineEnforcer::default();
+        let fed = || AgentStep {
+            feed: true,
+            ..AgentStep::default()
+        };
+        let mut s = fed();
+        assert!(!e.apply(&d.check(at(5_000), W), &mut s, false));
+        assert!(s.feed && !s.stop_workloads);
+        let mut s = fed();
+        assert!(!e.apply(&d.check(at(7_000), W), &mut s, false));
+        assert!(!s.feed && !s.stop_workloads, "withheld, not yet overdue");
+        let mut s = fed();
+        assert!(e.apply(&d.check(at(10_000), W), &mut s, false));
+        assert!(!s.feed && s.stop_workloads && !s.reboot);
+        let mut s = fed();
+        assert!(!e.apply(&d.check(at(10_200), W), &mut s, true), "once");
+        assert!(!s.stop_workloads && !s.reboot);
+        // A broken watchdog: the agent reboots the node itself.
+        let mut e = DeadlineEnforcer::default();
+        let mut s = AgentStep::default();
+        assert!(e.apply(&d.check(at(10_000), W), &mut s, true));
+        assert!(s.stop_workloads && s.reboot);
     }
 
     #[test]
