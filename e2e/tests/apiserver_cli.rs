@@ -22,16 +22,16 @@
 
 mod common;
 
-use common::agents::{agent_files, feeds, start_agent};
-use common::volume::{Consumer, LoopDevice, require_root_and_tools};
-use common::{AGENT_BIN, CONTROLLER_BIN, Setup, TestNode, binary, wait_for, workspace_root};
-use e2e::apiserver::{self, Identity, Options};
+use common::agents::agent_files;
+use common::volume::{
+    Consumer, LoopDevice, apply_example, guard_options, require_root_and_tools, start_agents,
+    two_nodes,
+};
+use common::{AGENT_BIN, CONTROLLER_BIN, Setup, binary, wait_for};
+use e2e::apiserver;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
-use kube::Client;
-use kube::api::{
-    Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
-};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -40,30 +40,6 @@ const NS: &str = "block-demo";
 const LEASE: &str = "block-data";
 const GUARD_SA: &str = "block-guard";
 const PREFERRED: &str = "twosite.dev/preferred-holder";
-
-/// Creates the example's objects of the given kinds; skips the others.
-async fn create_from_example(admin: &Client, file: &str, kinds: &[&str]) {
-    let path = workspace_root().join("examples").join(file);
-    for doc in common::yaml_documents(&path) {
-        let api_version = doc["apiVersion"].as_str().expect("apiVersion");
-        let kind = doc["kind"].as_str().expect("kind");
-        if !kinds.contains(&kind) {
-            continue;
-        }
-        let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
-        let gvk = GroupVersionKind::gvk(group, version, kind);
-        let resource =
-            ApiResource::from_gvk_with_plural(&gvk, &format!("{}s", kind.to_lowercase()));
-        let obj: DynamicObject = serde_json::from_value(doc.clone()).expect("an object");
-        let api: Api<DynamicObject> = match obj.metadata.namespace.as_deref() {
-            Some(ns) => Api::namespaced_with(admin.clone(), ns, &resource),
-            None => Api::all_with(admin.clone(), &resource),
-        };
-        api.create(&PostParams::default(), &obj)
-            .await
-            .unwrap_or_else(|e| panic!("{file}: {kind} {:?} refused: {e}", obj.metadata.name));
-    }
-}
 
 /// A pod bound to `node`, Running (the test plays its kubelet); its UID.
 async fn running_pod(pods: &Api<Pod>, name: &str, node: &str, volume: Option<&str>) -> String {
@@ -180,15 +156,8 @@ fn status_json(kubeconfig: &Path) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switchover_and_status_commands_drive_and_show_two_real_guards() {
     let test = "switchover_and_status_commands_drive_and_show_two_real_guards";
-    let nodes = vec![
-        TestNode::new("a-1", "room-a", "127.0.0.2"),
-        TestNode::new("b-1", "room-b", "127.0.0.3"),
-    ];
-    let mut options = Options::default();
-    options
-        .identities
-        .push(Identity::service_account(NS, GUARD_SA));
-    options.extra_args.push("--allow-privileged=true".into());
+    let nodes = two_nodes();
+    let options = guard_options(NS, GUARD_SA);
     let setup = Setup {
         binaries: &[CONTROLLER_BIN, AGENT_BIN],
         options,
@@ -199,7 +168,7 @@ async fn switchover_and_status_commands_drive_and_show_two_real_guards() {
         return;
     };
     require_root_and_tools();
-    create_from_example(
+    apply_example(
         &admin,
         "block-active-standby.yaml",
         &[
@@ -209,6 +178,7 @@ async fn switchover_and_status_commands_drive_and_show_two_real_guards() {
             "RoleBinding",
             "Lease",
         ],
+        false,
     )
     .await;
     let leases: Api<Lease> = Api::namespaced(admin.clone(), NS);
@@ -235,22 +205,8 @@ async fn switchover_and_status_commands_drive_and_show_two_real_guards() {
     }
 
     // The two nodes' agents and the guards, as apiserver_volume.rs runs them.
-    let peer_port = apiserver::free_port().expect("a free port");
-    let _agent_a = start_agent(&server, &nodes[0], "boot-a-1", peer_port, 1);
-    let _agent_b = start_agent(&server, &nodes[1], "boot-b-1", peer_port, 1);
+    let _agents = start_agents(&server, &nodes).await;
     let (files_a, files_b) = (agent_files(&server, "a-1"), agent_files(&server, "b-1"));
-    wait_for(
-        "both agents feed their watchdogs",
-        Duration::from_secs(30),
-        || async {
-            if feeds(&files_a.watchdog) > 1 && feeds(&files_b.watchdog) > 1 {
-                Ok(())
-            } else {
-                Err("not yet".to_string())
-            }
-        },
-    )
-    .await;
     let disk = LoopDevice::new(320);
     let mut a = Consumer::new(&server, "a", apiserver::free_port().expect("port"));
     let mut b = Consumer::new(&server, "b", apiserver::free_port().expect("port"));

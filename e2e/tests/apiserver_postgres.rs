@@ -13,14 +13,13 @@
 
 mod common;
 
-use common::agents::{agent_files, feeds, start_agent};
-use common::volume::{Consumer, LoopDevice, require_root_and_tools, watchdog_fires};
-use common::{
-    AGENT_BIN, CONTROLLER_BIN, Setup, TestNode, wait_for, workspace_root, yaml_documents,
+use common::agents::agent_files;
+use common::volume::{
+    Consumer, LoopDevice, apply_example, guard_options, require_root_and_tools, start_agents,
+    two_nodes, watchdog_fires,
 };
-use e2e::apiserver::{self, Identity, Options};
-use kube::Client;
-use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, PostParams};
+use common::{AGENT_BIN, CONTROLLER_BIN, Setup, wait_for};
+use e2e::apiserver;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -32,31 +31,6 @@ const LEASE: &str = "postgres-data";
 const GUARD_SA: &str = "postgres-guard";
 const ROWS: u32 = 10_000;
 const KILL_AT: u32 = 5_000;
-
-/// Creates the example's objects of the given kinds; server-side dry-runs the others.
-async fn apply_example(admin: &Client, file: &str, create: &[&str]) {
-    let path = workspace_root().join("examples").join(file);
-    for doc in yaml_documents(&path) {
-        let api_version = doc["apiVersion"].as_str().expect("apiVersion");
-        let kind = doc["kind"].as_str().expect("kind");
-        let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
-        let gvk = GroupVersionKind::gvk(group, version, kind);
-        let resource =
-            ApiResource::from_gvk_with_plural(&gvk, &format!("{}s", kind.to_lowercase()));
-        let obj: DynamicObject = serde_json::from_value(doc.clone()).expect("an object");
-        let api: Api<DynamicObject> = match obj.metadata.namespace.as_deref() {
-            Some(ns) => Api::namespaced_with(admin.clone(), ns, &resource),
-            None => Api::all_with(admin.clone(), &resource),
-        };
-        let params = PostParams {
-            dry_run: !create.contains(&kind),
-            ..PostParams::default()
-        };
-        api.create(&params, &obj)
-            .await
-            .unwrap_or_else(|e| panic!("{file}: {kind} {:?} refused: {e}", obj.metadata.name));
-    }
-}
 
 /// Debian's PostgreSQL binaries (`/usr/lib/postgresql/<version>/bin`).
 fn pg_bin() -> PathBuf {
@@ -144,15 +118,8 @@ impl Drop for Session {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_keeps_every_acknowledged_row_when_the_active_consumer_is_killed() {
     let test = "postgres_keeps_every_acknowledged_row_when_the_active_consumer_is_killed";
-    let nodes = vec![
-        TestNode::new("a-1", "room-a", "127.0.0.2"),
-        TestNode::new("b-1", "room-b", "127.0.0.3"),
-    ];
-    let mut options = Options::default();
-    options
-        .identities
-        .push(Identity::service_account(NS, GUARD_SA));
-    options.extra_args.push("--allow-privileged=true".into());
+    let nodes = two_nodes();
+    let options = guard_options(NS, GUARD_SA);
     let setup = Setup {
         binaries: &[CONTROLLER_BIN, AGENT_BIN],
         options,
@@ -175,6 +142,7 @@ async fn postgres_keeps_every_acknowledged_row_when_the_active_consumer_is_kille
             "Lease",
             "Secret",
         ],
+        true,
     )
     .await;
     // postgres (its own user) must reach the mount points below the server's directory.
@@ -185,24 +153,9 @@ async fn postgres_keeps_every_acknowledged_row_when_the_active_consumer_is_kille
         .expect("the guard's kubeconfig")
         .to_path_buf();
 
-    let peer_port = apiserver::free_port().expect("a free port");
-    let mut agents = [
-        Some(start_agent(&server, &nodes[0], "boot-a-1", peer_port, 1)),
-        Some(start_agent(&server, &nodes[1], "boot-b-1", peer_port, 1)),
-    ];
+    let agents = start_agents(&server, &nodes).await;
+    let mut agents: Vec<Option<_>> = agents.into_iter().map(Some).collect();
     let files = [agent_files(&server, "a-1"), agent_files(&server, "b-1")];
-    wait_for(
-        "both agents feed their watchdogs",
-        Duration::from_secs(30),
-        || async {
-            if files.iter().all(|f| feeds(&f.watchdog) > 1) {
-                Ok(())
-            } else {
-                Err("not yet".to_string())
-            }
-        },
-    )
-    .await;
 
     let disk = LoopDevice::new(256);
     let mut consumers = Vec::new();

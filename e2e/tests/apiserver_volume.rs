@@ -21,16 +21,15 @@
 
 mod common;
 
-use common::agents::{agent_files, feeds, play_kubelets, start_agent};
-use common::volume::{Consumer, LoopDevice, overlap_ms, require_root_and_tools, watchdog_fires};
-use common::{
-    AGENT_BIN, CONTROLLER_BIN, Process, Setup, TestNode, twosite_status, twosites, wait_for,
-    workspace_root, yaml_documents,
+use common::agents::{agent_files, play_kubelets};
+use common::volume::{
+    Consumer, LoopDevice, apply_example, guard_options, overlap_ms, require_root_and_tools,
+    start_agents, two_nodes, watchdog_fires,
 };
-use e2e::apiserver::{self, Identity, Options};
+use common::{AGENT_BIN, CONTROLLER_BIN, Process, Setup, twosite_status, twosites, wait_for};
+use e2e::apiserver;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
-use kube::Client;
 use kube::api::{
     Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
 };
@@ -43,38 +42,6 @@ const NS: &str = "block-demo";
 const LEASE: &str = "block-data";
 const GUARD_SA: &str = "block-guard";
 const PREFERRED: &str = "twosite.dev/preferred-holder";
-
-/// Creates the example's objects of the given kinds; server-side dry-runs the others.
-async fn apply_example(admin: &Client, file: &str, create: &[&str]) {
-    let path = workspace_root().join("examples").join(file);
-    for doc in yaml_documents(&path) {
-        let api_version = doc["apiVersion"].as_str().expect("apiVersion");
-        let kind = doc["kind"].as_str().expect("kind");
-        let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
-        let gvk = GroupVersionKind::gvk(group, version, kind);
-        let plural = match kind {
-            "Policy" => "policies".to_string(),
-            k => format!("{}s", k.to_lowercase()),
-        };
-        let resource = ApiResource::from_gvk_with_plural(&gvk, &plural);
-        let obj: DynamicObject = serde_json::from_value(doc.clone()).expect("an object");
-        let api: Api<DynamicObject> = match obj.metadata.namespace.as_deref() {
-            Some(ns) => Api::namespaced_with(admin.clone(), ns, &resource),
-            None => Api::all_with(admin.clone(), &resource),
-        };
-        let params = if create.contains(&kind) {
-            PostParams::default()
-        } else {
-            PostParams {
-                dry_run: true,
-                ..PostParams::default()
-            }
-        };
-        api.create(&params, &obj)
-            .await
-            .unwrap_or_else(|e| panic!("{file}: {kind} {:?} refused: {e}", obj.metadata.name));
-    }
-}
 
 async fn prefer(leases: &Api<Lease>, who: &str) {
     leases
@@ -145,16 +112,8 @@ async fn wait_ready(c: &Consumer, what: &str, timeout: Duration) -> Duration {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_guards_switch_over_fail_back_and_a_frozen_holder_is_fenced_before_takeover() {
     let test = "two_guards_switch_over_fail_back_and_a_frozen_holder_is_fenced_before_takeover";
-    let nodes = vec![
-        TestNode::new("a-1", "room-a", "127.0.0.2"),
-        TestNode::new("b-1", "room-b", "127.0.0.3"),
-    ];
-    let mut options = Options::default();
-    options
-        .identities
-        .push(Identity::service_account(NS, GUARD_SA));
-    // As on kubeadm and kind clusters: the consumer pods are privileged (they mount).
-    options.extra_args.push("--allow-privileged=true".into());
+    let nodes = two_nodes();
+    let options = guard_options(NS, GUARD_SA);
     let setup = Setup {
         binaries: &[CONTROLLER_BIN, AGENT_BIN],
         options,
@@ -175,6 +134,7 @@ async fn two_guards_switch_over_fail_back_and_a_frozen_holder_is_fenced_before_t
             "RoleBinding",
             "Lease",
         ],
+        true,
     )
     .await;
     let leases: Api<Lease> = Api::namespaced(admin.clone(), NS);
@@ -197,22 +157,8 @@ async fn two_guards_switch_over_fail_back_and_a_frozen_holder_is_fenced_before_t
     let uid_b = consumer_pod(&pods, "block-b", "b-1").await;
 
     // The two nodes' agents, with test watchdogs; the guards arm deadlines with them.
-    let peer_port = apiserver::free_port().expect("a free port");
-    let mut agent_a = start_agent(&server, &nodes[0], "boot-a-1", peer_port, 1);
-    let _agent_b = start_agent(&server, &nodes[1], "boot-b-1", peer_port, 1);
+    let mut agents = start_agents(&server, &nodes).await;
     let (files_a, files_b) = (agent_files(&server, "a-1"), agent_files(&server, "b-1"));
-    wait_for(
-        "both agents feed their watchdogs",
-        Duration::from_secs(30),
-        || async {
-            if feeds(&files_a.watchdog) > 1 && feeds(&files_b.watchdog) > 1 {
-                Ok(())
-            } else {
-                Err("not yet".to_string())
-            }
-        },
-    )
-    .await;
 
     let disk = LoopDevice::new(320);
     let mut a = Consumer::new(&server, "a", apiserver::free_port().expect("port"));
@@ -356,7 +302,7 @@ async fn two_guards_switch_over_fail_back_and_a_frozen_holder_is_fenced_before_t
     );
     assert!(!b.mounted(), "b mounted before a-1 was reset");
     a.kill_all();
-    agent_a.kill();
+    agents[0].kill();
     if let Ok(mut alive) = alive.lock() {
         alive.remove("a-1");
     }

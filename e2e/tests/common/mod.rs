@@ -89,30 +89,36 @@ pub fn yaml_documents(path: &Path) -> Vec<Value> {
         .collect()
 }
 
+/// Creates one object of a YAML document with `client` (server-side dry run if `dry_run`), for
+/// the kinds deploy/ and examples/ use (their plural is the lower-case kind plus "s").
+pub async fn create_doc(client: &Client, doc: &Value, dry_run: bool) -> Result<(), String> {
+    let api_version = doc["apiVersion"].as_str().expect("apiVersion");
+    let kind = doc["kind"].as_str().expect("kind");
+    let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+    let gvk = GroupVersionKind::gvk(group, version, kind);
+    let resource = ApiResource::from_gvk_with_plural(&gvk, &format!("{}s", kind.to_lowercase()));
+    let obj: DynamicObject = serde_json::from_value(doc.clone()).expect("a Kubernetes object");
+    let api: Api<DynamicObject> = match obj.metadata.namespace.as_deref() {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
+        None => Api::all_with(client.clone(), &resource),
+    };
+    let params = PostParams {
+        dry_run,
+        ..PostParams::default()
+    };
+    api.create(&params, &obj)
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("{kind} {:?}: {e}", obj.metadata.name))
+}
+
 /// Create every object of a deploy/ file with `client` (the admin): what `kubectl create -f`
-/// does, for the kinds deploy/ uses (their plural is the lower-case kind plus "s").
+/// does.
 pub async fn create_all(client: &Client, path: &Path) {
     for doc in yaml_documents(path) {
-        let api_version = doc["apiVersion"].as_str().expect("apiVersion");
-        let kind = doc["kind"].as_str().expect("kind");
-        let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
-        let gvk = GroupVersionKind::gvk(group, version, kind);
-        let resource =
-            ApiResource::from_gvk_with_plural(&gvk, &format!("{}s", kind.to_lowercase()));
-        let obj: DynamicObject = serde_json::from_value(doc.clone()).expect("a Kubernetes object");
-        let api: Api<DynamicObject> = match obj.metadata.namespace.as_deref() {
-            Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
-            None => Api::all_with(client.clone(), &resource),
-        };
-        api.create(&PostParams::default(), &obj)
+        create_doc(client, &doc, false)
             .await
-            .unwrap_or_else(|e| {
-                panic!(
-                    "create {kind} {:?} from {}: {e}",
-                    obj.metadata.name,
-                    path.display()
-                )
-            });
+            .unwrap_or_else(|e| panic!("create from {}: {e}", path.display()));
     }
 }
 

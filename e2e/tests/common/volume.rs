@@ -9,6 +9,67 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+/// The two "nodes" of the volume tests, one per room.
+pub fn two_nodes() -> Vec<super::TestNode> {
+    vec![
+        super::TestNode::new("a-1", "room-a", "127.0.0.2"),
+        super::TestNode::new("b-1", "room-b", "127.0.0.3"),
+    ]
+}
+
+/// The API server's options for the volume tests: the guard's ServiceAccount `ns/sa` as an
+/// identity, and privileged pods allowed (the consumers mount), as on kubeadm and kind clusters.
+pub fn guard_options(ns: &str, sa: &str) -> e2e::apiserver::Options {
+    let mut options = e2e::apiserver::Options::default();
+    options
+        .identities
+        .push(e2e::apiserver::Identity::service_account(ns, sa));
+    options.extra_args.push("--allow-privileged=true".into());
+    options
+}
+
+/// Creates the objects of `examples/<file>` whose kind is in `create` and server-side dry-runs
+/// the others (`dry_run_rest`) or skips them: the example must be what the API server accepts.
+pub async fn apply_example(admin: &kube::Client, file: &str, create: &[&str], dry_run_rest: bool) {
+    let path = super::workspace_root().join("examples").join(file);
+    for doc in super::yaml_documents(&path) {
+        let kind = doc["kind"].as_str().unwrap_or_default();
+        let creating = create.contains(&kind);
+        if creating || dry_run_rest {
+            super::create_doc(admin, &doc, !creating)
+                .await
+                .unwrap_or_else(|e| panic!("{file}: refused: {e}"));
+        }
+    }
+}
+
+/// Starts the real agents of `nodes` (test watchdogs) and waits until each feeds its watchdog,
+/// so guards can arm deadlines with them.
+pub async fn start_agents(server: &ApiServer, nodes: &[super::TestNode]) -> Vec<Process> {
+    let peer_port = e2e::apiserver::free_port().expect("a free port");
+    let agents: Vec<Process> = nodes
+        .iter()
+        .map(|n| super::agents::start_agent(server, n, &format!("boot-{}", n.name), peer_port, 1))
+        .collect();
+    let files: Vec<_> = nodes
+        .iter()
+        .map(|n| super::agents::agent_files(server, &n.name).watchdog)
+        .collect();
+    super::wait_for(
+        "the agents feed their watchdogs",
+        Duration::from_secs(30),
+        || async {
+            if files.iter().all(|f| super::agents::feeds(f) > 1) {
+                Ok(())
+            } else {
+                Err("not yet".to_string())
+            }
+        },
+    )
+    .await;
+    agents
+}
+
 /// Fails (never skips) when the machine cannot run the volume tests.
 pub fn require_root_and_tools() {
     // SAFETY: geteuid has no preconditions.
