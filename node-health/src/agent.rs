@@ -574,6 +574,31 @@ impl AgentCore {
     }
 }
 
+/// How an agent should read the controller's fence marker when it finds it on its heartbeat
+/// Lease. The marker's value is the boot ID the node had when the controller fenced it. This
+/// only names the situation for the operator: either way the node has no right to run until the
+/// controller lifts the marker ([`AgentCore::observe_fence_marker`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FenceMarkerReading {
+    /// The node is back with another boot ID than the one fenced: the expected return. The
+    /// controller lifts the marker once it sees the new boot ID.
+    ReturnedAfterFence,
+    /// The marker names this boot (or names none): the node was fenced while running and has
+    /// just lost its right to run.
+    FencedThisBoot,
+}
+
+/// Reads the fence marker `marker_boot_id` (the annotation's value) for a node now running
+/// boot `own_boot_id`.
+pub fn read_fence_marker(marker_boot_id: &str, own_boot_id: &str) -> FenceMarkerReading {
+    let marker = marker_boot_id.trim();
+    if !marker.is_empty() && marker != own_boot_id.trim() {
+        FenceMarkerReading::ReturnedAfterFence
+    } else {
+        FenceMarkerReading::FencedThisBoot
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -592,6 +617,27 @@ mod tests {
             api_reachable: api,
             has_right: right,
         }
+    }
+
+    #[test]
+    fn fence_marker_of_an_earlier_boot_is_the_normal_return() {
+        assert_eq!(
+            read_fence_marker("boot-1", "boot-2"),
+            FenceMarkerReading::ReturnedAfterFence
+        );
+        assert_eq!(
+            read_fence_marker("boot-1", "boot-1"),
+            FenceMarkerReading::FencedThisBoot
+        );
+        assert_eq!(
+            read_fence_marker(" boot-1\n", "boot-1"),
+            FenceMarkerReading::FencedThisBoot
+        );
+        // A marker without a boot ID says nothing about a reboot: treated as this boot's.
+        assert_eq!(
+            read_fence_marker("", "boot-1"),
+            FenceMarkerReading::FencedThisBoot
+        );
     }
 
     #[test]

@@ -47,6 +47,17 @@ pub fn has_fence_marker(lease: &Lease) -> bool {
         .is_some_and(|a| a.contains_key(FENCE_MARKER_ANNOTATION))
 }
 
+/// The fence marker's value (the boot ID the node was fenced with), empty when absent.
+fn fence_marker_value(lease: &Lease) -> String {
+    lease
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(FENCE_MARKER_ANNOTATION))
+        .cloned()
+        .unwrap_or_default()
+}
+
 /// The heartbeat Lease's name for `node`.
 pub fn lease_name(node: &str) -> String {
     format!("twosite-agent-{node}")
@@ -216,8 +227,25 @@ async fn write_heartbeat<A: HeartbeatApi>(
     let lease = {
         let mut c = core.lock();
         if marked && !c.fence_marker() {
-            tracing::error!(
-                "the controller fenced this node: its heartbeat Lease carries the fence marker"
+            let marker = current.as_ref().map(fence_marker_value).unwrap_or_default();
+            match crate::agent::read_fence_marker(&marker, &facts.boot_id) {
+                crate::agent::FenceMarkerReading::ReturnedAfterFence => tracing::warn!(
+                    fenced_boot_id = marker,
+                    boot_id = facts.boot_id,
+                    "this node was fenced before it rebooted and is back with a new boot ID; \
+                     it runs no HA workload until the controller lifts the fence marker (expected \
+                     within a few heartbeats)"
+                ),
+                crate::agent::FenceMarkerReading::FencedThisBoot => tracing::error!(
+                    fenced_boot_id = marker,
+                    boot_id = facts.boot_id,
+                    "the controller fenced this node while it was running: its heartbeat Lease \
+                     carries the fence marker; the node has lost its right to run"
+                ),
+            }
+        } else if !marked && c.fence_marker() {
+            tracing::info!(
+                "the controller lifted the fence marker from this node's heartbeat Lease"
             );
         }
         c.observe_fence_marker(marked);
