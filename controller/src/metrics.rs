@@ -32,6 +32,13 @@ pub struct OutcomeLabels {
     pub outcome: String,
 }
 
+/// The labels of `twosite_volume_held`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VolumeLabels {
+    pub namespace: String,
+    pub volume: String,
+}
+
 /// Every remediation phase, for `twosite_node_phase`.
 pub const NODE_PHASES: [&str; 9] = [
     "Healthy",
@@ -57,11 +64,14 @@ pub struct Metrics {
     pub node_phase: Family<NodePhaseLabels, Gauge>,
     pub remediations: Counter,
     pub time_to_taint: Histogram,
+    pub time_to_release: Histogram,
+    pub remediation_paused: Gauge,
     pub remediation_errors: Family<ErrorLabels, Counter>,
     pub witness_reachable: Gauge,
     pub witness_claims: Family<OutcomeLabels, Counter>,
     pub volumes: Gauge,
     pub volume_events: Family<ReasonLabels, Counter>,
+    pub volume_held: Family<VolumeLabels, Gauge>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -90,6 +100,9 @@ impl Metrics {
         let remediations = Counter::default();
         // 1 s to 256 s.
         let time_to_taint = Histogram::new(exponential_buckets(1.0, 2.0, 9));
+        // 1 s to 256 s.
+        let time_to_release = Histogram::new(exponential_buckets(1.0, 2.0, 9));
+        let remediation_paused = Gauge::default();
         let remediation_errors = Family::<ErrorLabels, Counter>::default();
         let witness_reachable = Gauge::default();
         let witness_claims = Family::<OutcomeLabels, Counter>::default();
@@ -140,8 +153,22 @@ impl Metrics {
         );
         registry.register(
             "time_to_taint_seconds",
-            "Seconds from a node's Dead verdict to the out-of-service taint applied",
+            "Seconds from the controller's Dead verdict on a node to the out-of-service taint \
+             applied (excludes the silence before the verdict; see time_to_release_seconds)",
             time_to_taint.clone(),
+        );
+        registry.register(
+            "time_to_release_seconds",
+            "Seconds from the last change of a node's agent heartbeat Lease the controller saw \
+             (its kubelet Lease without an agent) to its pods released: fence committed, \
+             out-of-service taint applied, pods deleted; on the controller's monotonic clock",
+            time_to_release.clone(),
+        );
+        registry.register(
+            "remediation_paused",
+            "1 while node remediation is paused (the RemediationPaused condition), 0 otherwise; \
+             exported by the leader only",
+            remediation_paused.clone(),
         );
         registry.register(
             "remediation_errors",
@@ -170,8 +197,18 @@ impl Metrics {
             "Volume switches and problems, by Event reason (VolumeSwitchover, VolumeFailover, VolumeDemoteTimeout, VolumeSwitchoverRefused)",
             volume_events.clone(),
         );
+        let volume_held = Family::<VolumeLabels, Gauge>::default();
+        registry.register(
+            "volume_held",
+            "Per protected volume: 1 while a consumer pod holds its volume Lease, 0 while none \
+             does; exported by the leader only",
+            volume_held.clone(),
+        );
         Metrics {
             registry,
+            time_to_release,
+            remediation_paused,
+            volume_held,
             witness_reachable,
             witness_claims,
             volumes,
@@ -241,6 +278,23 @@ impl Metrics {
                 node: node.to_string(),
                 phase: p.to_string(),
             });
+        }
+    }
+
+    /// Sets `twosite_volume_held` for exactly the volumes given (namespace, name, held): the
+    /// series of volumes no longer listed are dropped.
+    pub fn set_volumes_held<'a>(
+        &self,
+        volumes: impl IntoIterator<Item = (&'a str, &'a str, bool)>,
+    ) {
+        self.volume_held.clear();
+        for (namespace, volume, held) in volumes {
+            self.volume_held
+                .get_or_create(&VolumeLabels {
+                    namespace: namespace.to_string(),
+                    volume: volume.to_string(),
+                })
+                .set(i64::from(held));
         }
     }
 

@@ -113,6 +113,17 @@ fn node_status(node: &NodeAssessment, state: &NodeRemediation) -> NodeStatus {
     }
 }
 
+/// The last change of `node`'s heartbeat the controller saw (its agent's Lease; its kubelet's
+/// without an agent), on the controller's clock.
+fn last_heartbeat(view: &node_health::ClusterView, node: &str) -> Option<MonoTime> {
+    let n = view.nodes.iter().find(|n| n.record.facts.name == node)?;
+    n.heartbeats
+        .agent
+        .as_ref()
+        .or(n.heartbeats.kubelet.as_ref())
+        .map(|h| h.seen_at)
+}
+
 /// Per-node retry after a failed action: 1 s, 2 s, ... up to 30 s.
 fn retry_delay(failures: u32) -> Duration {
     Duration::from_secs(1 << failures.min(5)).min(Duration::from_secs(30))
@@ -124,6 +135,9 @@ pub struct Remediator {
     states: BTreeMap<String, NodeRemediation>,
     /// When each node was first judged dead in its current spell, for the time-to-taint metric.
     dead_since: BTreeMap<String, MonoTime>,
+    /// For each node in `dead_since`: the last change of its heartbeat the controller saw
+    /// before the verdict, for the time-to-release metric; removed once measured.
+    silent_since: BTreeMap<String, MonoTime>,
     /// Nodes whose last action failed: not stepped again before the time given.
     retry: BTreeMap<String, (MonoTime, u32)>,
     /// Nodes with a `twosite_node_phase` series.
@@ -151,6 +165,9 @@ impl Remediator {
         }
         let view = observed.lock().cluster_view(now, &ctx.timing);
         let mut assessment = assess(&view, pairing, now, &ctx.timing, ctx.max_dead_share_pct);
+        ctx.metrics
+            .remediation_paused
+            .set(i64::from(assessment.pause.is_some()));
         if let Some(witness) = &ctx.witness {
             witness
                 .claim_rooms(&rooms_to_claim(&assessment, pairing))
@@ -163,6 +180,8 @@ impl Remediator {
         let present: BTreeSet<&str> = assessment.nodes.iter().map(|n| n.name.as_str()).collect();
         self.states.retain(|n, _| present.contains(n.as_str()));
         self.dead_since.retain(|n, _| present.contains(n.as_str()));
+        self.silent_since
+            .retain(|n, _| self.dead_since.contains_key(n));
         self.retry.retain(|n, _| present.contains(n.as_str()));
         for gone in self
             .reported
@@ -175,8 +194,11 @@ impl Remediator {
 
         let mut statuses = Vec::with_capacity(assessment.nodes.len());
         for node in &assessment.nodes {
-            if node.input.verdict.is_dead() {
-                self.dead_since.entry(node.name.clone()).or_insert(now);
+            if node.input.verdict.is_dead() && !self.dead_since.contains_key(&node.name) {
+                self.dead_since.insert(node.name.clone(), now);
+                if let Some(at) = last_heartbeat(&view, &node.name) {
+                    self.silent_since.insert(node.name.clone(), at);
+                }
             }
             let waiting = self.retry.get(&node.name).is_some_and(|(at, _)| now < *at);
             if !waiting {
@@ -197,6 +219,7 @@ impl Remediator {
             let state = self.states.entry(node.name.clone()).or_default();
             if state.phase == Phase::Healthy && !node.input.verdict.is_dead() {
                 self.dead_since.remove(&node.name);
+                self.silent_since.remove(&node.name);
             }
             ctx.metrics.set_node_phase(&node.name, state.phase.name());
             self.reported.insert(node.name.clone());
@@ -221,7 +244,9 @@ impl Remediator {
         }
         self.states.clear();
         self.dead_since.clear();
+        self.silent_since.clear();
         self.retry.clear();
+        ctx.metrics.remediation_paused.set(0);
         for n in std::mem::take(&mut self.reported) {
             ctx.metrics.forget_node(&n);
         }
@@ -305,6 +330,13 @@ impl Remediator {
                         None => list_pods(ctx, &node.name).await?,
                     };
                     delete_pods(ctx, &node.name, &listed).await?;
+                    // The fence, the taint and the deletions all succeeded: released. Measured
+                    // once per spell.
+                    if let Some(silent) = self.silent_since.remove(&node.name) {
+                        ctx.metrics
+                            .time_to_release
+                            .observe(now.since(silent).as_secs_f64());
+                    }
                 }
                 Action::ApplyTaint { fenced_boot_id } => {
                     let change = TaintChange::Apply { fenced_boot_id };

@@ -352,6 +352,13 @@ pub async fn run_volume_loop(
                 ctx.metrics
                     .volumes
                     .set(i64::try_from(next.len()).unwrap_or(i64::MAX));
+                ctx.metrics.set_volumes_held(next.iter().map(|v| {
+                    (
+                        v.namespace.as_str(),
+                        v.name.as_str(),
+                        v.holder_pod.is_some(),
+                    )
+                }));
                 out.send_if_modified(|v| {
                     if *v == next {
                         false

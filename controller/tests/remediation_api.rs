@@ -490,6 +490,16 @@ async fn a_dead_node_with_a_clear_partner_is_committed_then_its_pods_deleted_and
         text.contains("twosite_time_to_taint_seconds_count 1"),
         "{text}"
     );
+    // a1's agent Lease last changed at 0 s; its pods were released in the pass at 30 s.
+    assert!(
+        text.contains("twosite_time_to_release_seconds_sum 30.0"),
+        "{text}"
+    );
+    assert!(
+        text.contains("twosite_time_to_release_seconds_count 1"),
+        "{text}"
+    );
+    assert!(text.contains("twosite_remediation_paused 0"), "{text}");
     assert!(
         text.contains(r#"twosite_node_phase{node="a1",phase="Fenced"} 1"#),
         "{text}"
