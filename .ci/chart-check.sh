@@ -14,6 +14,10 @@
 #      charts/tests/policy-bad.yaml, where it must report every planted fault;
 #   5. every file in charts/tests/bad-values/ must be REFUSED by the values schema, every file in
 #      charts/tests/refused/ refused by the chart with the message it names;
+#   5b. charts/tests/monitoring.py on every rendering: the dashboard JSON valid and shipped as is,
+#      the PrometheusRule well formed, every metric name they use exported by the controller
+#      (the names registered in controller/src/metrics.rs); and on charts/tests/monitoring-bad.yaml,
+#      where it must report every planted fault; the monitoring render has all five alerts;
 #   6. deploy/ against the default rendering (charts/tests/deploy_drift.py; a rendering with one
 #      changed value must be reported as drift), and deploy/*.yaml through kubernetes-validate.
 # Usage: .ci/chart-check.sh   (needs npm, python3 with venv, unzip, network to npm and PyPI on
@@ -119,8 +123,9 @@ validate() { # k8s version, file
     echo "$out" >&2; die "kubernetes-validate --strict -k $1 $2"
   fi
   # Every object must have been checked: only our own custom kinds may lack a schema (policy.py
-  # checks them against the CRD).
-  if echo "$out" | grep -v 'kind TwoSite with api version twosite.dev/' | grep -q "Couldn't find schema"; then
+  # checks them against the CRD), and the PrometheusRule (monitoring.py checks it).
+  if echo "$out" | grep -v -e 'kind TwoSite with api version twosite.dev/' \
+      -e 'kind PrometheusRule with api version monitoring.coreos.com/' | grep -q "Couldn't find schema"; then
     echo "$out" >&2; die "kubernetes-validate has no schema for an object of $2"
   fi
   echo "$out" | grep -c "passed for resource"
@@ -167,6 +172,21 @@ for v in "$TESTS"/refused/*.yaml; do
   check_refused "$CHART" "$v" "$msg"
 done
 say "$refused bad values files refused"
+
+# --- 5b. monitoring: the PrometheusRule and the dashboard --------------------------------------
+MON=(controller/src/metrics.rs "$CHART/dashboards/twosite.json")
+"$PY" "$TESTS/monitoring.py" "${MON[@]}" "${renders[@]}" "$old" || die "monitoring.py"
+expect=$(sed -n 's/^# expect: \([0-9]*\)$/\1/p' "$TESTS/monitoring-bad.yaml")
+"$PY" "$TESTS/monitoring.py" --expect-failures "$expect" "${MON[@]}" "$TESTS/monitoring-bad.yaml" >/dev/null 2>&1 \
+  || die "monitoring.py did not find exactly the $expect faults planted in $TESTS/monitoring-bad.yaml"
+mon="$OUT/values-monitoring.yaml"
+for alert in TwoSiteNoLeader TwoSiteRemediationPaused TwoSiteNodeFenced TwoSiteWitnessUnreachable TwoSiteVolumeWithoutHolder; do
+  grep -q "alert: $alert\$" "$mon" || die "$mon has no alert $alert"
+done
+grep -q '^kind: PrometheusRule$' "$OUT/default.yaml" && die "the default render has a PrometheusRule (monitoring is off by default)"
+grep -q 'grafana_dashboard' "$OUT/default.yaml" && die "the default render has a dashboard ConfigMap (monitoring is off by default)"
+grep -q 'grafana_dashboard: "1"' "$mon" || die "$mon has no dashboard ConfigMap labelled grafana_dashboard=1"
+say "monitoring: the rule's 5 alerts and the dashboard use only exported metrics; $expect planted faults found"
 
 # --- 6. deploy/ against the chart -----------------------------------------------------------
 "$HELM" template twosite "$CHART" --namespace twosite-system > "$OUT/deploy-compare.yaml"
