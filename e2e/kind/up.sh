@@ -1,7 +1,17 @@
 #!/usr/bin/env bash
 # Creates the two-room kind cluster, builds and loads the twosite images, installs the chart.
 #   e2e/kind/up.sh            # cluster `twosite` (CLUSTER=... for another name)
-# Needs docker (with an engine), kind, kubectl, helm. Fails at once, with the reason, without.
+# Needs docker (with an engine), kind, kubectl, helm, and losetup with root (sudo) for the
+# shared block device. Fails at once, with the reason, without.
+#
+# The shared block device (scenarios 1, 2 and 8): a ReadWriteMany block volume needs one device
+# every node sees. up.sh makes a 1 GiB image file (BLOCK_IMG, default
+# /var/tmp/twosite-kind-block.img), attaches it to a host loop device (`losetup --find --show`;
+# BLOCK_LOOP=/dev/loopN to use one you made) and passes that device into every worker container
+# as /dev/twosite-block (kind `extraMounts`, written into a copy of cluster.yaml). kind nodes
+# are privileged containers, so they may open it; the scenarios put a local PersistentVolume
+# (volumeMode: Block, ReadWriteMany, every worker in its nodeAffinity) on it. The loop device
+# does not survive a reboot of the host: delete the cluster and run up.sh again.
 source "$(dirname "$0")/lib.sh"
 cd "$(dirname "$0")/../.."
 
@@ -19,9 +29,28 @@ docker build -q --build-arg NODE_IMAGE="$NODE_IMAGE" -t twosite-kind-node:local 
 if kind get clusters 2>/dev/null | grep -qx "$CLUSTER"; then
   say "cluster $CLUSTER exists: reusing it"
 else
+  say "shared block device for the RWX scenarios"
+  need losetup truncate
+  SUDO=sudo; [[ $(id -u) == 0 ]] && SUDO=
+  BLOCK_IMG=${BLOCK_IMG:-/var/tmp/twosite-kind-block.img}
+  if [[ -z "${BLOCK_LOOP:-}" ]]; then
+    BLOCK_LOOP=$($SUDO losetup -j "$BLOCK_IMG" 2>/dev/null | cut -d: -f1 | head -n1)
+    if [[ -z "$BLOCK_LOOP" ]]; then
+      truncate -s 1G "$BLOCK_IMG"
+      BLOCK_LOOP=$($SUDO losetup --find --show "$BLOCK_IMG") || die "losetup $BLOCK_IMG failed"
+    fi
+  fi
+  [[ -b "$BLOCK_LOOP" ]] || die "$BLOCK_LOOP is not a block device"
+  echo "   $BLOCK_LOOP ($BLOCK_IMG) -> /dev/twosite-block in every worker"
+  config=$(mktemp)
+  awk -v dev="$BLOCK_LOOP" '{ print } /^  - role: worker$/ {
+      print "    extraMounts:"
+      print "      - {hostPath: " dev ", containerPath: /dev/twosite-block}" }' \
+    e2e/kind/cluster.yaml > "$config"
   say "kind create cluster $CLUSTER"
-  kind create cluster --name "$CLUSTER" --config e2e/kind/cluster.yaml \
+  kind create cluster --name "$CLUSTER" --config "$config" \
     --image twosite-kind-node:local --wait 180s
+  rm -f "$config"
 fi
 
 say "every node has its own boot ID"
@@ -29,6 +58,9 @@ ids=$(k get nodes -o jsonpath='{range .items[*]}{.status.nodeInfo.bootID}{"\n"}{
 echo "$ids" | sed 's/^/   /'
 [[ $(echo "$ids" | sort -u | wc -l) == $(echo "$ids" | wc -l) ]] \
   || die "two nodes report the same boot ID: the node image's boot-id entrypoint did not run"
+
+say "every worker sees the shared block device"
+require_block
 
 say "images"
 REGISTRY=ghcr.io/twosite TAG=$TAG images/build.sh
