@@ -310,3 +310,51 @@ impl Metrics {
 pub fn gauge_value(n: impl TryInto<i64>) -> i64 {
     n.try_into().unwrap_or(i64::MAX)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volume_held_follows_the_volumes_listed_and_drops_the_gone() {
+        let m = Metrics::new();
+        m.set_volumes_held([("shop", "db", true), ("shop", "cache", false)]);
+        let text = m.encode().expect("encode");
+        assert!(
+            text.contains(r#"twosite_volume_held{namespace="shop",volume="db"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"twosite_volume_held{namespace="shop",volume="cache"} 0"#),
+            "{text}"
+        );
+        m.set_volumes_held([("shop", "db", false)]);
+        let text = m.encode().expect("encode");
+        assert!(
+            text.contains(r#"twosite_volume_held{namespace="shop",volume="db"} 0"#),
+            "{text}"
+        );
+        assert!(!text.contains(r#"volume="cache""#), "{text}");
+    }
+
+    #[test]
+    fn the_timing_histograms_and_the_pause_gauge_are_exported() {
+        let m = Metrics::new();
+        m.time_to_release.observe(14.5);
+        m.remediation_paused.set(1);
+        let text = m.encode().expect("encode");
+        assert!(
+            text.contains("twosite_time_to_release_seconds_sum 14.5"),
+            "{text}"
+        );
+        assert!(
+            text.contains("twosite_time_to_taint_seconds_count 0"),
+            "{text}"
+        );
+        assert!(text.contains("twosite_remediation_paused 1"), "{text}");
+        assert!(
+            text.contains("from the controller's Dead verdict"),
+            "{text}"
+        );
+    }
+}
