@@ -157,10 +157,15 @@ cut_room() {
   done
 }
 heal_room() {
-  local n ip
+  local n ip now
   for n in $(room_nodes_cached "$1"); do
     ip=$(cat "/tmp/twosite-kind-ip-$n" 2>/dev/null || true)
-    docker network connect ${ip:+--ip "$ip"} "$KIND_NET" "$n" 2>/dev/null || true
+    # --ip needs a network with a configured subnet: up.sh creates `kind` with one.
+    docker network connect ${ip:+--ip "$ip"} "$KIND_NET" "$n" 2>/dev/null \
+      || docker network connect "$KIND_NET" "$n" 2>/dev/null || true
+    now=$(docker inspect -f "{{with index .NetworkSettings.Networks \"$KIND_NET\"}}{{.IPAMConfig}}{{.IPAddress}}{{end}}" "$n")
+    [[ -z "$ip" || "$now" == *"$ip"* ]] \
+      || die "$n rejoined $KIND_NET without its address $ip ($now): its kubelet's node IP is gone (was the kind network made by up.sh?)"
   done
 }
 # While a room is cut off the API server may still list it: cache its nodes before cutting.

@@ -47,6 +47,13 @@ else
       print "    extraMounts:"
       print "      - {hostPath: " dev ", containerPath: /dev/twosite-block}" }' \
     e2e/kind/cluster.yaml > "$config"
+  # kind uses an existing docker network named `kind`. Made here with a configured IPv4 subnet
+  # (KIND_SUBNET), so that a node cut off by `docker network disconnect` (scenarios 5, 6) can
+  # rejoin with its own address (`docker network connect --ip` needs a configured subnet).
+  if ! docker network inspect kind >/dev/null 2>&1; then
+    docker network create --subnet "${KIND_SUBNET:-172.30.0.0/16}" \
+      -o com.docker.network.bridge.enable_ip_masquerade=true kind >/dev/null
+  fi
   say "kind create cluster $CLUSTER"
   kind create cluster --name "$CLUSTER" --config "$config" \
     --image twosite-kind-node:local --wait 180s
