@@ -46,6 +46,17 @@ fn same_seed_same_timeline() {
     assert_eq!(run("random", 42), run("random", 42));
 }
 
+/// A random seed that once broke S1, kept as a regression: a holder's guard
+/// froze, its node's watchdog broke right after the guard's deadline passed, and the app wrote on
+/// beside the standby that took the expired lease — the agent now reboots the node itself when a
+/// deadline passes.
+#[test]
+fn random_seed_2723_that_once_had_two_writers_stays_clean() {
+    let seed = 2723;
+    let r = run("random", seed);
+    assert!(r.ok(), "seed {seed}:\n{}", r.render_text());
+}
+
 #[test]
 fn random_schedules_hold_the_invariants() {
     let r = sim::run_schedules(1, 200);
@@ -480,7 +491,11 @@ fn a_frozen_holder_is_fenced_by_its_agent_before_the_standby_mounts() {
         let reset = r
             .timeline
             .iter()
-            .find(|e| e.actor == "node/a-2" && e.event.starts_with("watchdog fired"))
+            // Its agent reboots it when the deadline passes (its watchdog would a moment later).
+            .find(|e| {
+                (e.actor == "node/a-2" && e.event.starts_with("watchdog fired"))
+                    || (e.actor == "agent/a-2" && e.event.contains("rebooting the node directly"))
+            })
             .map(|e| e.t_ms);
         let mounted = r
             .timeline

@@ -325,7 +325,7 @@ impl Cluster {
     }
 
     /// A guard's deadline passed without a disarm: its app may still write. As the shipped
-    /// agent: stop the HA workloads, and reboot at once when the watchdog cannot do it.
+    /// agent: stop the HA workloads and reboot the node at once.
     /// Returns whether the node was reset.
     fn deadline_overdue(&mut self, i: usize, local: MonoTime) -> bool {
         let check = self.nodes[i]
@@ -334,42 +334,35 @@ impl Cluster {
         if self.cfg.agent_ignores_deadlines {
             return false;
         }
-        // The shipped agent's rule (the core's): stop once, reboot only without a watchdog.
-        let watchdog_failed = self.nodes[i]
-            .agent
-            .as_ref()
-            .is_some_and(AgentCore::is_watchdog_failed);
+        // The shipped agent's rule (the core's): stop the workloads and reboot, once.
         let mut decided = node_health::AgentStep::default();
-        if !self.nodes[i]
-            .deadline_enforcer
-            .apply(&check, &mut decided, watchdog_failed)
-        {
+        if !self.nodes[i].deadline_enforcer.apply(&check, &mut decided) {
             return false;
         }
         let name = self.nodes[i].name.clone();
         if decided.stop_workloads && !self.cfg.stop_command_fails {
             self.nodes[i].workloads_running = false;
         }
-        let failed = decided.reboot;
+        let reboot = decided.reboot && !self.cfg.ignore_reboot_step;
         self.log(
             &format!("agent/{name}"),
             format!(
                 "fence deadline of {} passed: HA workloads stopped{}",
                 check.overdue.join(", "),
-                if failed {
-                    "; the watchdog is broken: rebooting the node directly"
+                if reboot {
+                    "; rebooting the node directly"
                 } else {
                     ""
                 }
             ),
         );
-        if failed {
+        if reboot {
             self.record
                 .volumes
                 .fenced_by_deadline
                 .push((self.now, name));
             self.reset_node(i, "its agent rebooted it (a guard's deadline)");
         }
-        failed
+        reboot
     }
 }

@@ -348,14 +348,18 @@ pub fn boot_now() -> f64 {
     ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
 }
 
-/// The test as a node's watchdog: returns once `feeds` (the agent's test watchdog file) has
-/// not grown for `timeout` — the moment the real watchdog would reset the node.
+/// The test as a node's kernel: returns once `feeds` (the agent's test watchdog file) has not
+/// grown for `timeout` — the moment the real watchdog would reset the node — or at once when
+/// the agent rebooted the node directly (a `REBOOT` line in the file).
 pub async fn watchdog_fires(feeds: &Path, timeout: Duration, give_up: Duration) -> Option<Instant> {
     let start = Instant::now();
     let mut last = (super::agents::feeds(feeds), Instant::now());
     loop {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let now = super::agents::feeds(feeds);
+        if std::fs::read(feeds).is_ok_and(|b| b.windows(6).any(|w| w == b"REBOOT")) {
+            return Some(Instant::now());
+        }
         if now != last.0 {
             last = (now, Instant::now());
         } else if last.1.elapsed() >= timeout {

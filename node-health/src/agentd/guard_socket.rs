@@ -413,8 +413,8 @@ pub fn log_overdue(check: &DeadlineCheck) {
     if !check.overdue.is_empty() {
         tracing::error!(
             guards = ?check.overdue,
-            "a volume guard's fence deadline passed before its app was reported stopped: the \
-             watchdog is no longer fed and will reset this node"
+            "a volume guard's fence deadline passed before its app was reported stopped: \
+             stopping the HA workloads and rebooting this node now"
         );
     }
 }

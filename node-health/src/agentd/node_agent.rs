@@ -88,23 +88,24 @@ impl<W: Watchdog, S: WorkloadStopper> NodeAgent<W, S> {
             let check = deadlines.check(now, watchdog_timeout);
             // The core's right to run is necessary, not sufficient: a guard's app that may
             // outlive its deadline keeps the feeds back, so the watchdog fences in time.
-            let failed = self.core.lock().is_watchdog_failed();
-            if self.enforcer.apply(&check, &mut step, failed) {
+            if self.enforcer.apply(&check, &mut step) {
                 log_overdue(&check);
             }
         }
         // Before acting: a loss is on file before the stop begins (which may outlive us).
         self.save_state();
         if step.stop_workloads {
-            tracing::error!(
-                reason = ?step.lost,
-                "lost the right to run: stopping HA workloads; the watchdog is no longer fed \
-                 and will reboot the node"
-            );
+            if step.lost.is_some() {
+                tracing::error!(
+                    reason = ?step.lost,
+                    "lost the right to run: stopping HA workloads; the watchdog is no longer fed \
+                     and will reboot the node"
+                );
+            }
             self.stopper.stop().await;
         }
         if step.reboot {
-            tracing::error!("the watchdog is broken: rebooting the node directly");
+            tracing::error!("rebooting the node directly");
             if let Err(err) = self.watchdog.reboot() {
                 tracing::error!(error = %report(&err), "could not reboot the node");
             }

@@ -359,7 +359,11 @@ impl VolumeSwitch {
         let Some((prev, _)) = before.filter(|(p, _)| p != h) else {
             return;
         };
-        if self.switching.as_ref().is_some_and(|(to, _)| to == h) {
+        // A switch this controller never saw requested (it finished between two passes) is
+        // still the planned one when the Lease names its new holder as the preferred one.
+        let planned = self.switching.as_ref().is_some_and(|(to, _)| to == h)
+            || lease.preferred_holder.as_deref() == Some(h);
+        if planned {
             out.push(event(
                 VolumeEventReason::VolumeSwitchover,
                 format!(

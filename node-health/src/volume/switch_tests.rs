@@ -296,6 +296,35 @@ fn a_planned_switchover_sets_then_clears_the_preferred_holder() {
 }
 
 #[test]
+fn a_switchover_that_finished_between_two_passes_is_still_reported_as_one() {
+    let mut c = consumers();
+    c[0].role_active = true;
+    let mut s = VolumeSwitch::new();
+    let live = ["a-2", "b-2"];
+    step(
+        &mut s,
+        &lease(Some("uid-a"), 1, "40"),
+        &c,
+        &[],
+        &live,
+        None,
+        0,
+    );
+    // The next pass already sees b holding, still named as the preferred holder.
+    let mut done = lease(Some("uid-b"), 2, "47");
+    done.preferred_holder = Some("uid-b".into());
+    let a = step(&mut s, &done, &c, &[], &live, None, 500);
+    let reasons: Vec<_> = a
+        .iter()
+        .filter_map(|x| match x {
+            VolumeAction::Event { reason, .. } => Some(*reason),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(reasons, vec![VolumeEventReason::VolumeSwitchover]);
+}
+
+#[test]
 fn a_switchover_to_anyone_but_a_live_standby_consumer_is_refused() {
     let c = consumers();
     let l = lease(Some("uid-a"), 1, "40");
