@@ -116,6 +116,44 @@ impl Error {
 /// that `crate::error::report` stays the one name to reach for).
 pub use node_health::report::report;
 
+/// Publishes one Event about `regarding`, best effort: a lost Event is logged, never an error
+/// (the remediation and the volume loops share it).
+pub async fn publish_event(
+    recorder: &kube::runtime::events::Recorder,
+    api_timeout: std::time::Duration,
+    regarding: &k8s_openapi::api::core::v1::ObjectReference,
+    event: (&str, bool, &str),
+    message: String,
+) {
+    use kube::runtime::events::{Event, EventType};
+    let (reason, warning, action) = event;
+    let event = Event {
+        type_: if warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: reason.to_string(),
+        note: Some(message),
+        action: action.to_string(),
+        secondary: None,
+    };
+    if let Err(err) = with_timeout(
+        "publish event",
+        api_timeout,
+        recorder.publish(&event, regarding),
+    )
+    .await
+    {
+        tracing::warn!(
+            object = regarding.name.as_deref().unwrap_or_default(),
+            reason,
+            error = %report(&err),
+            "could not publish event"
+        );
+    }
+}
+
 /// Runs one Kubernetes API call with a deadline, naming it for errors and logs.
 pub async fn with_timeout<T>(
     action: &'static str,

@@ -31,7 +31,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, ObjectReference, Pod};
 use kube::Api;
 use kube::api::{DeleteParams, ListParams, Preconditions};
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::Recorder;
 use node_health::assess::{NodeAssessment, apply_witness, assess, needs_pod_count, rooms_to_claim};
 use node_health::remediation::Phase;
 use node_health::{Action, HealthTiming, MonoTime, NodeRemediation, Pairing};
@@ -437,27 +437,15 @@ async fn publish_event(
     reason: node_health::EventReason,
     message: String,
 ) {
-    let event = Event {
-        type_: if reason.is_warning() {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        },
-        reason: reason.as_str().to_string(),
-        note: Some(message),
-        action: "Remediate".to_string(),
-        secondary: None,
-    };
     let reference = node_reference(&node.name, node.uid.as_deref());
-    if let Err(err) = with_timeout(
-        "publish event",
+    crate::error::publish_event(
+        &ctx.recorder,
         ctx.api_timeout,
-        ctx.recorder.publish(&event, &reference),
+        &reference,
+        (reason.as_str(), reason.is_warning(), "Remediate"),
+        message,
     )
-    .await
-    {
-        tracing::warn!(node = node.name, reason = reason.as_str(), error = %report(&err), "could not publish event");
-    }
+    .await;
 }
 
 /// Runs a pass every [`INTERVAL`] forever, on every replica (a non-leader's pass does

@@ -25,7 +25,7 @@ use crate::status::RemediationView;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ObjectReference, Pod};
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::Recorder;
 use kube::{Api, Resource};
 use node_health::time::Clock;
 use node_health::volume::VolumeTiming;
@@ -310,27 +310,15 @@ impl VolumeLoop {
 }
 
 async fn publish(ctx: &VolumeContext, lease: &Lease, reason: VolumeEventReason, message: &str) {
-    let event = Event {
-        type_: if reason.is_warning() {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        },
-        reason: reason.as_str().to_string(),
-        note: Some(message.to_string()),
-        action: "SwitchVolume".to_string(),
-        secondary: None,
-    };
     tracing::info!(reason = reason.as_str(), message, "volume event");
-    if let Err(err) = with_timeout(
-        "publish event",
+    crate::error::publish_event(
+        &ctx.recorder,
         ctx.api_timeout,
-        ctx.recorder.publish(&event, &lease_reference(lease)),
+        &lease_reference(lease),
+        (reason.as_str(), reason.is_warning(), "SwitchVolume"),
+        message.to_string(),
     )
-    .await
-    {
-        tracing::warn!(reason = reason.as_str(), error = %report(&err), "could not publish event");
-    }
+    .await;
 }
 
 /// Runs a pass every [`INTERVAL`], publishing the volumes' status when it changes.

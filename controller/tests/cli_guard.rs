@@ -76,7 +76,7 @@ fn bad_flags_are_refused_before_anything_is_touched() {
     refused(&guard(&args), "unknown stop signal");
 
     // No app after `--`.
-    refused(&guard(&base(&file, &mount, "xfs", "db")), "--");
+    refused(&guard(&base(&file, &mount, "xfs", "db")), "<APP>");
 
     let mut args = base(&file, "/nonexistent/mount", "xfs", "db");
     args.extend(["--", "true"]);
