@@ -14,6 +14,7 @@ pub mod report;
 pub mod rooms;
 pub mod time;
 pub mod verdict;
+pub mod vm;
 pub mod volume;
 pub mod witness;
 

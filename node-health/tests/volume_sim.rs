@@ -239,6 +239,7 @@ impl World {
             rng,
             nodes,
             lease: VolumeLease {
+                held_for_node: None,
                 holder: None,
                 epoch: 0,
                 resource_version: "1".into(),

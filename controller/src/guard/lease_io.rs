@@ -60,7 +60,10 @@ pub fn to_volume_lease(lease: &Lease) -> Result<VolumeLease, LeaseFormatError> {
         .map(|p| p.trim().to_string())
         .filter(|p| !p.is_empty());
     let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
+    let held_for_node = annotation(lease, node_health::vm::HELD_FOR_NODE_ANNOTATION)
+        .map(|n| n.trim().to_string());
     Ok(VolumeLease {
+        held_for_node,
         released: holder.is_none(),
         holder,
         epoch,
@@ -85,9 +88,12 @@ fn spec_mut(lease: &mut Lease) -> &mut LeaseSpec {
     lease.spec.get_or_insert_with(LeaseSpec::default)
 }
 
+/// Drops the handover, and the controller's VM marker: a lease a guard takes is the guard's,
+/// renewed and expiring like any guard's.
 fn drop_handover(lease: &mut Lease) {
     if let Some(a) = lease.metadata.annotations.as_mut() {
         a.remove(HANDOVER_ANNOTATION);
+        a.remove(node_health::vm::HELD_FOR_NODE_ANNOTATION);
     }
 }
 

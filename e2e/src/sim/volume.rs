@@ -128,6 +128,7 @@ pub(super) struct VolumeRecord {
 pub(super) fn to_core(stored: &Stored) -> Option<VolumeLease> {
     match &stored.obj {
         Obj::VolumeLease(l) => Some(VolumeLease {
+            held_for_node: None,
             holder: l.holder.clone(),
             epoch: l.epoch,
             resource_version: stored.rv.to_string(),

@@ -34,6 +34,7 @@ impl Cluster {
                 continue;
             };
             let lease = VolumeLease {
+                held_for_node: None,
                 holder: obj.holder.clone(),
                 epoch: obj.epoch,
                 resource_version: rv.to_string(),

@@ -115,6 +115,7 @@ fn active(id: &str, api: &mut Api) -> VolumeGuard {
 
 fn released(epoch: u64) -> VolumeLease {
     VolumeLease {
+        held_for_node: None,
         released: true,
         ..lease(Some("old"), epoch, "1")
     }
@@ -177,6 +178,7 @@ fn starts_the_app_only_after_its_acquire_succeeded() {
     assert_eq!(g.state(), GuardState::Standby);
     // Success: the fence deadline is armed before the app starts.
     let mut api = Api::new(VolumeLease {
+        held_for_node: None,
         released: true,
         ..lease(Some("other"), 4, "3")
     });

@@ -29,6 +29,12 @@ pub struct VolumeLease {
     pub handover: Option<Handover>,
     /// `leaseDurationSeconds` as the holder wrote it (zero if absent).
     pub duration: Duration,
+    /// The controller holds this lease for a VirtualMachine's launcher pod on this node
+    /// (annotation `twosite.dev/held-for-node`; empty while the pod is not yet bound). Nobody
+    /// renews such a lease, so it never expires by time: it moves only by the controller's own
+    /// write once the holder is proven stopped ([`crate::vm`]).
+    #[serde(default)]
+    pub held_for_node: Option<String>,
 }
 
 impl VolumeLease {
@@ -180,7 +186,7 @@ pub fn may_take(
     match l.holder() {
         Some(h) if h == me => take(TakeBasis::OwnLease, next),
         None => take(TakeBasis::Released, next),
-        Some(_) if expired => take(TakeBasis::Expired, next),
+        Some(_) if expired && l.held_for_node.is_none() => take(TakeBasis::Expired, next),
         Some(h) => Err(TakeRefusal::Held {
             holder: h.to_string(),
             unchanged,

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 fn lease(holder: Option<&str>, epoch: u64, rv: &str) -> VolumeLease {
     VolumeLease {
+        held_for_node: None,
         holder: holder.map(str::to_string),
         epoch,
         resource_version: rv.into(),
@@ -119,6 +120,7 @@ fn the_role_label_follows_the_holder_with_its_epoch_and_comes_off_first() {
     });
     assert_eq!(active_consumer(&h, &c), None);
     let released = VolumeLease {
+        held_for_node: None,
         released: true,
         ..lease(Some("uid-a"), 1, "11")
     };
@@ -168,6 +170,7 @@ fn no_handover_before_the_holders_node_is_proven_fenced() {
     ));
     // A released lease needs no handover.
     let released = VolumeLease {
+        held_for_node: None,
         released: true,
         ..l.clone()
     };

@@ -287,6 +287,7 @@ mod tests {
 
     fn lease(holder: Option<&str>) -> VolumeLease {
         VolumeLease {
+            held_for_node: None,
             holder: holder.map(|h| format!("uid-{h}")),
             released: holder.is_none(),
             epoch: 3,

@@ -10,6 +10,7 @@ pub(super) fn ms(n: u64) -> Duration {
 
 pub(super) fn lease(holder: Option<&str>, epoch: u64, rv: &str) -> VolumeLease {
     VolumeLease {
+        held_for_node: None,
         holder: holder.map(str::to_string),
         epoch,
         resource_version: rv.into(),
