@@ -13,6 +13,16 @@ Usage: policy.py CRD_DIR RENDERED.yaml...
 - the controller has two replicas, spread over topology.kubernetes.io/zone, and a
   PodDisruptionBudget;
 - the peer-key Secret is kept (helm.sh/resource-policy: keep) and holds a key of >= 32 bytes;
+- no RBAC rule restricts create, list, watch or deletecollection by resourceNames (Kubernetes
+  ignores resourceNames for them: the rule would silently grant nothing);
+- every admission webhook (Mutating/ValidatingWebhookConfiguration) sets failurePolicy and a
+  non-empty objectSelector (the API server calls it only for the pods twosite opted in, so
+  failing closed stops nothing else), carries no caBundle (the controller patches its own CA
+  in; a rendered one would fight it) and calls a Service of the same rendering; with a webhook
+  rendered, the twosite-controller Deployment has a container port `webhook` that is the port
+  of its --webhook-port flag;
+- the webhook's certificate Secret (twosite-webhook-tls) is kept and shipped without data (the
+  controller writes it; an upgrade must not overwrite it);
 - every custom object (TwoSite) validates against the CRD's openAPIV3Schema in CRD_DIR.
 Prints each failure and exits 1 if there is any.
 """
@@ -59,6 +69,52 @@ def check_rbac(obj, where):
                  "verbs": ["get", "list", "watch", "update", "patch"]}]
         if obj.get("rules") != want:
             fail(where, f"the guard may touch only Leases (get/list/watch/update/patch): {obj.get('rules')}")
+
+
+def check_resource_names(obj, where):
+    for i, rule in enumerate(obj.get("rules") or []):
+        if rule.get("resourceNames"):
+            bad = sorted(set(rule.get("verbs") or []) & {"create", "list", "watch", "deletecollection"})
+            if bad:
+                fail(where, f"rule {i} restricts {bad} by resourceNames, which Kubernetes ignores for them: {rule}")
+
+
+def check_webhooks(obj, where, docs):
+    services = {(d["metadata"].get("namespace"), d["metadata"]["name"]): d
+                for d in docs if d["kind"] == "Service"}
+    for hook in obj.get("webhooks") or []:
+        hw = f"{where} webhook {hook.get('name')}"
+        if hook.get("failurePolicy") not in ("Fail", "Ignore"):
+            fail(hw, f"failurePolicy not set (Fail or Ignore): {hook.get('failurePolicy')!r}")
+        sel = hook.get("objectSelector") or {}
+        if not (sel.get("matchLabels") or sel.get("matchExpressions")):
+            fail(hw, "no objectSelector: the API server would send it every object of its rules")
+        cc = hook.get("clientConfig") or {}
+        if cc.get("caBundle"):
+            fail(hw, "a rendered caBundle (the controller patches its own CA in)")
+        svc = cc.get("service")
+        if not svc:
+            fail(hw, "clientConfig has no service (the webhook runs in the controller pods)")
+            continue
+        target = services.get((svc.get("namespace"), svc.get("name")))
+        if target is None:
+            fail(hw, f"calls Service {svc.get('namespace')}/{svc.get('name')}, which this rendering has not")
+        elif svc.get("port", 443) not in [p.get("port") for p in target["spec"].get("ports") or []]:
+            fail(hw, f"calls port {svc.get('port', 443)} of Service {svc.get('name')}, which has no such port")
+
+
+def check_webhook_port(docs, where):
+    """With a webhook rendered: the controller listens where the Service sends it."""
+    for d in docs:
+        if d["kind"] != "Deployment" or d["metadata"]["name"] != "twosite-controller":
+            continue
+        for c in pod_spec(d)["containers"]:
+            ports = {p.get("name"): p.get("containerPort") for p in c.get("ports") or []}
+            flags = [a.split("=", 1)[1] for a in c.get("args") or [] if a.startswith("--webhook-port=")]
+            if "webhook" not in ports or flags != [str(ports["webhook"])]:
+                fail(f"{where}: Deployment/twosite-controller container {c['name']}",
+                     f"a webhook is rendered, but container port `webhook` {ports.get('webhook')} "
+                     f"and --webhook-port {flags} do not match")
 
 
 def check_workload(obj, where):
@@ -118,6 +174,14 @@ def main():
             where = f"{Path(path).name}: {obj['kind']}/{obj['metadata']['name']}"
             if obj["kind"] in ("Role", "ClusterRole"):
                 check_rbac(obj, where)
+                check_resource_names(obj, where)
+            if obj["kind"] in ("MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"):
+                check_webhooks(obj, where, docs)
+            if obj["kind"] == "Secret" and obj["metadata"]["name"] == "twosite-webhook-tls":
+                if (obj["metadata"].get("annotations") or {}).get("helm.sh/resource-policy") != "keep":
+                    fail(where, "not kept across uninstall (helm.sh/resource-policy: keep)")
+                if obj.get("data") or obj.get("stringData"):
+                    fail(where, "shipped with data: an upgrade would overwrite the controller's certificate")
             if obj["kind"] in WORKLOADS:
                 check_workload(obj, where)
             if obj["kind"] == "Secret" and obj["metadata"]["name"].endswith("peer-key"):
@@ -137,9 +201,12 @@ def main():
                     fail(where, f"does not validate against its CRD: {e.message}")
             elif "." in obj["apiVersion"].split("/")[0] and not obj["apiVersion"].startswith(
                     ("apps/", "policy/", "rbac.authorization.k8s.io/", "apiextensions.k8s.io/",
+                     "admissionregistration.k8s.io/",
                      # The PrometheusRule: checked by monitoring.py.
                      "monitoring.coreos.com/")):
                 fail(where, f"custom kind {obj['apiVersion']} {obj['kind']} with no CRD in {crd_dir}")
+        if "MutatingWebhookConfiguration" in kinds:
+            check_webhook_port(docs, Path(path).name)
         if "twosite-controller" in {d["metadata"]["name"] for d in docs if d["kind"] == "Deployment"} \
                 and "PodDisruptionBudget" not in kinds:
             fail(path, "no PodDisruptionBudget for the controller")
