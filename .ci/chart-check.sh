@@ -6,11 +6,14 @@
 # Both are cached in ~/.cache/twosite/tools. Steps (any failure stops the script, exit 1):
 #   1. helm lint --strict of both charts, with every value set;
 #   2. helm template with the default values and the value sets in charts/tests/values/, plus a
-#      render for a 1.20 API server (policy/v1beta1 PDB);
+#      render for a 1.20 API server (policy/v1beta1 PDB); VM protection: the default render has
+#      the webhook (failurePolicy Fail, objectSelector twosite.dev/ha=true), the Secret and
+#      --vm-protection=true, the vmProtection.enabled=false render none of them;
 #   3. kubernetes-validate --strict on every rendered object, for Kubernetes 1.33 (the version
 #      the binaries are built for; the 1.20 render against 1.22, the oldest the validator has);
 #   4. charts/tests/policy.py on every rendering (RBAC without `*`, requests and security
-#      contexts, agent tolerations, custom objects against the CRD schema), and on
+#      contexts, agent tolerations, custom objects against the CRD schema, admission webhooks
+#      with failurePolicy and objectSelector, the webhook Secret kept and empty), and on
 #      charts/tests/policy-bad.yaml, where it must report every planted fault;
 #   5. every file in charts/tests/bad-values/ must be REFUSED by the values schema, every file in
 #      charts/tests/refused/ refused by the chart with the message it names;
@@ -19,7 +22,8 @@
 #      (the names registered in controller/src/metrics.rs); and on charts/tests/monitoring-bad.yaml,
 #      where it must report every planted fault; the monitoring render has all five alerts;
 #   6. deploy/ against the default rendering (charts/tests/deploy_drift.py; a rendering with one
-#      changed value must be reported as drift), and deploy/*.yaml through kubernetes-validate.
+#      changed controller flag, and one with the webhook's failurePolicy Ignore, must be reported
+#      as drift), and deploy/*.yaml through kubernetes-validate.
 # Usage: .ci/chart-check.sh   (needs npm, python3 with venv, unzip, network to npm and PyPI on
 # the first run)
 set -euo pipefail
@@ -116,6 +120,28 @@ grep -q '^apiVersion: policy/v1beta1$' "$old" || die "the render for Kubernetes 
 grep -q '^apiVersion: policy/v1$' "$OUT/default.yaml" || die "the default render has no policy/v1 PodDisruptionBudget"
 say "rendered ${#renders[@]} value sets and a 1.20 variant"
 
+# VM protection on by default; vmProtection.enabled=false removes all of it.
+py_objs() { # file, python expression over `objs` (the rendered objects) that must be true
+  "$PY" - "$1" "$2" <<'PY'
+import sys, yaml
+objs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+sys.exit(0 if eval(sys.argv[2]) else 1)
+PY
+}
+def="$OUT/default.yaml" novm="$OUT/values-no-vm-protection.yaml"
+[[ -f "$novm" ]] || die "no value set $TESTS/values/no-vm-protection.yaml"
+py_objs "$def" '[(h["failurePolicy"], h["objectSelector"], h["clientConfig"]["service"]["path"])
+  for o in objs if o["kind"] == "MutatingWebhookConfiguration" and o["metadata"]["name"] == "twosite-vm-gate"
+  for h in o["webhooks"]] == [("Fail", {"matchLabels": {"twosite.dev/ha": "true"}}, "/mutate-launcher")]'   || die "the default render has no webhook twosite-vm-gate with failurePolicy Fail, objectSelector twosite.dev/ha=true, path /mutate-launcher"
+grep -q -- '- --vm-protection=true$' "$def" || die "the default render does not pass --vm-protection=true"
+py_objs "$def" 'any(o["kind"] == "Secret" and o["metadata"]["name"] == "twosite-webhook-tls" and "data" not in o for o in objs)'   || die "the default render has no empty Secret twosite-webhook-tls"
+py_objs "$novm" 'not any(o["kind"] == "MutatingWebhookConfiguration"
+  or o["metadata"]["name"] in ("twosite-webhook", "twosite-webhook-tls", "twosite-controller-webhook-tls")
+  or any("kubevirt.io" in r.get("apiGroups", []) for r in o.get("rules") or []) for o in objs)'   || die "the vmProtection.enabled=false render still has a webhook object or VM permissions"
+grep -q -- '- --vm-protection=false$' "$novm" || die "the vmProtection.enabled=false render does not pass --vm-protection=false"
+grep -q 'name: webhook$' "$novm" && die "the vmProtection.enabled=false render still exposes the webhook port"
+say "VM protection: webhook twosite-vm-gate (Fail, objectSelector) by default; nothing of it with vmProtection.enabled=false"
+
 # --- 3. schema validation -------------------------------------------------------------------
 validate() { # k8s version, file
   local out
@@ -196,6 +222,10 @@ tail -n1 "$OUT/drift.log"
 "$HELM" template twosite "$CHART" --namespace twosite-system --set remediation.maxDeadSharePct=49 > "$OUT/drifted.yaml"
 if "$PY" "$TESTS/deploy_drift.py" "$OUT/drifted.yaml" deploy "$CHART" >/dev/null 2>&1; then
   die "deploy_drift.py did not notice a changed controller flag"
+fi
+"$HELM" template twosite "$CHART" --namespace twosite-system --set vmProtection.webhook.failurePolicy=Ignore > "$OUT/drifted-webhook.yaml"
+if "$PY" "$TESTS/deploy_drift.py" "$OUT/drifted-webhook.yaml" deploy "$CHART" >/dev/null 2>&1; then
+  die "deploy_drift.py did not notice a changed webhook failurePolicy"
 fi
 # deploy/ itself, object by object, as the chart's renders are.
 n=0
