@@ -97,6 +97,10 @@ pub struct TwoSiteStatus {
     /// with which epoch, since when.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<VolumeStatus>,
+    /// Every KubeVirt VirtualMachine annotated `twosite.dev/ha` (valid or not): its state, its
+    /// node, its unprotected disks and why a new instance waits.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vms: Vec<VmStatus>,
     /// `RoomsResolved`, `Paired`, `RemediationPaused` and, with a witness, `WitnessReachable`.
     #[serde(default)]
     pub conditions: Vec<Condition>,
@@ -129,6 +133,38 @@ pub struct VolumeStatus {
     /// Why the controller does not act on the volume now, if it would otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting_for: Option<String>,
+}
+
+/// One VirtualMachine that carries the `twosite.dev/ha` annotation, as the leader sees it.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VmStatus {
+    pub namespace: String,
+    pub name: String,
+    /// `Running`, `Gated` (a new launcher pod waits for its disk Leases), `FailingOver`,
+    /// `Stopped`, `InvalidAnnotation` or `NotOptedIn`.
+    pub state: String,
+    /// The node its current launcher pod is bound to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// KubeVirt's `status.printableStatus`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub printable_status: Option<String>,
+    /// `DisksProtected` (False with reason `UnprotectedVolume` when a disk is not RWX Block)
+    /// and `FailoverReady` (False with reason `VMFailoverBlocked` while a gated pod waits).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<VmCondition>,
+}
+
+/// A VM-level condition (no transition time: the list is recomputed every pass).
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VmCondition {
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub status: String,
+    pub reason: String,
+    pub message: String,
 }
 
 /// The witness, as the leader sees it. Losing it stops nothing: without its grant the

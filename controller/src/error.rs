@@ -60,6 +60,14 @@ pub enum Error {
     #[error("could not set up the witness client: {0}")]
     WitnessClient(String),
 
+    /// A VM action could not be carried out as decided (its object changed in the cache).
+    #[error("VM protection: {0}")]
+    Vm(String),
+
+    /// The admission webhook could not start (its certificate, its port).
+    #[error("VM admission webhook: {0}")]
+    Webhook(String),
+
     /// A main loop ended; the process must not keep running without it.
     #[error("the {0} loop ended")]
     LoopEnded(&'static str),
@@ -96,6 +104,8 @@ impl Error {
             Error::Timing(_) => "timing",
             Error::Runtime(_) => "runtime",
             Error::WitnessClient(_) => "witness_client",
+            Error::Vm(_) => "vm",
+            Error::Webhook(_) => "webhook",
             Error::LoopEnded(_) => "loop_ended",
             Error::TaskDied { .. } => "task_died",
         }

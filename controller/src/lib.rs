@@ -30,6 +30,7 @@ pub mod run;
 pub mod simulate;
 pub mod status;
 pub mod taint;
+pub mod vm;
 pub mod volumes;
 pub mod witness_link;
 pub mod witness_port;

@@ -72,6 +72,11 @@ pub struct Metrics {
     pub volumes: Gauge,
     pub volume_events: Family<ReasonLabels, Counter>,
     pub volume_held: Family<VolumeLabels, Gauge>,
+    pub vms_protected: Gauge,
+    pub vms_gated: Gauge,
+    pub vm_events: Family<ReasonLabels, Counter>,
+    pub vm_failovers: Counter,
+    pub vm_failover_duration: Histogram,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -204,7 +209,43 @@ impl Metrics {
              does; exported by the leader only",
             volume_held.clone(),
         );
+        let vms_protected = Gauge::default();
+        let vms_gated = Gauge::default();
+        let vm_events = Family::<ReasonLabels, Counter>::default();
+        let vm_failovers = Counter::default();
+        // 1 s to 256 s.
+        let vm_failover_duration = Histogram::new(exponential_buckets(1.0, 2.0, 9));
+        registry.register(
+            "vms_protected",
+            "VirtualMachines opted in with twosite.dev/ha=true; exported by the leader only",
+            vms_protected.clone(),
+        );
+        registry.register(
+            "vms_gated",
+            "Opted-in VMs whose new launcher pod waits at the scheduling gate; exported by the leader only",
+            vms_gated.clone(),
+        );
+        registry.register(
+            "vm_events",
+            "VM Events published, by reason (VMFailoverStarted, VMFailoverCompleted, VMFailoverBlocked, UnprotectedVolume, InvalidAnnotation)",
+            vm_events.clone(),
+        );
+        registry.register(
+            "vm_failovers",
+            "VM failovers completed: an opted-in VM whose node was proven fenced runs on another node",
+            vm_failovers.clone(),
+        );
+        registry.register(
+            "vm_failover_duration_seconds",
+            "Seconds from an opted-in VM's node proven fenced to its new launcher pod running on another node (guest boot excluded)",
+            vm_failover_duration.clone(),
+        );
         Metrics {
+            vms_protected,
+            vms_gated,
+            vm_events,
+            vm_failovers,
+            vm_failover_duration,
             registry,
             time_to_release,
             remediation_paused,

@@ -44,6 +44,7 @@ pub struct Context {
     pub remediation: watch::Receiver<Option<RemediationView>>,
     /// The volume loop's latest view, for the status.
     pub volumes: watch::Receiver<Vec<crate::crd::VolumeStatus>>,
+    pub vms: watch::Receiver<Vec<crate::crd::VmStatus>>,
 }
 
 impl Context {
@@ -64,6 +65,7 @@ impl Context {
             pairing_out: watch::channel(None).0,
             remediation: watch::channel(None).1,
             volumes: watch::channel(Vec::new()).1,
+            vms: watch::channel(Vec::new()).1,
         }
     }
 }
@@ -152,10 +154,12 @@ async fn reconcile_pairing_inner(ctx: &Context, nodes: &[NodeFacts]) -> Result<O
     };
     let now = now_rfc3339();
     let volumes = ctx.volumes.borrow().clone();
+    let vms = ctx.vms.borrow().clone();
     let desired = desired_status(
         &StatusInput::for_object(&obj, nodes, leader, &now)
             .with_remediation(remediation.as_ref())
-            .with_volumes(&volumes),
+            .with_volumes(&volumes)
+            .with_vms(&vms),
     );
     ctx.metrics.pairs.set(gauge_value(desired.pairs.len()));
     ctx.metrics
@@ -288,6 +292,8 @@ pub async fn run_pairing_loop(
     let mut remediation_open = true;
     let mut volumes = ctx.volumes.clone();
     let mut volumes_open = true;
+    let mut vms = ctx.vms.clone();
+    let mut vms_open = true;
     loop {
         guard.beat();
         if let Some(at) = retry_at.take() {
@@ -308,6 +314,9 @@ pub async fn run_pairing_loop(
                 changed = volumes.changed(), if volumes_open => {
                     volumes_open = changed.is_ok();
                 }
+                changed = vms.changed(), if vms_open => {
+                    vms_open = changed.is_ok();
+                }
                 changed = leading.changed() => {
                     if changed.is_err() {
                         return Err(Error::LoopEnded("leader election"));
@@ -320,6 +329,7 @@ pub async fn run_pairing_loop(
         leading.borrow_and_update();
         remediation.borrow_and_update();
         volumes.borrow_and_update();
+        vms.borrow_and_update();
         // Never pair from a partial view: wait for the Node watch's first listing.
         let Some(nodes) = facts.borrow_and_update().clone() else {
             continue;

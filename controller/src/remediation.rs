@@ -63,6 +63,16 @@ pub struct RemediationContext {
     /// The witness, if one is configured: then a node is fenced only while the controller holds
     /// the witness's grant for the room opposite the node's.
     pub witness: Option<Arc<WitnessLink>>,
+    /// The VM caches, when VM protection is on: a fenced node's launcher pods are deleted only
+    /// for VMs that opted in. Without them every launcher pod is left to Kubernetes.
+    pub vms: Option<crate::vm::watch::VmStores>,
+}
+
+impl RemediationContext {
+    /// Whether the VM `key` opted in (`None`: unknown, or VM protection is off).
+    fn vm_opted_in(&self, key: &str) -> Option<bool> {
+        self.vms.as_ref().and_then(|s| crate::vm::opted_in(s, key))
+    }
 }
 
 /// Whether `pod` belongs to a DaemonSet (it is never deleted: it would come back at once and
@@ -74,10 +84,18 @@ pub fn owned_by_daemonset(pod: &Pod) -> bool {
         .is_some_and(|os| os.iter().any(|o| o.kind == "DaemonSet"))
 }
 
-/// Stage 2 (pure): the core's pod counts for the pods bound to one node: non-DaemonSet pods,
-/// and pods that are terminating.
-pub fn pod_counts(pods: &[Pod]) -> (usize, usize) {
-    let deletable = pods.iter().filter(|p| !owned_by_daemonset(p)).count();
+/// Whether the release after a fence deletes `pod`: not a DaemonSet pod, and not a launcher pod
+/// of a VM that did not opt in (the core's [`node_health::vm::release_when_fenced`]; those are
+/// left to Kubernetes' out-of-service handling). `opted_in` looks a VM up by `namespace/name`.
+pub fn releasable(pod: &Pod, opted_in: &dyn Fn(&str) -> Option<bool>) -> bool {
+    !owned_by_daemonset(pod)
+        && node_health::vm::release_when_fenced(crate::vm::types::pod_owner(pod, opted_in))
+}
+
+/// Stage 2 (pure): the core's pod counts for the pods bound to one node: the pods a release
+/// would delete ([`releasable`]), and pods that are terminating.
+pub fn pod_counts(pods: &[Pod], opted_in: &dyn Fn(&str) -> Option<bool>) -> (usize, usize) {
+    let deletable = pods.iter().filter(|p| releasable(p, opted_in)).count();
     let terminating = pods
         .iter()
         .filter(|p| p.metadata.deletion_timestamp.is_some())
@@ -264,7 +282,8 @@ impl Remediator {
         let mut pods = None;
         if needs_pod_count(state, &input) {
             let listed = list_pods(ctx, &node.name).await?;
-            (input.pods, input.terminating_pods) = pod_counts(&listed);
+            (input.pods, input.terminating_pods) =
+                pod_counts(&listed, &|k: &str| ctx.vm_opted_in(k));
             pods = Some(listed);
         }
         let before = state.phase;
@@ -394,11 +413,12 @@ async fn list_pods(ctx: &RemediationContext, node: &str) -> Result<Vec<Pod>> {
     )
 }
 
-/// Deletes every non-DaemonSet pod of `pods` with grace period 0, each only if it is still the
+/// Deletes every [`releasable`] pod of `pods` with grace period 0, each only if it is still the
 /// same pod (uid precondition: a StatefulSet pod recreated under the same name elsewhere is
 /// left alone). Safe only because the core proved the node fenced.
 async fn delete_pods(ctx: &RemediationContext, node: &str, pods: &[Pod]) -> Result<()> {
-    for pod in pods.iter().filter(|p| !owned_by_daemonset(p)) {
+    let opted_in = |k: &str| ctx.vm_opted_in(k);
+    for pod in pods.iter().filter(|p| releasable(p, &opted_in)) {
         let (Some(name), Some(namespace)) = (
             pod.metadata.name.as_deref(),
             pod.metadata.namespace.as_deref(),
@@ -787,7 +807,10 @@ mod tests {
             ..Pod::default()
         };
         assert_eq!(
-            pod_counts(&[pod(false, false), pod(true, false), pod(false, true)]),
+            pod_counts(
+                &[pod(false, false), pod(true, false), pod(false, true)],
+                &|_: &str| None
+            ),
             (2, 1)
         );
     }

@@ -56,6 +56,52 @@ pub struct RunArgs {
     /// Without a witness a dead node is fenced on the heartbeat proof alone.
     #[command(flatten)]
     pub witness: WitnessFlags,
+
+    #[command(flatten)]
+    pub vm: VmFlags,
+}
+
+/// KubeVirt VM protection and its admission webhook.
+#[derive(clap::Args, Debug, Clone)]
+pub struct VmFlags {
+    /// Protect KubeVirt VirtualMachines annotated `twosite.dev/ha: "true"` (needs KubeVirt;
+    /// without its CRDs the VM watch retries and logs).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub vm_protection: bool,
+
+    /// The HTTPS port of the admission webhook that gates new launcher pods (0: no webhook).
+    #[arg(long, default_value_t = 9443)]
+    pub webhook_port: u16,
+
+    /// The Secret (in the controller's namespace, shipped empty) that keeps the webhook's
+    /// certificate.
+    #[arg(long, default_value = "twosite-webhook-tls")]
+    pub webhook_secret: String,
+
+    /// The MutatingWebhookConfiguration whose caBundle the controller keeps.
+    #[arg(long, default_value = "twosite-vm-gate")]
+    pub webhook_config: String,
+
+    /// The webhook's Service: the certificate names `<service>.<namespace>.svc[.cluster.local]`.
+    #[arg(long, default_value = "twosite-webhook")]
+    pub webhook_service: String,
+
+    /// More names (DNS or IP) for the certificate, for a webhook reached by URL.
+    #[arg(long = "webhook-host")]
+    pub webhook_hosts: Vec<String>,
+}
+
+impl VmFlags {
+    /// The names the webhook certificate is made for.
+    pub fn cert_names(&self, namespace: &str) -> Vec<String> {
+        let svc = &self.webhook_service;
+        let mut names = vec![
+            format!("{svc}.{namespace}.svc"),
+            format!("{svc}.{namespace}.svc.cluster.local"),
+        ];
+        names.extend(self.webhook_hosts.iter().cloned());
+        names
+    }
 }
 
 impl RunArgs {
@@ -174,8 +220,10 @@ async fn run(args: RunArgs, witness: Option<WitnessSettings>) -> Result<()> {
         },
     );
     let (pairing_tx, pairing_rx) = watch::channel(None);
+    let webhook_pairing = pairing_tx.subscribe();
     let (view_tx, view_rx) = watch::channel(None);
     let (volumes_tx, volumes_rx) = watch::channel(Vec::new());
+    let (vms_tx, vms_rx) = watch::channel(Vec::new());
     let ctx = Context {
         twosites: Api::<TwoSite>::all(client.clone()),
         recorder: recorder.clone(),
@@ -185,6 +233,7 @@ async fn run(args: RunArgs, witness: Option<WitnessSettings>) -> Result<()> {
         pairing_out: pairing_tx,
         remediation: view_rx.clone(),
         volumes: volumes_rx,
+        vms: vms_rx,
     };
     let volume_ctx = crate::volumes::VolumeContext {
         leases: Api::all(client.clone()),
@@ -208,6 +257,7 @@ async fn run(args: RunArgs, witness: Option<WitnessSettings>) -> Result<()> {
         timing,
         max_dead_share_pct: args.max_dead_share_pct,
         witness: None,
+        vms: None,
     };
     let witness = match witness {
         Some(w) => {
@@ -230,6 +280,13 @@ async fn run(args: RunArgs, witness: Option<WitnessSettings>) -> Result<()> {
         }
     };
     remediation_ctx.witness = witness.clone();
+    let vm_recorder = remediation_ctx.recorder.clone();
+    let vm_clock = Arc::clone(&clock);
+    let vm_watch = args
+        .vm
+        .vm_protection
+        .then(|| crate::vm::watch::start(&client, health.register("VM watches", None)));
+    remediation_ctx.vms = vm_watch.as_ref().map(|(s, _)| s.clone());
     let observed = SharedObserved::default();
     let watches = Arc::new(Watches {
         observed: observed.clone(),
@@ -300,11 +357,49 @@ async fn run(args: RunArgs, witness: Option<WitnessSettings>) -> Result<()> {
         "volumes",
         Box::pin(crate::volumes::run_volume_loop(
             volume_ctx,
-            view_rx,
+            view_rx.clone(),
             volumes_tx,
             health.register("volumes", volume_silence),
         )),
     );
+    if let Some((stores, watches)) = vm_watch {
+        spawn("VM watches", watches);
+        spawn(
+            "VMs",
+            Box::pin(crate::vm::run_vm_loop(
+                crate::vm::VmContext {
+                    client: client.clone(),
+                    stores: stores.clone(),
+                    recorder: vm_recorder,
+                    leadership: leadership.clone(),
+                    metrics: Arc::clone(&metrics),
+                    api_timeout,
+                    clock: Arc::clone(&vm_clock),
+                },
+                view_rx.clone(),
+                vms_tx,
+                health.register("VMs", Some(api_timeout * 10 + Duration::from_secs(30))),
+            )),
+        );
+        if args.vm.webhook_port != 0 {
+            spawn(
+                "VM webhook",
+                Box::pin(crate::vm::webhook::run(
+                    client.clone(),
+                    args.namespace.clone(),
+                    args.vm.clone(),
+                    crate::vm::webhook::WebhookState {
+                        stores,
+                        view: view_rx.clone(),
+                        pairing: webhook_pairing,
+                    },
+                    api_timeout,
+                )),
+            );
+        }
+    } else {
+        tracing::info!("VM protection is off (--vm-protection=false)");
+    }
     spawn(
         "TwoSite watch",
         Box::pin(run_twosite_watch(

@@ -94,6 +94,8 @@ pub struct StatusInput<'a> {
     pub remediation: Option<&'a RemediationView>,
     /// The volume loop's latest view.
     pub volumes: &'a [crate::crd::VolumeStatus],
+    /// The VM loop's latest view.
+    pub vms: &'a [crate::crd::VmStatus],
 }
 
 impl<'a> StatusInput<'a> {
@@ -113,6 +115,7 @@ impl<'a> StatusInput<'a> {
             now,
             remediation: None,
             volumes: &[],
+            vms: &[],
         }
     }
 
@@ -124,6 +127,11 @@ impl<'a> StatusInput<'a> {
 
     pub fn with_volumes(mut self, volumes: &'a [crate::crd::VolumeStatus]) -> Self {
         self.volumes = volumes;
+        self
+    }
+
+    pub fn with_vms(mut self, vms: &'a [crate::crd::VmStatus]) -> Self {
+        self.vms = vms;
         self
     }
 }
@@ -161,6 +169,7 @@ pub fn desired_status(input: &StatusInput<'_>) -> TwoSiteStatus {
                 nodes: remediation_nodes(input),
                 witness: witness_status(input),
                 volumes: input.volumes.to_vec(),
+                vms: input.vms.to_vec(),
                 conditions: [
                     condition(ROOMS_RESOLVED, false, reason::INVALID_SPEC, message),
                     condition(
@@ -289,6 +298,7 @@ pub fn desired_status(input: &StatusInput<'_>) -> TwoSiteStatus {
         nodes: remediation_nodes(input),
         witness: witness_status(input),
         volumes: input.volumes.to_vec(),
+        vms: input.vms.to_vec(),
         conditions: [rooms_condition, paired_condition]
             .into_iter()
             .chain(remediation_condition(input))
@@ -577,6 +587,7 @@ mod tests {
             now,
             remediation: None,
             volumes: &[],
+            vms: &[],
         })
     }
 

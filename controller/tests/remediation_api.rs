@@ -48,6 +48,7 @@ fn context(client: kube::Client, leadership: Leadership) -> RemediationContext {
         timing: HealthTiming::default(),
         max_dead_share_pct: 50,
         witness: None,
+        vms: None,
     }
 }
 

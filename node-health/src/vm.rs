@@ -212,7 +212,10 @@ pub fn release_when_fenced(owner: PodOwner) -> bool {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Admission {
     /// Add the gate (unless present), and prefer this node if given.
-    Gate { prefer_node: Option<String> },
+    Gate {
+        prefer_node: Option<String>,
+        warning: Option<String>,
+    },
     /// Admit unchanged, with a warning for the user if there is one.
     Allow { warning: Option<String> },
 }
@@ -247,9 +250,12 @@ pub fn admit(f: &AdmissionFacts<'_>) -> Admission {
         };
     };
     match f.vm {
-        None => Admission::Allow {
+        // The pod carries the label only because an opted-in VM's template did: gate it (safe;
+        // the controller lifts the gate once it sees the VM, or reports it gone).
+        None => Admission::Gate {
+            prefer_node: None,
             warning: Some(format!(
-                "twosite: the VirtualMachine {vm_name} does not exist; the launcher pod is not gated"
+                "twosite: the VirtualMachine {vm_name} is not known (yet); the launcher pod waits at the gate"
             )),
         },
         Some(OptIn::Out) => Admission::Allow { warning: None },
@@ -260,6 +266,7 @@ pub fn admit(f: &AdmissionFacts<'_>) -> Admission {
         },
         Some(OptIn::In) => Admission::Gate {
             prefer_node: preferred_node(f.last_node, f.partner, f.live_nodes, f.fenced_nodes),
+            warning: None,
         },
     }
 }
@@ -324,7 +331,9 @@ pub enum Blocked {
         pod: String,
         node: String,
     },
-    #[error("the disk Lease {lease} is held for the node {node}, which is neither live nor proven fenced")]
+    #[error(
+        "the disk Lease {lease} is held for the node {node}, which is neither live nor proven fenced"
+    )]
     NodeNotFenced { lease: String, node: String },
     #[error("the disk Lease {lease} is held by {holder}, a consumer that is not this VM's")]
     HeldByConsumer { lease: String, holder: String },
@@ -567,7 +576,12 @@ impl VmProtection {
         let protected: Vec<(&str, &str)> = f
             .disks
             .iter()
-            .filter_map(|d| d.protection.as_ref().ok().map(|l| (l.as_str(), d.pvc.as_str())))
+            .filter_map(|d| {
+                d.protection
+                    .as_ref()
+                    .ok()
+                    .map(|l| (l.as_str(), d.pvc.as_str()))
+            })
             .collect();
         for (lease, pvc) in &protected {
             if !f.leases.contains_key(*lease) {

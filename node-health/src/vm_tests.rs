@@ -18,7 +18,13 @@ fn lease(holder: Option<&str>, epoch: u64, node: Option<&str>) -> VolumeLease {
     }
 }
 
-fn launcher(uid: &str, node: Option<&str>, phase: LauncherPhase, gated: bool, created: &str) -> Launcher {
+fn launcher(
+    uid: &str,
+    node: Option<&str>,
+    phase: LauncherPhase,
+    gated: bool,
+    created: &str,
+) -> Launcher {
     Launcher {
         uid: uid.into(),
         name: format!("virt-launcher-vm-{uid}"),
@@ -57,7 +63,13 @@ impl World {
             run: RunStrategy::Always,
             disks: vec![disk],
             leases: BTreeMap::from([(name, lease(Some("old"), 3, Some("a-1")))]),
-            launchers: vec![launcher("old", Some("a-1"), LauncherPhase::Running, false, "t1")],
+            launchers: vec![launcher(
+                "old",
+                Some("a-1"),
+                LauncherPhase::Running,
+                false,
+                "t1",
+            )],
             fenced: set(&[]),
             live: set(&["a-1", "b-1"]),
         }
@@ -119,7 +131,10 @@ fn only_true_opts_in() {
 
 #[test]
 fn run_strategies_and_which_restart() {
-    assert_eq!(RunStrategy::parse(Some("Always"), None), RunStrategy::Always);
+    assert_eq!(
+        RunStrategy::parse(Some("Always"), None),
+        RunStrategy::Always
+    );
     assert_eq!(RunStrategy::parse(None, Some(true)), RunStrategy::Always);
     assert_eq!(RunStrategy::parse(None, Some(false)), RunStrategy::Halted);
     assert_eq!(RunStrategy::parse(None, None), RunStrategy::Halted);
@@ -162,7 +177,12 @@ fn long_claim_names_give_distinct_valid_lease_names() {
     let a = "a".repeat(253);
     let b = format!("{}b", "a".repeat(252));
     let (la, lb) = (disk_lease_name(&a), disk_lease_name(&b));
-    assert!(la.len() <= 253 && lb.len() <= 253, "{} {}", la.len(), lb.len());
+    assert!(
+        la.len() <= 253 && lb.len() <= 253,
+        "{} {}",
+        la.len(),
+        lb.len()
+    );
     assert_ne!(la, lb);
     assert_eq!(la, disk_lease_name(&a));
 }
@@ -199,7 +219,8 @@ fn admission_gates_only_launcher_pods_of_opted_in_vms() {
     assert_eq!(
         facts(Some(&OptIn::In), true),
         Admission::Gate {
-            prefer_node: Some("b-1".into())
+            prefer_node: Some("b-1".into()),
+            warning: None,
         }
     );
     assert_eq!(
@@ -213,7 +234,7 @@ fn admission_gates_only_launcher_pods_of_opted_in_vms() {
     ));
     assert!(matches!(
         facts(None, true),
-        Admission::Allow { warning: Some(w) } if w.contains("does not exist")
+        Admission::Gate { prefer_node: None, warning: Some(w) } if w.contains("not known")
     ));
     assert!(matches!(
         facts(Some(&OptIn::In), false),
@@ -249,7 +270,12 @@ fn a_new_launcher_pod_stays_gated_while_the_old_instance_is_not_proven_fenced() 
     assert!(!has_ungate(&actions));
     assert_eq!(reasons(&actions), vec![VmEventReason::VMFailoverBlocked]);
     assert_eq!(report.state, "Gated");
-    assert!(report.blocked.as_deref().is_some_and(|b| b.contains("not proven fenced")));
+    assert!(
+        report
+            .blocked
+            .as_deref()
+            .is_some_and(|b| b.contains("not proven fenced"))
+    );
     // Reported once, not on every pass.
     let (again, _) = w.step(&mut p, 11);
     assert!(reasons(&again).is_empty(), "{again:?}");
@@ -268,7 +294,10 @@ fn once_the_old_node_is_fenced_the_lease_moves_then_the_gate_lifts() {
         .iter()
         .position(|a| matches!(a, VmAction::Grant { .. }))
         .expect("a grant");
-    let ui = actions.iter().position(|a| matches!(a, VmAction::Ungate { .. })).expect("ungate");
+    let ui = actions
+        .iter()
+        .position(|a| matches!(a, VmAction::Ungate { .. }))
+        .expect("ungate");
     assert!(gi < ui, "the grant must come before the gate is lifted");
     assert_eq!(
         actions[gi],
@@ -282,8 +311,10 @@ fn once_the_old_node_is_fenced_the_lease_moves_then_the_gate_lifts() {
     );
     // The grant is in; the pod is scheduled to b-1 and runs: the node is recorded and the
     // failover completes with its duration.
-    w.leases
-        .insert("twosite-disk-vm-disk".into(), lease(Some("new"), 4, Some("")));
+    w.leases.insert(
+        "twosite-disk-vm-disk".into(),
+        lease(Some("new"), 4, Some("")),
+    );
     w.launchers.retain(|l| l.uid != "old");
     w.launchers[0] = launcher("new", Some("b-1"), LauncherPhase::Running, false, "t2");
     let (actions, report) = w.step(&mut p, 28);
@@ -307,8 +338,15 @@ fn a_gone_holder_on_a_node_neither_live_nor_fenced_keeps_the_lease() {
     w.a1_lost();
     w.launchers.retain(|l| l.uid != "old");
     let (actions, report) = w.step(&mut p, 10);
-    assert!(grants(&actions).is_empty() && !has_ungate(&actions), "{actions:?}");
-    assert!(report.blocked.is_some_and(|b| b.contains("neither live nor proven fenced")));
+    assert!(
+        grants(&actions).is_empty() && !has_ungate(&actions),
+        "{actions:?}"
+    );
+    assert!(
+        report
+            .blocked
+            .is_some_and(|b| b.contains("neither live nor proven fenced"))
+    );
     // Proven fenced: now it moves.
     w.fenced.insert("a-1".into());
     let (actions, _) = w.step(&mut p, 20);
@@ -339,11 +377,16 @@ fn a_terminal_old_pod_has_stopped_and_a_guard_holder_must_release_itself() {
 
     // A pod consumer with a guard holds it (no held-for-node): the VM waits for its release.
     let mut w = World::running_on_a1();
-    w.leases
-        .insert("twosite-disk-vm-disk".into(), lease(Some("repair-pod"), 5, None));
+    w.leases.insert(
+        "twosite-disk-vm-disk".into(),
+        lease(Some("repair-pod"), 5, None),
+    );
     w.launchers = vec![launcher("new", None, LauncherPhase::Pending, true, "t2")];
     let (actions, report) = w.step(&mut VmProtection::new(), 10);
-    assert!(grants(&actions).is_empty() && !has_ungate(&actions), "{actions:?}");
+    assert!(
+        grants(&actions).is_empty() && !has_ungate(&actions),
+        "{actions:?}"
+    );
     assert!(report.blocked.is_some_and(|b| b.contains("repair-pod")));
 }
 

@@ -1,0 +1,273 @@
+//! KubeVirt VirtualMachines that opt in with `twosite.dev/ha: "true"`: the leader's VM loop
+//! (every 500 ms it reads the watch caches, asks the core [`node_health::vm::VmProtection`]
+//! what to do for each VM and does it, in order), the admission webhook that gates a new
+//! launcher pod ([`webhook`]), and its certificate ([`cert`]).
+//!
+//! Writes: a merge patch of one template label on the VM; disk Lease creates and PUTs carrying
+//! the resourceVersion read; a JSON patch (uid-tested) that lifts the pod's scheduling gate.
+
+pub mod cert;
+mod io;
+pub mod types;
+pub mod watch;
+pub mod webhook;
+
+use crate::crd::{VmCondition, VmStatus};
+use crate::error::report;
+use crate::leader_lease::Leadership;
+use crate::metrics::Metrics;
+use crate::status::RemediationView;
+use kube::ResourceExt;
+use node_health::time::Clock;
+use node_health::vm::{ClaimFacts, VmFacts, VmProtection, VmReport};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch as chan;
+use watch::VmStores;
+
+/// How often the leader looks at the VMs.
+pub const INTERVAL: Duration = Duration::from_millis(500);
+
+/// What the VM loop needs.
+pub struct VmContext {
+    pub client: kube::Client,
+    pub stores: VmStores,
+    pub recorder: kube::runtime::events::Recorder,
+    pub leadership: Leadership,
+    pub metrics: Arc<Metrics>,
+    pub api_timeout: Duration,
+    pub clock: Arc<dyn Clock + Send + Sync>,
+}
+
+/// The leader's per-VM state, kept across passes of one term.
+#[derive(Default)]
+pub struct VmLoop {
+    states: BTreeMap<String, VmProtection>,
+    /// Gated launcher pods whose VM does not exist, already reported.
+    orphans_reported: BTreeSet<String>,
+}
+
+fn conditions(report: &VmReport) -> Vec<VmCondition> {
+    let mut out = Vec::new();
+    out.push(if report.unprotected.is_empty() {
+        VmCondition {
+            type_: "DisksProtected".into(),
+            status: "True".into(),
+            reason: "AllDisksLeased".into(),
+            message: "every PVC disk is ReadWriteMany Block and guarded by a volume Lease".into(),
+        }
+    } else {
+        VmCondition {
+            type_: "DisksProtected".into(),
+            status: "False".into(),
+            reason: "UnprotectedVolume".into(),
+            message: report.unprotected.join("; "),
+        }
+    });
+    if let Some(why) = &report.blocked {
+        out.push(VmCondition {
+            type_: "FailoverReady".into(),
+            status: "False".into(),
+            reason: "VMFailoverBlocked".into(),
+            message: why.clone(),
+        });
+    }
+    out
+}
+
+impl VmLoop {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// One pass: every VM's actions, in order, and the status of the VMs twosite knows.
+    pub async fn pass(&mut self, ctx: &VmContext, view: Option<&RemediationView>) -> Vec<VmStatus> {
+        if !ctx.leadership.is_leader() {
+            self.states.clear();
+            self.orphans_reported.clear();
+            return Vec::new();
+        }
+        // Before every cache has listed once, an empty cache would read as "the old pod is
+        // gone"; before the remediation loop has run, nothing is known fenced.
+        let Some(view) = view else { return Vec::new() };
+        if !ctx.stores.ready() {
+            return Vec::new();
+        }
+        let now = ctx.clock.now();
+        let vms = ctx.stores.vms.state();
+        let pods = ctx.stores.launchers.state();
+        let mut claims: BTreeMap<String, BTreeMap<String, ClaimFacts>> = BTreeMap::new();
+        for c in ctx.stores.claims.state() {
+            claims
+                .entry(c.namespace().unwrap_or_default())
+                .or_default()
+                .insert(c.name_any(), types::claim_facts(&c));
+        }
+        let mut leases: BTreeMap<String, Vec<Arc<k8s_openapi::api::coordination::v1::Lease>>> =
+            BTreeMap::new();
+        for l in ctx.stores.disk_leases.state() {
+            leases
+                .entry(l.namespace().unwrap_or_default())
+                .or_default()
+                .push(l);
+        }
+        let mut launchers: BTreeMap<String, Vec<Arc<k8s_openapi::api::core::v1::Pod>>> =
+            BTreeMap::new();
+        for p in &pods {
+            if let (Some(vm), Some(ns)) = (types::launcher_vm(p), p.metadata.namespace.as_deref()) {
+                launchers
+                    .entry(types::key(ns, vm))
+                    .or_default()
+                    .push(Arc::clone(p));
+            }
+        }
+        let no_claims = BTreeMap::new();
+        let mut out = Vec::new();
+        let (mut protected, mut gated) = (0i64, 0i64);
+        let mut seen = BTreeSet::new();
+        for vm in &vms {
+            let key = types::vm_key(vm);
+            let opt_in = types::vm_opt_in(vm);
+            let labelled = types::template_labelled(vm);
+            // VMs that never carried the annotation are not twosite's: no state, no status.
+            if matches!(opt_in, node_health::vm::OptIn::Out) && !labelled {
+                self.states.remove(&key);
+                continue;
+            }
+            seen.insert(key.clone());
+            let ns = vm.namespace().unwrap_or_default();
+            let disks = types::disks(vm, claims.get(&ns).unwrap_or(&no_claims));
+            let wanted: BTreeSet<String> = disks
+                .iter()
+                .filter_map(|d| d.protection.clone().ok())
+                .collect();
+            let ns_leases: Vec<&k8s_openapi::api::coordination::v1::Lease> = leases
+                .get(&ns)
+                .map(|v| {
+                    v.iter()
+                        .map(|l| l.as_ref())
+                        .filter(|l| wanted.contains(&l.name_any()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let lease_views = types::disk_leases(ns_leases.iter().copied());
+            let vm_pods = launchers.get(&key).cloned().unwrap_or_default();
+            let facts_launchers: Vec<_> =
+                vm_pods.iter().filter_map(|p| types::launcher(p)).collect();
+            let run = types::run_strategy(vm);
+            let facts = VmFacts {
+                opt_in: &opt_in,
+                run_strategy: &run,
+                template_labelled: labelled,
+                disks: &disks,
+                leases: &lease_views,
+                launchers: &facts_launchers,
+                fenced_nodes: &view.fenced,
+                live_nodes: &view.live,
+            };
+            let state = self.states.entry(key.clone()).or_default();
+            let (actions, vm_report) = state.step(&facts, now);
+            if opt_in.is_in() {
+                protected += 1;
+            }
+            if vm_report.state == "Gated" {
+                gated += 1;
+            }
+            for action in actions {
+                if !ctx.leadership.is_leader() {
+                    return Vec::new();
+                }
+                if let Err(err) = io::execute(ctx, vm, &ns_leases, &vm_pods, &action).await {
+                    tracing::warn!(vm = key, action = ?action, error = %report(&err), "VM action failed; decided again next pass");
+                    break;
+                }
+            }
+            out.push(VmStatus {
+                namespace: ns,
+                name: vm.name_any(),
+                state: vm_report.state.clone(),
+                node: vm_report.node.clone(),
+                printable_status: vm.status.as_ref().and_then(|s| s.printable_status.clone()),
+                conditions: if opt_in.is_in() {
+                    conditions(&vm_report)
+                } else {
+                    Vec::new()
+                },
+            });
+        }
+        self.states.retain(|k, _| seen.contains(k));
+        self.report_orphans(ctx, &pods, &vms).await;
+        ctx.metrics.vms_protected.set(protected);
+        ctx.metrics.vms_gated.set(gated);
+        out
+    }
+
+    /// A gated launcher pod whose VM is gone stays gated (safe); say so once on the pod.
+    async fn report_orphans(
+        &mut self,
+        ctx: &VmContext,
+        pods: &[Arc<k8s_openapi::api::core::v1::Pod>],
+        vms: &[Arc<types::VirtualMachine>],
+    ) {
+        let known: BTreeSet<String> = vms.iter().map(|v| types::vm_key(v)).collect();
+        for p in pods {
+            if !types::has_gate(p) {
+                continue;
+            }
+            let ns = p.namespace().unwrap_or_default();
+            let vm = types::launcher_vm(p).map(|n| types::key(&ns, n));
+            if vm.as_ref().is_some_and(|k| known.contains(k)) {
+                continue;
+            }
+            let uid = p.metadata.uid.clone().unwrap_or_default();
+            if self.orphans_reported.insert(uid) {
+                io::pod_event(
+                    ctx,
+                    p,
+                    &format!(
+                        "the VirtualMachine {} does not exist: the pod stays gated",
+                        vm.unwrap_or_else(|| "(unnamed)".into())
+                    ),
+                )
+                .await;
+            }
+        }
+    }
+}
+
+/// The leader's VM loop.
+pub async fn run_vm_loop(
+    ctx: VmContext,
+    view: chan::Receiver<Option<RemediationView>>,
+    out: chan::Sender<Vec<VmStatus>>,
+    guard: crate::admin::LoopGuard,
+) -> crate::error::Result<()> {
+    let mut vms = VmLoop::default();
+    let mut tick = tokio::time::interval(INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        guard.beat();
+        let current = view.borrow().clone();
+        let next = vms.pass(&ctx, current.as_ref()).await;
+        out.send_if_modified(|v| {
+            if *v == next {
+                false
+            } else {
+                *v = next;
+                true
+            }
+        });
+    }
+}
+
+/// Whether the VM `key` opted in, from the cache (`None`: no such VM). For the release of a
+/// fenced node's pods.
+pub fn opted_in(stores: &VmStores, key: &str) -> Option<bool> {
+    let (ns, name) = key.split_once('/')?;
+    let vm = stores.vms.get(
+        &kube::runtime::reflector::ObjectRef::new_with(name, types::vm_resource()).within(ns),
+    )?;
+    Some(types::vm_opt_in(&vm).is_in())
+}

@@ -1,0 +1,337 @@
+//! The few fields twosite reads of KubeVirt's VirtualMachine, and how they and the launcher pods,
+//! claims and disk Leases turn into the core's [`node_health::vm`] inputs.
+//!
+//! Hand-written on purpose: a partial struct is only ever read. Every write to a VM is a JSON
+//! merge patch of one label (`spec.template.metadata.labels`), never a PUT of what was read.
+
+use crate::guard::lease_io;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use kube::core::{ApiResource, NotUsed, Object};
+use node_health::vm::{
+    self, ClaimFacts, Disk, GATE, LAUNCHER_LABEL, Launcher, LauncherPhase, OptIn, PodOwner,
+    RunStrategy,
+};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// `spec` of a VirtualMachine, as far as twosite reads it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_strategy: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<VmTemplate>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct VmTemplate {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<TemplateMeta>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec: Option<VmiSpec>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TemplateMeta {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct VmiSpec {
+    #[serde(default)]
+    pub volumes: Vec<VmVolume>,
+}
+
+/// One volume of the VM's template: only PVCs and DataVolumes (whose PVC has the same name)
+/// are disks on shared storage.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmVolume {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistent_volume_claim: Option<ClaimRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_volume: Option<DataVolumeRef>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClaimRef {
+    #[serde(default)]
+    pub claim_name: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DataVolumeRef {
+    #[serde(default)]
+    pub name: String,
+}
+
+/// `status` of a VirtualMachine: what `twosite status` repeats.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub printable_status: Option<String>,
+}
+
+pub type VirtualMachine = Object<VmSpec, VmStatus>;
+/// A VirtualMachineInstance: only its metadata is read (the launcher pod says where it runs).
+pub type VirtualMachineInstance = Object<NotUsed, NotUsed>;
+
+pub fn vm_resource() -> ApiResource {
+    ApiResource {
+        group: "kubevirt.io".into(),
+        version: "v1".into(),
+        api_version: "kubevirt.io/v1".into(),
+        kind: "VirtualMachine".into(),
+        plural: "virtualmachines".into(),
+    }
+}
+
+/// A VM's key: `namespace/name`.
+pub fn key(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
+}
+
+pub fn vm_key(vm: &VirtualMachine) -> String {
+    key(
+        vm.metadata.namespace.as_deref().unwrap_or_default(),
+        vm.metadata.name.as_deref().unwrap_or_default(),
+    )
+}
+
+pub fn vm_opt_in(vm: &VirtualMachine) -> OptIn {
+    vm::opt_in(
+        vm.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(vm::HA_ANNOTATION))
+            .map(String::as_str),
+    )
+}
+
+pub fn run_strategy(vm: &VirtualMachine) -> RunStrategy {
+    RunStrategy::parse(vm.spec.run_strategy.as_deref(), vm.spec.running)
+}
+
+pub fn template_labelled(vm: &VirtualMachine) -> bool {
+    vm.spec
+        .template
+        .as_ref()
+        .and_then(|t| t.metadata.as_ref())
+        .and_then(|m| m.labels.as_ref())
+        .and_then(|l| l.get(vm::HA_LABEL))
+        .is_some_and(|v| v == "true")
+}
+
+/// The PVC names of the VM's disks, in template order, without repeats.
+pub fn claim_names(vm: &VirtualMachine) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let volumes = vm
+        .spec
+        .template
+        .as_ref()
+        .and_then(|t| t.spec.as_ref())
+        .map(|s| s.volumes.as_slice())
+        .unwrap_or_default();
+    for v in volumes {
+        let name = v
+            .persistent_volume_claim
+            .as_ref()
+            .map(|c| c.claim_name.clone())
+            .or_else(|| v.data_volume.as_ref().map(|d| d.name.clone()))
+            .filter(|n| !n.is_empty());
+        if let Some(n) = name
+            && !out.contains(&n)
+        {
+            out.push(n);
+        }
+    }
+    out
+}
+
+pub fn claim_facts(pvc: &PersistentVolumeClaim) -> ClaimFacts {
+    let spec = pvc.spec.clone().unwrap_or_default();
+    ClaimFacts {
+        access_modes: spec.access_modes.unwrap_or_default(),
+        volume_mode: spec.volume_mode,
+    }
+}
+
+/// The VM's disks, classified against the claims of its namespace (`claims` by name).
+pub fn disks(vm: &VirtualMachine, claims: &BTreeMap<String, ClaimFacts>) -> Vec<Disk> {
+    claim_names(vm)
+        .iter()
+        .map(|n| vm::classify_disk(n, claims.get(n)))
+        .collect()
+}
+
+fn label<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
+    pod.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(key))
+        .map(String::as_str)
+}
+
+pub fn is_launcher(pod: &Pod) -> bool {
+    label(pod, LAUNCHER_LABEL.0) == Some(LAUNCHER_LABEL.1)
+}
+
+/// The VM a launcher pod runs: its VirtualMachineInstance owner's name (a VM's VMI has the VM's
+/// name), else the `vm.kubevirt.io/name` label.
+pub fn launcher_vm(pod: &Pod) -> Option<&str> {
+    pod.metadata
+        .owner_references
+        .as_ref()
+        .and_then(|os| {
+            os.iter()
+                .find(|o| o.kind == "VirtualMachineInstance")
+                .map(|o| o.name.as_str())
+        })
+        .or_else(|| label(pod, "vm.kubevirt.io/name"))
+        .filter(|n| !n.is_empty())
+}
+
+pub fn has_gate(pod: &Pod) -> bool {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.scheduling_gates.as_ref())
+        .is_some_and(|g| g.iter().any(|g| g.name == GATE))
+        || pod
+            .metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key(GATED_ANNOTATION))
+}
+
+/// Set with the gate by the webhook, so a user sees why the pod waits (and so the gate is
+/// visible on API servers older than 1.26, which drop `spec.schedulingGates`).
+pub const GATED_ANNOTATION: &str = "twosite.dev/gated";
+
+pub fn launcher(pod: &Pod) -> Option<Launcher> {
+    let phase = match pod.status.as_ref().and_then(|s| s.phase.as_deref()) {
+        Some("Running") => LauncherPhase::Running,
+        Some("Succeeded") | Some("Failed") => LauncherPhase::Terminal,
+        _ => LauncherPhase::Pending,
+    };
+    Some(Launcher {
+        uid: pod.metadata.uid.clone()?,
+        name: pod.metadata.name.clone()?,
+        node: pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .filter(|n| !n.is_empty()),
+        gated: has_gate(pod),
+        phase,
+        deleting: pod.metadata.deletion_timestamp.is_some(),
+        created: pod
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0.to_string())
+            .unwrap_or_default(),
+    })
+}
+
+/// Whose pod this is, for the release after a fence. `opted_in` looks a VM up by key.
+pub fn pod_owner(pod: &Pod, opted_in: &dyn Fn(&str) -> Option<bool>) -> PodOwner {
+    if !is_launcher(pod) {
+        return PodOwner::Plain;
+    }
+    let vm = launcher_vm(pod)
+        .zip(pod.metadata.namespace.as_deref())
+        .and_then(|(name, ns)| opted_in(&key(ns, name)));
+    PodOwner::Launcher(vm)
+}
+
+/// The disk Leases of one namespace, by name, in the core's form; a Lease that cannot be read
+/// is left out (its VM stays gated: the lease is reported as missing and re-created fails).
+pub fn disk_leases<'a>(
+    leases: impl IntoIterator<Item = &'a Lease>,
+) -> BTreeMap<String, node_health::volume::VolumeLease> {
+    leases
+        .into_iter()
+        .filter_map(|l| {
+            let name = l.metadata.name.clone()?;
+            match lease_io::to_volume_lease(l) {
+                Ok(v) => Some((name, v)),
+                Err(err) => {
+                    tracing::warn!(lease = name, error = %err, "disk Lease unreadable");
+                    None
+                }
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_vm_reads_from_kubevirt_json() {
+        let vm: VirtualMachine = serde_json::from_value(serde_json::json!({
+            "apiVersion": "kubevirt.io/v1",
+            "kind": "VirtualMachine",
+            "metadata": {"name": "db", "namespace": "plant",
+                         "annotations": {"twosite.dev/ha": "true"}},
+            "spec": {
+                "runStrategy": "Always",
+                "template": {
+                    "metadata": {"labels": {"twosite.dev/ha": "true"}},
+                    "spec": {"domain": {"devices": {}}, "volumes": [
+                        {"name": "root", "persistentVolumeClaim": {"claimName": "db-root"}},
+                        {"name": "data", "dataVolume": {"name": "db-data"}},
+                        {"name": "init", "cloudInitNoCloud": {"userData": "x"}},
+                        {"name": "again", "persistentVolumeClaim": {"claimName": "db-root"}}
+                    ]}
+                }
+            },
+            "status": {"printableStatus": "Running"}
+        }))
+        .expect("parses");
+        assert_eq!(vm_key(&vm), "plant/db");
+        assert_eq!(vm_opt_in(&vm), OptIn::In);
+        assert_eq!(run_strategy(&vm), RunStrategy::Always);
+        assert!(template_labelled(&vm));
+        assert_eq!(claim_names(&vm), vec!["db-root", "db-data"]);
+        assert_eq!(
+            vm.status.and_then(|s| s.printable_status).as_deref(),
+            Some("Running")
+        );
+    }
+
+    #[test]
+    fn a_launcher_pod_names_its_vm_and_its_owner_decides_the_release() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "virt-launcher-db-abcde", "namespace": "plant", "uid": "u1",
+                         "labels": {"kubevirt.io": "virt-launcher"},
+                         "annotations": {GATED_ANNOTATION: "volume leases"},
+                         "ownerReferences": [{"apiVersion": "kubevirt.io/v1",
+                            "kind": "VirtualMachineInstance", "name": "db", "uid": "vmi"}]},
+            "spec": {"containers": [], "nodeName": "a-1"},
+            "status": {"phase": "Running"}
+        }))
+        .expect("parses");
+        assert_eq!(launcher_vm(&pod), Some("db"));
+        let l = launcher(&pod).expect("a launcher");
+        assert_eq!(l.node.as_deref(), Some("a-1"));
+        assert!(l.gated);
+        assert_eq!(l.phase, LauncherPhase::Running);
+        let opted = |k: &str| (k == "plant/db").then_some(true);
+        assert_eq!(pod_owner(&pod, &opted), PodOwner::Launcher(Some(true)));
+        let unknown = |_: &str| None;
+        assert_eq!(pod_owner(&pod, &unknown), PodOwner::Launcher(None));
+        let plain = Pod::default();
+        assert_eq!(pod_owner(&plain, &unknown), PodOwner::Plain);
+    }
+}

@@ -1,0 +1,177 @@
+//! The watch-fed caches the VM loop and the webhook read: VirtualMachines, launcher pods, PVCs
+//! and disk Leases, all namespaces. Nothing is listed per pass: a room loss costs the writes it
+//! needs, not a LIST per VM.
+
+use super::types::{VirtualMachine, vm_resource};
+use crate::admin::LoopGuard;
+use crate::error::Result;
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client};
+use node_health::vm::{DISK_LABEL, LAUNCHER_LABEL};
+
+/// Read handles on the four caches.
+#[derive(Clone)]
+pub struct VmStores {
+    pub vms: Store<VirtualMachine>,
+    pub launchers: Store<Pod>,
+    pub claims: Store<PersistentVolumeClaim>,
+    pub disk_leases: Store<Lease>,
+}
+
+impl VmStores {
+    /// Whether every cache has had its first full list (before that, an empty cache would read
+    /// as "the old pod is gone").
+    pub fn ready(&self) -> bool {
+        fn listed<K: kube::Resource + Clone + 'static>(s: &Store<K>) -> bool
+        where
+            K::DynamicType: Eq + std::hash::Hash + Clone,
+        {
+            use futures::FutureExt;
+            s.wait_until_ready()
+                .now_or_never()
+                .is_some_and(|r| r.is_ok())
+        }
+        listed(&self.vms)
+            && listed(&self.launchers)
+            && listed(&self.claims)
+            && listed(&self.disk_leases)
+    }
+}
+
+impl VmStores {
+    /// Caches filled with these objects and marked listed: for tests and benches that drive
+    /// the VM loop and the webhook without an API server.
+    pub fn from_objects(
+        vms: Vec<VirtualMachine>,
+        launchers: Vec<Pod>,
+        claims: Vec<PersistentVolumeClaim>,
+        disk_leases: Vec<Lease>,
+    ) -> VmStores {
+        fn fill<K>(mut w: reflector::store::Writer<K>, objs: Vec<K>) -> Store<K>
+        where
+            K: kube::Resource + Clone + 'static,
+            K::DynamicType: Eq + std::hash::Hash + Clone,
+        {
+            w.apply_watcher_event(&watcher::Event::Init);
+            for o in objs {
+                w.apply_watcher_event(&watcher::Event::InitApply(o));
+            }
+            w.apply_watcher_event(&watcher::Event::InitDone);
+            w.as_reader()
+        }
+        VmStores {
+            vms: fill(reflector::store::Writer::new(vm_resource()), vms),
+            launchers: fill(reflector::store::Writer::default(), launchers),
+            claims: fill(reflector::store::Writer::default(), claims),
+            disk_leases: fill(reflector::store::Writer::default(), disk_leases),
+        }
+    }
+}
+
+/// Starts the four watches; the returned future runs them (it ends only if one ends).
+pub fn start(
+    client: &Client,
+    guard: LoopGuard,
+) -> (VmStores, futures::future::BoxFuture<'static, Result<()>>) {
+    let vms_api: Api<VirtualMachine> = Api::all_with(client.clone(), &vm_resource());
+    let pods_api: Api<Pod> = Api::all(client.clone());
+    let claims_api: Api<PersistentVolumeClaim> = Api::all(client.clone());
+    let leases_api: Api<Lease> = Api::all(client.clone());
+
+    let vm_writer = reflector::store::Writer::new(vm_resource());
+    let vms = vm_writer.as_reader();
+    let (launchers, launcher_writer) = reflector::store();
+    let (claims, claim_writer) = reflector::store();
+    let (disk_leases, lease_writer) = reflector::store();
+
+    let launcher_selector = format!("{}={}", LAUNCHER_LABEL.0, LAUNCHER_LABEL.1);
+    let streams = vec![
+        drive(
+            "VirtualMachine",
+            reflector::reflector(vm_writer, watcher(vms_api, watcher::Config::default()))
+                .default_backoff()
+                .map(|e| e.map(|_| ()))
+                .boxed(),
+        ),
+        drive(
+            "launcher pod",
+            reflector::reflector(
+                launcher_writer,
+                watcher(
+                    pods_api,
+                    watcher::Config::default().labels(&launcher_selector),
+                ),
+            )
+            .default_backoff()
+            .map(|e| e.map(|_| ()))
+            .boxed(),
+        ),
+        drive(
+            "PersistentVolumeClaim",
+            reflector::reflector(
+                claim_writer,
+                watcher(claims_api, watcher::Config::default()),
+            )
+            .default_backoff()
+            .map(|e| e.map(|_| ()))
+            .boxed(),
+        ),
+        drive(
+            "disk Lease",
+            reflector::reflector(
+                lease_writer,
+                watcher(leases_api, watcher::Config::default().labels(DISK_LABEL)),
+            )
+            .default_backoff()
+            .map(|e| e.map(|_| ()))
+            .boxed(),
+        ),
+    ];
+    let stores = VmStores {
+        vms,
+        launchers,
+        claims,
+        disk_leases,
+    };
+    let run = Box::pin(async move {
+        let all = futures::future::join_all(streams);
+        tokio::pin!(all);
+        let mut beat = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = &mut all => return Ok(()),
+                _ = beat.tick() => guard.beat(),
+            }
+        }
+    });
+    (stores, run)
+}
+
+/// Runs one watch to its end, logging its errors (a missing KubeVirt CRD shows up here, with
+/// backoff, until KubeVirt is installed).
+async fn drive(
+    what: &'static str,
+    mut stream: futures::stream::BoxStream<'static, std::result::Result<(), watcher::Error>>,
+) {
+    let mut failing = false;
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(()) => {
+                if failing {
+                    tracing::info!(watch = what, "watch recovered");
+                    failing = false;
+                }
+            }
+            Err(err) => {
+                if !failing {
+                    tracing::warn!(watch = what, error = %err, "watch failing; retrying with backoff");
+                }
+                failing = true;
+            }
+        }
+    }
+}
