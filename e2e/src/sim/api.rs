@@ -22,6 +22,14 @@ pub enum Key {
     VolumeLease(String),
     /// A consumer pod of a protected volume (pinned to its node; its guard wraps the app).
     Consumer(String),
+    /// A KubeVirt VirtualMachine.
+    Vm(String),
+    /// A virt-launcher pod (bound or not, gated or not).
+    Launcher(String),
+    /// A VM disk's Lease (`twosite-disk-<pvc>`).
+    DiskLease(String),
+    /// A PersistentVolumeClaim (read on demand, not watched).
+    Claim(String),
 }
 
 impl Key {
@@ -35,6 +43,9 @@ impl Key {
                 | Key::Pod(_)
                 | Key::VolumeLease(_)
                 | Key::Consumer(_)
+                | Key::Vm(_)
+                | Key::Launcher(_)
+                | Key::DiskLease(_)
         )
     }
 }
@@ -129,6 +140,10 @@ pub enum Obj {
     Pod(PodObj),
     VolumeLease(VolumeLeaseObj),
     Consumer(ConsumerObj),
+    Vm(super::kubevirt::VmObj),
+    Launcher(super::kubevirt::LauncherObj),
+    DiskLease(super::kubevirt::DiskLeaseObj),
+    Claim(node_health::vm::ClaimFacts),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -65,6 +65,9 @@ impl Cluster {
             // seed's timeline as it was.
             let delay = match key {
                 Key::VolumeLease(_) | Key::Consumer(_) => self.vol_rng.random_range(lo..=hi),
+                Key::Vm(_) | Key::Launcher(_) | Key::DiskLease(_) => {
+                    self.vm.rng.random_range(lo..=hi)
+                }
                 _ => self.rng.random_range(lo..=hi),
             };
             let r = &mut self.replicas[i];

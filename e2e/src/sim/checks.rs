@@ -18,6 +18,7 @@ impl Cluster {
         new: &Stored,
     ) {
         self.check_volume_write(key, prev, new);
+        self.check_disk_lease_write(key, prev, new);
         match (key, prev.map(|p| &p.obj), &new.obj) {
             (Key::LeaderLease, Some(Obj::Lease(old)), Obj::Lease(l)) => {
                 // S4 for the leader Lease: a new holder's term has a higher epoch; epochs never

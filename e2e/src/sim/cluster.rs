@@ -143,6 +143,11 @@ pub struct SimConfig {
     /// A faulty agent, as twosite was before: partner answers are not verified (the agents run
     /// with `--insecure-peer-probes`), so a forged peer's vouch counts.
     pub insecure_peer_probes: bool,
+    /// A misconfigured webhook: launcher pods of opted-in VMs are admitted without the gate.
+    pub vm_gate_off: bool,
+    /// A faulty controller: it deletes opted-in VMs' launcher pods on any node it does not
+    /// judge Healthy, without waiting for the fence.
+    pub vm_release_on_suspicion: bool,
 }
 
 impl Default for SimConfig {
@@ -167,6 +172,8 @@ impl Default for SimConfig {
             unchecked_volume_timing: false,
             agent_ignores_deadlines: false,
             handover_on_suspicion: false,
+            vm_gate_off: false,
+            vm_release_on_suspicion: false,
         }
     }
 }
@@ -249,6 +256,8 @@ pub struct Cluster {
     /// The volumes' own randomness (delays of guard IO), apart from `rng` so that adding
     /// volumes leaves the rest of a seed's timeline as it was.
     pub(super) vol_rng: ChaCha8Rng,
+    /// KubeVirt's VMs and guests.
+    pub(super) vm: super::kubevirt::VmWorld,
     pub timeline: Vec<TimelineEntry>,
     pub violations: Vec<Violation>,
     pub record: Record,
@@ -303,6 +312,7 @@ impl Cluster {
             probes_sent: 0,
             volumes: Vec::new(),
             vol_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x766f_6c75_6d65_7321),
+            vm: super::kubevirt::VmWorld::new(seed),
             timeline: Vec::new(),
             violations: Vec::new(),
             record: Record::default(),
@@ -348,6 +358,8 @@ impl Cluster {
             }
         }
         cluster.add_volumes(&scenario.volumes, scenario.client_records);
+        cluster.add_vms(&scenario.vms);
+        cluster.vm.expectations = scenario.vm_expectations.clone();
         for room in [Site::RoomA, Site::RoomB] {
             let host = node_name(room, 1);
             let name = format!("controller-{}", &host[..1]);
@@ -382,6 +394,7 @@ impl Cluster {
                 volumes: BTreeMap::new(),
                 consumers: BTreeMap::new(),
                 switches: BTreeMap::new(),
+                vms: Default::default(),
             });
         }
         Ok(cluster)
@@ -663,12 +676,14 @@ impl Cluster {
         self.step_guards();
         self.step_kcm();
         self.step_scheduler();
+        self.step_kubevirt();
         for i in 0..self.replicas.len() {
             self.step_replica(i);
         }
         self.check_single_leader();
         self.check_single_copy();
         self.check_single_writer();
+        self.check_vm_disks();
         if self.witness.is_some() {
             self.check_single_grant();
         }

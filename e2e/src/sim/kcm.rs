@@ -83,6 +83,7 @@ impl Cluster {
             pod.terminating = true;
             let _ = self.write(Key::Pod(p), Precondition::None, Obj::Pod(pod));
         }
+        self.evict_launchers(&tainted);
 
         if self.now >= self.next_pod_gc {
             self.next_pod_gc += POD_GC_PERIOD_MS;
@@ -107,6 +108,7 @@ impl Cluster {
                 self.delete_pod(&p);
                 self.log("kcm", format!("pod GC force-deleted {p}"));
             }
+            self.gc_launchers();
         }
 
         self.step_workload_controller();

@@ -11,12 +11,16 @@ pub mod cluster;
 mod guard;
 mod kcm;
 mod kubelet;
+pub mod kubevirt;
 mod liveness;
 mod random_schedule;
 mod replica;
 pub mod report;
 pub mod scenario;
 mod scheduler;
+pub mod vm_checks;
+mod vm_controller;
+mod vm_scenarios;
 mod volume;
 mod volume_checks;
 mod volume_controller;
@@ -71,6 +75,7 @@ pub fn run_with(scenario: &Scenario, seed: u64, cfg: SimConfig) -> Report {
     }
     cluster.check_expectations(&scenario.expectations);
     cluster.check_volume_expectations(&scenario.volume_expectations);
+    cluster.check_vm_expectations();
     if scenario.name == "random" {
         report.samples = cluster.check_liveness(scenario);
         cluster.check_volume_liveness(scenario);
@@ -86,6 +91,7 @@ pub fn run_with(scenario: &Scenario, seed: u64, cfg: SimConfig) -> Report {
         report.figures.insert((*name).into(), *n);
     }
     cluster.volume_figures(&mut report.figures);
+    cluster.vm_figures(&mut report.figures);
     if let Some(target) = &scenario.target
         && let Some(lost) = scenario.faults.iter().find_map(|f| match &f.fault {
             Fault::PowerOff(n) | Fault::AgentCrash(n) | Fault::Isolate(n) if n == target => {
@@ -160,7 +166,11 @@ pub fn run_with(scenario: &Scenario, seed: u64, cfg: SimConfig) -> Report {
 }
 
 /// Figures of single runs that the schedules' summary adds up.
-const COUNTERS: [&str; 6] = [
+const COUNTERS: [&str; 10] = [
+    "vms",
+    "vms_failed_over",
+    "vms_untouched",
+    "vm_two_running_steps",
     "forged_answers_refused",
     "forged_answers_taken",
     "volume_app_starts",

@@ -195,5 +195,7 @@ pub fn random(seed: u64) -> Scenario {
         volumes,
         client_records: 0,
         volume_expectations: Vec::new(),
+        vms: super::vm_scenarios::random_vms(seed, na, nb),
+        vm_expectations: Vec::new(),
     }
 }

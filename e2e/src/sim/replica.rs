@@ -90,6 +90,8 @@ pub(super) struct Replica {
     pub(super) consumers: BTreeMap<String, ConsumerObj>,
     /// The core's per-volume state while leading.
     pub(super) switches: BTreeMap<String, VolumeSwitch>,
+    /// The VM watch caches and the core's per-VM state.
+    pub(super) vms: super::vm_controller::VmCache,
 }
 
 impl Replica {
@@ -113,6 +115,7 @@ impl Replica {
         self.volumes.clear();
         self.consumers.clear();
         self.switches.clear();
+        self.vms = Default::default();
     }
 }
 
@@ -169,6 +172,8 @@ impl Cluster {
                     .iter()
                     .any(|(_, k, _)| *k == Key::Consumer(p.clone()))
             });
+            r.vms
+                .retain_listed(&snapshot.iter().map(|(_, k, _)| k).collect::<Vec<_>>());
             r.queue.extend(snapshot);
         }
         let timing = self.cfg.timing;
@@ -219,6 +224,7 @@ impl Cluster {
                 self.replicas[i].verdicts.clear();
                 self.replicas[i].remediation.clear();
                 self.replicas[i].switches.clear();
+                self.replicas[i].vms.protections.clear();
                 self.log(&name, format!("became leader (epoch {epoch})"));
             } else {
                 self.log(&name, "stopped leading".to_string());
@@ -352,6 +358,7 @@ impl Cluster {
         let pairing = pair_nodes(&config, &facts, &previous);
         self.remediate(i, local, &pairing, &view);
         self.lead_volumes(i, local);
+        self.lead_vms(i, local);
 
         let desired = StatusObj {
             pairs: pairing.pairs,
@@ -605,16 +612,19 @@ impl Cluster {
                         _ => None,
                     })
                     .collect();
-                if pods.is_empty() {
+                let launchers = self.releasable_launchers(node);
+                if pods.is_empty() && launchers.is_empty() {
                     return Ok(None);
                 }
                 self.check_fenced(node, "deleted the pods of");
                 for p in &pods {
                     self.delete_pod(p);
                 }
+                // Launcher pods of VMs that did not opt in are left to Kubernetes.
+                let vms = self.release_launchers(&launchers);
                 self.log(
                     actor,
-                    format!("force-deleted {} pod(s) of {node}", pods.len()),
+                    format!("force-deleted {} pod(s) of {node}", pods.len() + vms),
                 );
             }
             Action::ApplyTaint { fenced_boot_id } => {
@@ -780,6 +790,9 @@ fn apply_watch_event(
         }
         (key @ (Key::VolumeLease(_) | Key::Consumer(_)), value) => {
             super::volume_controller::apply_volume_event(r, key, value);
+        }
+        (key @ (Key::Vm(_) | Key::Launcher(_) | Key::DiskLease(_)), value) => {
+            super::vm_controller::apply_vm_event(r, key, value);
         }
         _ => {}
     }

@@ -216,6 +216,9 @@ pub struct Scenario {
     /// client).
     pub client_records: u64,
     pub volume_expectations: Vec<VolumeExpectation>,
+    /// KubeVirt VirtualMachines and where each first runs.
+    pub vms: Vec<super::kubevirt::VmSpec>,
+    pub vm_expectations: Vec<super::vm_checks::VmExpectation>,
 }
 
 fn at(s: u64, fault: Fault) -> ScheduledFault {
@@ -333,6 +336,18 @@ pub const NAMES: &[(&str, &str)] = &[
         "a client writes 10,000 records with retry through the active consumer; the active is killed at 20 s: every acknowledged record is on the device",
     ),
     (
+        "vm-node-loss",
+        "a-2, running two opted-in VMs and one that did not opt in, loses power at 60 s: the opted-in ones run elsewhere within 30 s, the other is left to Kubernetes",
+    ),
+    (
+        "room-a-power-loss",
+        "room A runs 12 opted-in VMs and 4 that did not opt in, room B 6; every node of room A loses power at 60 s: all 12 run in room B within 30 s, room B's VMs undisturbed",
+    ),
+    (
+        "vm-partition-witness",
+        "VMs in both rooms; the rooms lose each other and room B the API server, both reach the witness: B's opted-in VMs run in A after B stopped, A's undisturbed",
+    ),
+    (
         "random",
         "a random fault schedule drawn from --seed (what --schedules runs)",
     ),
@@ -358,8 +373,13 @@ pub fn named(name: &str, seed: u64) -> Option<Scenario> {
         volumes: Vec::new(),
         client_records: 0,
         volume_expectations: Vec::new(),
+        vms: Vec::new(),
+        vm_expectations: Vec::new(),
     };
     if let Some(v) = super::volume_scenarios::named(name, &s) {
+        return Some(v);
+    }
+    if let Some(v) = super::vm_scenarios::named(name, &s) {
         return Some(v);
     }
     match name {

@@ -31,6 +31,17 @@ pub(super) struct Scheduler {
     pub pending: Vec<PendingPod>,
 }
 
+impl Scheduler {
+    /// The nodes its cache shows feasible: Ready, no `NoSchedule`/`NoExecute` taint.
+    pub(super) fn feasible_nodes(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .filter(|(_, n)| n.ready == Readiness::True && !n.out_of_service && !n.unschedulable)
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+}
+
 impl Cluster {
     /// The scheduler's node watch: every Node event reaches its cache one watch delay later.
     pub(super) fn scheduler_watch(&mut self, key: &Key, value: Option<&Stored>) {
