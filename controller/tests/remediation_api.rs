@@ -594,6 +594,80 @@ async fn a_node_fenced_before_a_restart_has_its_pods_deleted_but_not_its_daemons
     );
 }
 
+fn launcher_of(vm: &str) -> Value {
+    json!({
+        "metadata": {"name": format!("virt-launcher-{vm}-x"), "namespace": "default",
+                     "uid": format!("uid-{vm}"),
+                     "labels": {"kubevirt.io": "virt-launcher"},
+                     "ownerReferences": [{"apiVersion": "kubevirt.io/v1",
+                        "kind": "VirtualMachineInstance", "name": vm, "uid": "u", "controller": true}]},
+        "spec": {"nodeName": "a1", "containers": []},
+    })
+}
+
+#[tokio::test]
+async fn a_fence_deletes_the_launcher_pods_of_opted_in_vms_only() {
+    let (client, mut api) = mock_client();
+    let leadership = leading(client.clone(), &mut api).await;
+    let mut ctx = context(client, leadership);
+    let vm = |name: &str, annotated: bool| -> controller::vm::types::VirtualMachine {
+        let mut meta = json!({"name": name, "namespace": "default"});
+        if annotated {
+            meta["annotations"] = json!({"twosite.dev/ha": "true"});
+        }
+        serde_json::from_value(
+            json!({"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+                                      "metadata": meta, "spec": {}}),
+        )
+        .expect("vm")
+    };
+    ctx.vms = Some(controller::vm::watch::VmStores::from_objects(
+        vec![vm("protected", true), vm("plain", false)],
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    ));
+    let a1: Node = serde_json::from_value(node(
+        "a1",
+        "east",
+        "40",
+        json!([{"key": OOS, "value": "nodeshutdown", "effect": "NoExecute"},
+               {"key": UNRESPONSIVE, "effect": "NoSchedule"}]),
+        json!({"twosite.dev/fenced-boot-id": "boot-a1"}),
+        json!({}),
+    ))
+    .expect("node");
+    let setup = Setup {
+        a1,
+        a1_agent: agent("a1", "1", "0", "enabled", true),
+        ..Setup::default()
+    };
+    let run = passes(ctx, observed(setup), vec![30_000]);
+    let (list, _) = api.expect_after_events(Method::GET, PODS).await;
+    list.respond(
+        200,
+        pod_list(vec![
+            launcher_of("plain"),
+            launcher_of("protected"),
+            launcher_of("unknown"),
+        ]),
+    );
+    let (delete, _) = api
+        .expect_after_events(
+            Method::DELETE,
+            "/api/v1/namespaces/default/pods/virt-launcher-protected-x",
+        )
+        .await;
+    assert_eq!(delete.body["gracePeriodSeconds"], 0);
+    delete.respond(200, launcher_of("protected"));
+    run.await.expect("passes");
+    let (rest, _) = api.drain().await;
+    assert!(
+        rest.iter().all(|r| !r.starts_with("DELETE")),
+        "the launcher pods of VMs that did not opt in (or are unknown) are Kubernetes' to release: {rest:?}"
+    );
+}
+
 /// Runs the loop over `setup` at the given times and returns every request other than Events,
 /// and the Events' reasons.
 async fn requests_for(setup: Setup, times: Vec<u64>) -> (Vec<String>, Vec<String>) {
@@ -1018,6 +1092,7 @@ async fn without_a_witness_the_status_says_so_and_has_no_witness_condition() {
             now: "2026-11-01T10:00:00Z",
             remediation: None,
             volumes: &[],
+            vms: &[],
         }
         .with_remediation(Some(&view)),
     );
