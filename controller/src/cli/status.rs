@@ -39,6 +39,40 @@ pub struct StatusReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster_note: Option<String>,
     pub volumes: Vec<VolumeReport>,
+    /// Launcher pods of opted-in VMs that wait at the scheduling gate, read from the API server
+    /// itself (so they show even while the controller is down).
+    pub gated_pods: Vec<GatedPod>,
+}
+
+/// A launcher pod at the gate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatedPod {
+    pub namespace: String,
+    pub name: String,
+    pub vm: Option<String>,
+    /// Seconds since the pod was created.
+    pub waiting_seconds: Option<i64>,
+}
+
+/// The gated pods among `pods` (those labelled `twosite.dev/ha=true`).
+pub fn gated_pods(pods: &[Pod], now: jiff::Timestamp) -> Vec<GatedPod> {
+    let mut out: Vec<GatedPod> = pods
+        .iter()
+        .filter(|p| crate::vm::types::has_gate(p))
+        .map(|p| GatedPod {
+            namespace: p.metadata.namespace.clone().unwrap_or_default(),
+            name: p.metadata.name.clone().unwrap_or_default(),
+            vm: crate::vm::types::launcher_vm(p).map(str::to_string),
+            waiting_seconds: p
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| now.as_second() - t.0.as_second()),
+        })
+        .collect();
+    out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    out
 }
 
 /// A consumer as the report names it: its identity and, when a consumer pod has that UID, the
@@ -118,13 +152,21 @@ async fn status(args: StatusArgs) -> Result<(), CliError> {
     )
     .await?;
     let pods: Api<Pod> = Api::all(client);
+    let launchers = with_timeout(
+        "list the launcher pods of opted-in VMs",
+        REQUEST_TIMEOUT,
+        pods.list(&ListParams::default().labels(&format!("{}=true", node_health::vm::HA_LABEL))),
+    )
+    .await?;
     let pods = with_timeout(
         "list the consumer pods",
         REQUEST_TIMEOUT,
         pods.list(&by_label),
     )
     .await?;
-    let r = report(cluster, &leases.items, &pods.items, jiff::Timestamp::now());
+    let now = jiff::Timestamp::now();
+    let mut r = report(cluster, &leases.items, &pods.items, now);
+    r.gated_pods = gated_pods(&launchers.items, now);
     if args.json {
         let text = serde_json::to_string_pretty(&r).map_err(CliError::Json)?;
         println!("{text}");
@@ -239,6 +281,7 @@ pub fn report(
         cluster,
         cluster_note,
         volumes,
+        gated_pods: Vec::new(),
     }
 }
 
@@ -463,7 +506,60 @@ pub fn render(r: &StatusReport) -> String {
     for v in &r.volumes {
         render_volume(v, &mut out);
     }
+    render_vms(r, &mut out);
     out
+}
+
+fn render_vms(r: &StatusReport, out: &mut String) {
+    let vms = r
+        .cluster
+        .as_ref()
+        .map(|c| c.vms.as_slice())
+        .unwrap_or_default();
+    let _ = writeln!(out, "\nVirtual machines ({})", vms.len());
+    if vms.is_empty() {
+        let _ = writeln!(out, "  none (no VirtualMachine annotated twosite.dev/ha)");
+    } else {
+        let mut rows = vec![row(&["VM", "STATE", "NODE", "KUBEVIRT", "PROBLEM"])];
+        rows.extend(vms.iter().map(|v| {
+            let problem = v
+                .conditions
+                .iter()
+                .filter(|c| c.status == "False")
+                .map(|c| format!("{}: {}", c.reason, c.message))
+                .collect::<Vec<_>>()
+                .join("; ");
+            vec![
+                format!("{}/{}", v.namespace, v.name),
+                v.state.clone(),
+                or_dash(v.node.as_deref()),
+                or_dash(v.printable_status.as_deref()),
+                if problem.is_empty() {
+                    "-".into()
+                } else {
+                    problem
+                },
+            ]
+        }));
+        out.push_str(&table("  ", &rows));
+    }
+    if !r.gated_pods.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nLauncher pods at the gate ({}): the controller lifts the gate once every disk Lease \
+             is granted to the pod; while it is down they wait (safe)",
+            r.gated_pods.len()
+        );
+        let mut rows = vec![row(&["POD", "VM", "WAITING"])];
+        rows.extend(r.gated_pods.iter().map(|g| {
+            vec![
+                format!("{}/{}", g.namespace, g.name),
+                or_dash(g.vm.as_deref()),
+                g.waiting_seconds.map_or("-".into(), |s| ago(s.max(0))),
+            ]
+        }));
+        out.push_str(&table("  ", &rows));
+    }
 }
 
 #[cfg(test)]
@@ -643,6 +739,9 @@ Volumes (1)
       POD      NODE  ROLE     PHASE    UID
       block-a  a-1   holder   Running  uid-block-a
       block-b  b-1   standby  Running  uid-block-b
+
+Virtual machines (0)
+  none (no VirtualMachine annotated twosite.dev/ha)
 ";
         assert_eq!(text, expected, "\n{text}");
     }
@@ -652,10 +751,59 @@ Volumes (1)
         let r = report(Ok(None), &[], &[], now());
         assert_eq!(
             render(&r),
-            "Cluster (TwoSite default)\n  controller has not written a status yet\n\nVolumes (0)\n  none (no Lease labelled twosite.dev/volume)\n"
+            "Cluster (TwoSite default)\n  controller has not written a status yet\n\nVolumes (0)\n  none (no Lease labelled twosite.dev/volume)\n\nVirtual machines (0)\n  none (no VirtualMachine annotated twosite.dev/ha)\n"
         );
         let r = report(Err("forbidden".into()), &[], &[], now());
         assert!(render(&r).contains("could not read the TwoSite default: forbidden"));
+    }
+
+    #[test]
+    fn vms_and_pods_at_the_gate_are_shown_with_why() {
+        let mut status = cluster();
+        status.vms = vec![crate::crd::VmStatus {
+            namespace: "plant".into(),
+            name: "db".into(),
+            state: "Gated".into(),
+            node: None,
+            printable_status: Some("Starting".into()),
+            conditions: vec![crate::crd::VmCondition {
+                type_: "FailoverReady".into(),
+                status: "False".into(),
+                reason: "VMFailoverBlocked".into(),
+                message: "the node a-1 is not proven fenced".into(),
+            }],
+        }];
+        let mut r = report(Ok(Some(status)), &[], &[], now());
+        let launcher: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "virt-launcher-db-x", "namespace": "plant",
+                         "creationTimestamp": "2026-12-07T02:10:00Z",
+                         "labels": {"kubevirt.io": "virt-launcher", "twosite.dev/ha": "true"},
+                         "annotations": {"twosite.dev/gated": "waits"},
+                         "ownerReferences": [{"apiVersion": "kubevirt.io/v1",
+                            "kind": "VirtualMachineInstance", "name": "db", "uid": "u"}]},
+            "spec": {"containers": []}
+        }))
+        .expect("pod");
+        let ungated: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "virt-launcher-web-y", "namespace": "plant"},
+            "spec": {"containers": []}
+        }))
+        .expect("pod");
+        r.gated_pods = gated_pods(&[launcher, ungated], now());
+        assert_eq!(r.gated_pods.len(), 1);
+        assert_eq!(r.gated_pods[0].waiting_seconds, Some(42));
+        let text = render(&r);
+        assert!(text.contains("Virtual machines (1)"), "{text}");
+        assert!(text.contains("plant/db"), "{text}");
+        assert!(
+            text.contains("VMFailoverBlocked: the node a-1 is not proven fenced"),
+            "{text}"
+        );
+        assert!(text.contains("Launcher pods at the gate (1)"), "{text}");
+        assert!(text.contains("plant/virt-launcher-db-x"), "{text}");
+        let j = serde_json::to_value(&r).expect("json");
+        assert_eq!(j["gatedPods"][0]["vm"], "db");
+        assert_eq!(j["cluster"]["vms"][0]["state"], "Gated");
     }
 
     #[test]
