@@ -73,6 +73,19 @@ say "images"
 REGISTRY=ghcr.io/twosite TAG=$TAG images/build.sh
 kind load docker-image --name "$CLUSTER" ghcr.io/twosite/twosite:$TAG ghcr.io/twosite/twosite-agent:$TAG
 
+# KubeVirt before the chart, so VM protection finds its CRDs at once. Software emulation: kind
+# nodes have no /dev/kvm (scenario 3 counts a VM as running when its VMI is Running, guest boot
+# excluded).
+KUBEVIRT_VERSION=${KUBEVIRT_VERSION:-v1.5.2}
+say "KubeVirt $KUBEVIRT_VERSION (software emulation)"
+KV_URL=https://github.com/kubevirt/kubevirt/releases/download/$KUBEVIRT_VERSION
+k apply -f "$KV_URL/kubevirt-operator.yaml" >/dev/null
+k apply -f "$KV_URL/kubevirt-cr.yaml" >/dev/null
+k -n kubevirt patch kubevirt kubevirt --type merge \
+  -p '{"spec":{"configuration":{"developerConfiguration":{"useEmulation":true}}}}' >/dev/null
+k -n kubevirt wait kubevirt/kubevirt --for condition=Available --timeout=15m >/dev/null \
+  || die "KubeVirt did not become Available"
+
 say "helm install (charts/twosite, values charts/tests/values/kind.yaml)"
 helm upgrade --install twosite charts/twosite --kube-context "$CONTEXT" -n "$NS" \
   --create-namespace -f charts/tests/values/kind.yaml --wait --timeout 5m

@@ -82,6 +82,11 @@ fn s02_database() {
 }
 
 #[test]
+fn s03_room_power_loss_vms() {
+    scenario("03-room-power-loss-vms");
+}
+
+#[test]
 fn s04_node_loss() {
     scenario("04-node-loss");
 }
