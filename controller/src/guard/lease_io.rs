@@ -60,8 +60,8 @@ pub fn to_volume_lease(lease: &Lease) -> Result<VolumeLease, LeaseFormatError> {
         .map(|p| p.trim().to_string())
         .filter(|p| !p.is_empty());
     let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
-    let held_for_node = annotation(lease, node_health::vm::HELD_FOR_NODE_ANNOTATION)
-        .map(|n| n.trim().to_string());
+    let held_for_node =
+        annotation(lease, node_health::vm::HELD_FOR_NODE_ANNOTATION).map(|n| n.trim().to_string());
     Ok(VolumeLease {
         held_for_node,
         released: holder.is_none(),
