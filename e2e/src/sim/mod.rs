@@ -79,6 +79,7 @@ pub fn run_with(scenario: &Scenario, seed: u64, cfg: SimConfig) -> Report {
     if scenario.name == "random" {
         report.samples = cluster.check_liveness(scenario);
         cluster.check_volume_liveness(scenario);
+        cluster.check_vm_liveness(scenario);
     }
 
     report

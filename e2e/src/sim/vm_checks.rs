@@ -272,4 +272,59 @@ impl Cluster {
             self.violate(inv, u);
         }
     }
+
+    /// Liveness for VMs (random schedules): when the last fault lies [`VM_QUIET_MS`] back, no
+    /// link is cut, no Node object was deleted, and every node is powered, connected and runs its
+    /// agent, with no reset or lost right meanwhile, every VM that is to run (runStrategy Always
+    /// or RerunOnFailure) runs.
+    pub(super) fn check_vm_liveness(&mut self, scenario: &super::scenario::Scenario) {
+        if self.vm.specs.is_empty() {
+            return;
+        }
+        let last_fault = scenario.faults.iter().map(|f| f.at_ms).max().unwrap_or(0);
+        let end = self.now;
+        let deleted = scenario
+            .faults
+            .iter()
+            .any(|f| matches!(f.fault, super::scenario::Fault::DeleteNode(_)));
+        if last_fault + VM_QUIET_MS > end || !self.cut.is_empty() || deleted {
+            return;
+        }
+        let since = end - VM_QUIET_MS;
+        let r = &self.record;
+        let recent = |list: &[(u64, String)]| list.iter().any(|(t, _)| *t >= since);
+        let calm = self
+            .nodes
+            .iter()
+            .all(|n| n.powered && !n.isolated && n.agent.is_some() && n.reboot_at.is_none())
+            && !recent(&r.watchdog_fired)
+            && !recent(&r.right_lost)
+            && !recent(&r.volumes.fenced_by_deadline);
+        if !calm {
+            return;
+        }
+        let down: Vec<String> = self
+            .vm
+            .specs
+            .iter()
+            .filter(|s| {
+                node_health::vm::RunStrategy::parse(Some(&s.run_strategy), None)
+                    .restarts_after_loss()
+                    && !self.vm.guests.values().any(|g| g.vm == s.name)
+            })
+            .map(|s| s.name.clone())
+            .collect();
+        for vm in down {
+            self.violate(
+                "liveness-vm",
+                format!(
+                    "VM {vm} does not run {} ms after the last fault, every node healthy",
+                    end - last_fault
+                ),
+            );
+        }
+    }
 }
+
+/// How long after the last fault of a random schedule every VM must run again.
+pub const VM_QUIET_MS: u64 = 60_000;
