@@ -41,8 +41,9 @@ pub fn named(name: &str, base: &Scenario) -> Option<Scenario> {
             s.duration_ms = 150_000;
             s.vms = vec![
                 VmSpec::new("web", "a-2", true),
-                VmSpec::new("db", "a-3", true),
+                VmSpec::new("db", "a-2", true),
                 VmSpec::new("legacy", "a-2", false),
+                VmSpec::new("queue", "a-3", true),
                 VmSpec::new("cache", "b-2", true),
             ];
             s.faults = vec![at(60_000, Fault::PowerOff("a-2".into()))];
