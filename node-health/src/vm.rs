@@ -507,6 +507,8 @@ pub struct VmProtection {
     unprotected_reported: BTreeSet<String>,
     blocked_reported: Option<String>,
     failover: Option<Failover>,
+    /// The fenced node the instance was last reported lost on (one `VMFailoverStarted` each).
+    lost_on: Option<String>,
 }
 
 fn event(reason: VmEventReason, message: String) -> VmAction {
@@ -685,13 +687,31 @@ impl VmProtection {
         now: MonoTime,
         out: &mut Vec<VmAction>,
     ) {
-        if self.failover.is_none()
-            && let Some(lost) = f.launchers.iter().find(|l| {
-                l.phase != LauncherPhase::Terminal
-                    && l.node.as_ref().is_some_and(|n| f.fenced_nodes.contains(n))
+        // The instance was lost on a fenced node: its pod is still there, or the fence's release
+        // deleted it already (in the pass that proved the fence) and only the disk Lease held
+        // for that node remembers where it ran.
+        let on_fenced = f
+            .launchers
+            .iter()
+            .filter(|l| l.phase != LauncherPhase::Terminal)
+            .find_map(|l| l.node.clone().filter(|n| f.fenced_nodes.contains(n)));
+        let lease_on_fenced = || {
+            f.leases.values().find_map(|l| {
+                let held_by_current = current.is_some_and(|c| l.holder() == Some(c.uid.as_str()));
+                l.held_for_node.clone().filter(|n| {
+                    l.holder().is_some() && !held_by_current && f.fenced_nodes.contains(n)
+                })
             })
+        };
+        let lost = on_fenced.or_else(lease_on_fenced);
+        if lost.is_none() {
+            self.lost_on = None;
+        }
+        if self.failover.is_none()
+            && let Some(node) = lost
+            && self.lost_on.as_deref() != Some(node.as_str())
         {
-            let node = lost.node.clone().unwrap_or_default();
+            self.lost_on = Some(node.clone());
             let restarts = f.run_strategy.restarts_after_loss();
             out.push(event(
                 VmEventReason::VMFailoverStarted,

@@ -483,3 +483,51 @@ fn nobody_takes_a_vm_held_lease_by_expiry() {
     guard_lease.lease.held_for_node = None;
     assert!(may_take("guard-uid", Some(&guard_lease), None, late, &timing).is_ok());
 }
+
+#[test]
+fn a_failover_starts_even_when_the_fence_deleted_the_old_pod_in_the_same_pass() {
+    // The remediation's release deleted the old launcher pod in the pass that proved the fence:
+    // only the disk Lease held for a-1 remembers where the VM ran.
+    let mut w = World::running_on_a1();
+    let mut p = VmProtection::new();
+    w.step(&mut p, 0);
+    w.live.remove("a-1");
+    w.fenced.insert("a-1".into());
+    w.launchers = vec![launcher("new", None, LauncherPhase::Pending, true, "t2")];
+    let (actions, _) = w.step(&mut p, 15);
+    assert_eq!(reasons(&actions), vec![VmEventReason::VMFailoverStarted]);
+    assert!(p.failing_over());
+    w.leases.insert(
+        "twosite-disk-vm-disk".into(),
+        lease(Some("new"), 4, Some("")),
+    );
+    w.launchers = vec![launcher(
+        "new",
+        Some("b-1"),
+        LauncherPhase::Running,
+        false,
+        "t2",
+    )];
+    let (actions, _) = w.step(&mut p, 21);
+    assert!(actions.contains(&VmAction::FailoverCompleted {
+        duration: Duration::from_secs(6)
+    }));
+    // Reported once: the next pass says nothing more.
+    let (again, _) = w.step(&mut p, 22);
+    assert!(reasons(&again).is_empty(), "{again:?}");
+}
+
+#[test]
+fn a_vm_that_does_not_restart_is_reported_lost_once() {
+    let mut w = World::running_on_a1();
+    w.run = RunStrategy::Halted;
+    let mut p = VmProtection::new();
+    w.live.remove("a-1");
+    w.fenced.insert("a-1".into());
+    w.launchers.clear();
+    // The lease is still held for a-1 until the release (which the shell may fail to write).
+    let (first, _) = w.step(&mut p, 1);
+    assert_eq!(reasons(&first), vec![VmEventReason::VMFailoverStarted]);
+    let (second, _) = w.step(&mut p, 2);
+    assert!(reasons(&second).is_empty(), "{second:?}");
+}
