@@ -134,6 +134,9 @@ py_objs "$def" '[(h["failurePolicy"], h["objectSelector"], h["clientConfig"]["se
   for o in objs if o["kind"] == "MutatingWebhookConfiguration" and o["metadata"]["name"] == "twosite-vm-gate"
   for h in o["webhooks"]] == [("Fail", {"matchLabels": {"twosite.dev/ha": "true"}}, "/mutate-launcher")]'   || die "the default render has no webhook twosite-vm-gate with failurePolicy Fail, objectSelector twosite.dev/ha=true, path /mutate-launcher"
 grep -q -- '- --vm-protection=true$' "$def" || die "the default render does not pass --vm-protection=true"
+# dryRun: the flag appears only when asked for (a controller that fences must not get it).
+grep -q -- '- --dry-run$' "$def" && die "the default render passes --dry-run"
+grep -q -- '- --dry-run$' "$OUT/values-dry-run.yaml" || die "dryRun=true does not pass --dry-run"
 py_objs "$def" 'any(o["kind"] == "Secret" and o["metadata"]["name"] == "twosite-webhook-tls" and "data" not in o for o in objs)'   || die "the default render has no empty Secret twosite-webhook-tls"
 py_objs "$novm" 'not any(o["kind"] == "MutatingWebhookConfiguration"
   or o["metadata"]["name"] in ("twosite-webhook", "twosite-webhook-tls", "twosite-controller-webhook-tls")

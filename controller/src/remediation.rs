@@ -66,6 +66,10 @@ pub struct RemediationContext {
     /// The VM caches, when VM protection is on: a fenced node's launcher pods are deleted only
     /// for VMs that opted in. Without them every launcher pod is left to Kubernetes.
     pub vms: Option<crate::vm::watch::VmStores>,
+    /// `--dry-run`: the decisions run, but no fence is committed and no pod deleted; only the
+    /// early `twosite.dev/unresponsive:NoSchedule` taint (which evicts nothing) and Events are
+    /// written, so that the log shows what a real run would do and when.
+    pub dry_run: bool,
 }
 
 impl RemediationContext {
@@ -73,6 +77,15 @@ impl RemediationContext {
     fn vm_opted_in(&self, key: &str) -> Option<bool> {
         self.vms.as_ref().and_then(|s| crate::vm::opted_in(s, key))
     }
+}
+
+/// The actions `--dry-run` does not carry out: everything but Events and the early NoSchedule
+/// taint (without which the core never reaches the fence it is to report).
+fn dry_run_skips(action: &Action) -> bool {
+    !matches!(
+        action,
+        Action::Event { .. } | Action::MarkUnschedulable | Action::ClearUnschedulable
+    )
 }
 
 /// Whether `pod` belongs to a DaemonSet (it is never deleted: it would come back at once and
@@ -160,6 +173,8 @@ pub struct Remediator {
     retry: BTreeMap<String, (MonoTime, u32)>,
     /// Nodes with a `twosite_node_phase` series.
     reported: BTreeSet<String>,
+    /// `--dry-run`: the nodes whose "would fence" was logged in this spell.
+    dry_run_logged: BTreeSet<String>,
 }
 
 impl Remediator {
@@ -300,9 +315,29 @@ impl Remediator {
         // In order; the first failure ends the pass for this node (`?`): a failed taint write
         // must delete nothing. A committed fence's follow-ups run in this same pass.
         let mut actions: std::collections::VecDeque<Action> = actions.into();
+        if state.phase == Phase::Healthy {
+            self.dry_run_logged.remove(&node.name);
+        }
         while let Some(action) = actions.pop_front() {
             if !ctx.leadership.is_leader() {
                 return Ok(());
+            }
+            if ctx.dry_run && dry_run_skips(&action) {
+                if matches!(action, Action::CommitFence { .. }) {
+                    if self.dry_run_logged.insert(node.name.clone()) {
+                        tracing::warn!(
+                            node = node.name,
+                            "dry-run: would commit the fence, apply the out-of-service taint and delete the node's pods"
+                        );
+                    }
+                    // As if the heartbeat had changed: the node is never shown fenced.
+                    if let Some(state) = self.states.get_mut(&node.name) {
+                        let _ = state.commit_result(false); // false: no follow-ups
+                    }
+                } else {
+                    tracing::info!(node = node.name, ?action, "dry-run: would write");
+                }
+                continue;
             }
             match action {
                 Action::CommitFence {

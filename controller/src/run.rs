@@ -59,6 +59,11 @@ pub struct RunArgs {
 
     #[command(flatten)]
     pub vm: VmFlags,
+
+    /// Decide and report, but fence, taint out-of-service, delete, hand over and gate nothing:
+    /// the log and the Events say what a real run would do. The agents are not affected.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 /// KubeVirt VM protection and its admission webhook.
@@ -245,6 +250,7 @@ async fn run(args: RunArgs, witness: Option<WitnessSettings>) -> Result<()> {
         api_timeout,
         timing: node_health::volume::VolumeTiming::default(),
         clock: Arc::clone(&clock),
+        dry_run: args.dry_run,
     };
     let mut remediation_ctx = RemediationContext {
         nodes: Api::all(client.clone()),
@@ -258,7 +264,13 @@ async fn run(args: RunArgs, witness: Option<WitnessSettings>) -> Result<()> {
         max_dead_share_pct: args.max_dead_share_pct,
         witness: None,
         vms: None,
+        dry_run: args.dry_run,
     };
+    if args.dry_run {
+        tracing::warn!(
+            "dry-run: decisions are logged, nothing is fenced, tainted out-of-service, deleted, handed over or gated"
+        );
+    }
     let witness = match witness {
         Some(w) => {
             tracing::info!(
@@ -375,6 +387,7 @@ async fn run(args: RunArgs, witness: Option<WitnessSettings>) -> Result<()> {
                     metrics: Arc::clone(&metrics),
                     api_timeout,
                     clock: Arc::clone(&vm_clock),
+                    dry_run: args.dry_run,
                 },
                 view_rx.clone(),
                 vms_tx,
@@ -392,6 +405,7 @@ async fn run(args: RunArgs, witness: Option<WitnessSettings>) -> Result<()> {
                         stores,
                         view: view_rx.clone(),
                         pairing: webhook_pairing,
+                        dry_run: args.dry_run,
                     },
                     api_timeout,
                 )),

@@ -52,6 +52,8 @@ pub struct VolumeContext {
     pub api_timeout: Duration,
     pub timing: VolumeTiming,
     pub clock: Arc<dyn Clock + Send + Sync>,
+    /// `--dry-run`: decide and log what would be written, write nothing but Events.
+    pub dry_run: bool,
 }
 
 fn uid(pod: &Pod) -> Option<&str> {
@@ -247,6 +249,15 @@ impl VolumeLoop {
     ) {
         let ns = lease.metadata.namespace.clone().unwrap_or_default();
         let name = lease.metadata.name.clone().unwrap_or_default();
+        if ctx.dry_run && !matches!(action, VolumeAction::Event { .. }) {
+            tracing::info!(
+                namespace = ns,
+                volume = name,
+                ?action,
+                "dry-run: would write"
+            );
+            return;
+        }
         match action {
             VolumeAction::SetRole { identity, active } => {
                 let Some((pod, _)) = consumers.iter().find(|(_, c)| &c.identity == identity) else {

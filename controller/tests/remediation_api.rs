@@ -49,6 +49,7 @@ fn context(client: kube::Client, leadership: Leadership) -> RemediationContext {
         max_dead_share_pct: 50,
         witness: None,
         vms: None,
+        dry_run: false,
     }
 }
 
@@ -677,6 +678,39 @@ async fn requests_for(setup: Setup, times: Vec<u64>) -> (Vec<String>, Vec<String
     let seen = api.drain().await;
     run.await.expect("passes");
     seen
+}
+
+#[tokio::test]
+async fn in_dry_run_a_dead_node_is_reported_but_not_fenced() {
+    let (client, mut api) = mock_client();
+    let leadership = leading(client.clone(), &mut api).await;
+    let mut ctx = context(client, leadership);
+    ctx.dry_run = true;
+    let run = passes(
+        ctx,
+        observed(Setup::default()),
+        vec![30_000, 30_500, 31_000],
+    );
+    let (requests, reasons) = api.drain().await;
+    let r = run.await.expect("passes");
+    assert!(reasons.contains(&"NodeFenced".to_string()), "{reasons:?}");
+    assert!(
+        requests
+            .iter()
+            .filter(|q| !q.contains("/events.k8s.io/"))
+            .all(|q| !q.starts_with("PATCH") && !q.starts_with("DELETE") && !q.starts_with("PUT")),
+        "dry-run writes nothing but Events: {requests:?}"
+    );
+    // Not even the read that starts a fence commit.
+    assert!(
+        !requests.iter().any(|q| q.ends_with(AGENT_A1)),
+        "dry-run does not start a fence commit: {requests:?}"
+    );
+    assert!(
+        !matches!(r.phase("a1"), Some(Phase::Fenced) | Some(Phase::Tainted)),
+        "a dry run never shows a node fenced: {:?}",
+        r.phase("a1")
+    );
 }
 
 #[tokio::test]

@@ -119,6 +119,7 @@ async fn context(stores: VmStores) -> (VmContext, ApiServer) {
         metrics: Arc::new(Metrics::new()),
         api_timeout: API_TIMEOUT,
         clock: Arc::new(SystemClock::new()),
+        dry_run: false,
     };
     (ctx, api)
 }

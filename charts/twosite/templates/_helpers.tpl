@@ -25,9 +25,6 @@ Refuses settings the binaries cannot honour yet, with the reason, instead of ign
 {{- if .Values.preferredRoom -}}
 {{- fail "preferredRoom: the twosite controller and agent have no preferred-room setting yet; leave it empty. With a witness, set the room that wins a tie at the witness (charts/twosite-witness, preferredRoom)." -}}
 {{- end -}}
-{{- if .Values.dryRun -}}
-{{- fail "dryRun: the twosite binaries have no dry-run mode yet; leave it false (true would install a controller that fences for real)." -}}
-{{- end -}}
 {{- if and .Values.witness.url (not .Values.witness.clusterName) -}}
 {{- fail "witness.clusterName is required with witness.url (the name this cluster's token is registered under at the witness)" -}}
 {{- end -}}

@@ -96,6 +96,20 @@ pub(super) async fn execute(
     action: &VmAction,
 ) -> Result<()> {
     let ns = vm.namespace().unwrap_or_default();
+    if ctx.dry_run
+        && !matches!(
+            action,
+            VmAction::Event { .. } | VmAction::FailoverCompleted { .. }
+        )
+    {
+        tracing::info!(
+            vm = vm.name_any(),
+            namespace = ns,
+            ?action,
+            "dry-run: would write"
+        );
+        return Ok(());
+    }
     match action {
         VmAction::SetTemplateLabel { on } => {
             let api: Api<VirtualMachine> =

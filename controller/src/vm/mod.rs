@@ -38,6 +38,8 @@ pub struct VmContext {
     pub metrics: Arc<Metrics>,
     pub api_timeout: Duration,
     pub clock: Arc<dyn Clock + Send + Sync>,
+    /// `--dry-run`: decide and log what would be written, write nothing but Events.
+    pub dry_run: bool,
 }
 
 /// The leader's per-VM state, kept across passes of one term.

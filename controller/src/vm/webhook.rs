@@ -34,6 +34,8 @@ pub struct WebhookState {
     pub stores: VmStores,
     pub view: watch::Receiver<Option<RemediationView>>,
     pub pairing: watch::Receiver<Option<Pairing>>,
+    /// `--dry-run`: admit every pod unchanged, saying what would have been done.
+    pub dry_run: bool,
 }
 
 pub fn router(state: WebhookState) -> Router {
@@ -104,6 +106,17 @@ pub fn review(state: &WebhookState, body: &[u8]) -> AdmissionReview<DynamicObjec
         .unwrap_or_default();
     match decide(state, &pod, &namespace) {
         Admission::Allow { warning } => with_warning(response, warning).into_review(),
+        Admission::Gate { prefer_node, .. } if state.dry_run => {
+            tracing::info!(namespace, prefer = ?prefer_node, "dry-run: would gate a launcher pod");
+            with_warning(
+                response,
+                Some(
+                    "twosite dry-run: this launcher pod would wait at the gate for its disk Leases"
+                        .into(),
+                ),
+            )
+            .into_review()
+        }
         Admission::Gate {
             prefer_node,
             warning,

@@ -49,6 +49,7 @@ fn state(
         stores: VmStores::from_objects(vms, Vec::new(), Vec::new(), leases),
         view: watch::channel(Some(view)).1,
         pairing: watch::channel(Some(pairing)).1,
+        dry_run: false,
     }
 }
 
@@ -212,5 +213,24 @@ fn the_gate_patch_appends_to_existing_gates_and_affinity() {
     assert_eq!(
         again["spec"]["schedulingGates"].as_array().map(Vec::len),
         Some(2)
+    );
+}
+
+#[test]
+fn in_dry_run_the_pod_is_admitted_unchanged_with_a_warning() {
+    let mut s = state(
+        vec![vm(Some("true"))],
+        vec![disk_lease("a-1")],
+        &["a-1"],
+        &["b-1"],
+    );
+    s.dry_run = true;
+    let resp = response(&review(&s, &review_body(launcher_pod())));
+    assert_eq!(resp["allowed"], true);
+    assert!(resp.get("patch").is_none(), "{resp}");
+    assert!(
+        resp["warnings"][0]
+            .as_str()
+            .is_some_and(|w| w.contains("dry-run"))
     );
 }
