@@ -77,3 +77,40 @@ fn list_names_every_scenario() {
         assert!(out.contains(name), "{out}");
     }
 }
+
+#[test]
+fn compare_node_loss_json_through_the_binary() {
+    let (code, out, err) = twosite(&["simulate", "--compare", "--scenario", "node-loss", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("exactly one JSON object");
+    assert_eq!(v["seed"], 1);
+    assert!(v["schedules"].is_null());
+    let scenarios = v["scenarios"].as_array().expect("scenarios");
+    assert_eq!(scenarios.len(), 1);
+    assert_eq!(scenarios[0]["scenario"], "node-loss");
+    assert_eq!(scenarios[0]["target"], "a-2");
+    let policies = scenarios[0]["policies"].as_array().expect("policies");
+    let names: Vec<&str> = policies
+        .iter()
+        .filter_map(|p| p["policy"].as_str())
+        .collect();
+    assert_eq!(names, ["twosite", "k8s-alone", "nhc-snr", "configmap-lock"]);
+    let twosite = policies[0]["elsewhere_ms"]
+        .as_u64()
+        .expect("twosite fails over");
+    assert!(twosite <= 30_000, "{twosite}");
+    assert_eq!(policies[1]["elsewhere_ms"], "never");
+    assert_eq!(policies[1]["elsewhere_ratio"], "never");
+    assert!(
+        policies[0]["violations"]
+            .as_object()
+            .is_some_and(|m| m.is_empty())
+    );
+}
+
+#[test]
+fn compare_refuses_an_unknown_scenario() {
+    let (code, _, err) = twosite(&["simulate", "--compare", "--scenario", "nope"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("unknown --scenario"), "{err}");
+}

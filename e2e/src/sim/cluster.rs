@@ -148,6 +148,12 @@ pub struct SimConfig {
     /// A faulty controller: it deletes opted-in VMs' launcher pods on any node it does not
     /// judge Healthy, without waiting for the fence.
     pub vm_release_on_suspicion: bool,
+    /// Who keeps the workloads running: twosite, or what users run today
+    /// ([`super::policy::Policy`], `twosite simulate --compare`).
+    pub policy: super::policy::Policy,
+    /// Compare mode: the world adds the default 300 s toleration eviction and the copies a
+    /// cut-off node runs on ([`super::policy`]).
+    pub compare: bool,
 }
 
 impl Default for SimConfig {
@@ -174,6 +180,8 @@ impl Default for SimConfig {
             handover_on_suspicion: false,
             vm_gate_off: false,
             vm_release_on_suspicion: false,
+            policy: super::policy::Policy::Twosite,
+            compare: false,
         }
     }
 }
@@ -258,6 +266,8 @@ pub struct Cluster {
     pub(super) vol_rng: ChaCha8Rng,
     /// KubeVirt's VMs and guests.
     pub(super) vm: super::kubevirt::VmWorld,
+    /// The alternative policies' actors and compare mode's observations.
+    pub(super) alt: super::policy::AltState,
     pub timeline: Vec<TimelineEntry>,
     pub violations: Vec<Violation>,
     pub record: Record,
@@ -313,6 +323,7 @@ impl Cluster {
             volumes: Vec::new(),
             vol_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x766f_6c75_6d65_7321),
             vm: super::kubevirt::VmWorld::new(seed),
+            alt: Default::default(),
             timeline: Vec::new(),
             violations: Vec::new(),
             record: Record::default(),
@@ -673,12 +684,20 @@ impl Cluster {
     pub fn step(&mut self) {
         self.step_reboots();
         self.step_nodes();
-        self.step_guards();
+        let twosite = self.cfg.policy.is_twosite();
+        if twosite {
+            self.step_guards();
+        } else {
+            self.step_lock_consumers();
+        }
         self.step_kcm();
+        self.step_alternatives();
         self.step_scheduler();
         self.step_kubevirt();
-        for i in 0..self.replicas.len() {
-            self.step_replica(i);
+        if twosite {
+            for i in 0..self.replicas.len() {
+                self.step_replica(i);
+            }
         }
         self.check_single_leader();
         self.check_single_copy();
@@ -687,6 +706,7 @@ impl Cluster {
         if self.witness.is_some() {
             self.check_single_grant();
         }
+        self.observe_compare();
         self.now += TICK_MS;
     }
 
@@ -708,7 +728,11 @@ impl Cluster {
                 continue;
             }
             self.step_kubelet(i);
-            self.step_agent(i);
+            if self.cfg.policy.is_twosite() {
+                self.step_agent(i);
+            } else {
+                self.step_plain_node(i);
+            }
             // The watchdog: a hardware timer, on real time.
             if let Some(fed) = self.nodes[i].last_feed
                 && !self.nodes[i].watchdog_broken

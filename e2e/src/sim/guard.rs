@@ -55,6 +55,24 @@ impl GuardProc {
         !matches!(self.app, App::Stopped)
     }
 
+    /// A consumer process without the twosite guard at work (the alternative policies'
+    /// consumers, [`super::lock_loop`]): only its app and its freeze are used.
+    pub(super) fn bare(uid: String, timing: node_health::VolumeTiming) -> Self {
+        GuardProc {
+            guard: VolumeGuard::new_unchecked(uid, timing),
+            token: [0; 32],
+            frozen_until: 0,
+            app: App::Stopped,
+            stopped_unreported: false,
+            armed: false,
+            watching: false,
+            watch: VecDeque::new(),
+            last_delivery: 0,
+            answers: VecDeque::new(),
+            reads: VecDeque::new(),
+        }
+    }
+
     /// The app writes `record` for a client: only while running (a stopping app refuses).
     pub fn app_write(&mut self, device: &mut Device, record: u64) -> Option<()> {
         match &mut self.app {

@@ -196,6 +196,9 @@ impl Cluster {
 
     /// The consumer (volume index, consumer index) the volume's Lease names as holder now.
     pub(super) fn holder_of(&self, volume: &str) -> Option<(usize, usize)> {
+        if !self.cfg.policy.is_twosite() {
+            return self.alt_holder_of(volume);
+        }
         let v = self.volumes.iter().position(|v| v.name == volume)?;
         let holder = self
             .api
