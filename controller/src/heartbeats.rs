@@ -374,7 +374,7 @@ impl SharedObserved {
 
 /// Delays between restarts of a failed watch: 0.5 s to 10 s with jitter, reset after a
 /// successful listing.
-fn restart_backoff() -> impl Iterator<Item = Duration> {
+pub(crate) fn restart_backoff() -> impl Iterator<Item = Duration> {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(500))
         .with_max_delay(Duration::from_secs(10))

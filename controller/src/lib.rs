@@ -25,6 +25,7 @@ pub mod leader_lease;
 pub mod metrics;
 pub mod nodes;
 pub mod pairing;
+pub mod pod_index;
 pub mod remediation;
 pub mod run;
 pub mod simulate;

@@ -66,6 +66,9 @@ pub struct RemediationContext {
     /// The VM caches, when VM protection is on: a fenced node's launcher pods are deleted only
     /// for VMs that opted in. Without them every launcher pod is left to Kubernetes.
     pub vms: Option<crate::vm::watch::VmStores>,
+    /// The pods bound to each node, from a watch: a pass counts a fenced or tainted node's
+    /// pods from memory instead of listing them. `None`, or while not listed: a LIST per pass.
+    pub pod_index: Option<crate::pod_index::PodIndex>,
     /// `--dry-run`: the decisions run, but no fence is committed and no pod deleted; only the
     /// early `twosite.dev/unresponsive:NoSchedule` taint (which evicts nothing) and Events are
     /// written, so that the log shows what a real run would do and when.
@@ -296,7 +299,7 @@ impl Remediator {
         let state = self.states.entry(node.name.clone()).or_default();
         let mut pods = None;
         if needs_pod_count(state, &input) {
-            let listed = list_pods(ctx, &node.name).await?;
+            let listed = pods_on(ctx, &node.name).await?;
             (input.pods, input.terminating_pods) =
                 pod_counts(&listed, &|k: &str| ctx.vm_opted_in(k));
             pods = Some(listed);
@@ -381,7 +384,7 @@ impl Remediator {
                 Action::DeletePods => {
                     let listed = match pods.take() {
                         Some(p) => p,
-                        None => list_pods(ctx, &node.name).await?,
+                        None => pods_on(ctx, &node.name).await?,
                     };
                     delete_pods(ctx, &node.name, &listed).await?;
                     // The fence, the taint and the deletions all succeeded: released. Measured
@@ -438,7 +441,16 @@ impl Remediator {
     }
 }
 
-/// The pods bound to `node`, in every namespace.
+/// The pods bound to `node`, in every namespace: from the pod index once it has listed, else
+/// listed from the API server (an index that has not listed would read "no pods").
+async fn pods_on(ctx: &RemediationContext, node: &str) -> Result<Vec<Pod>> {
+    match ctx.pod_index.as_ref().and_then(|i| i.pods_on(node)) {
+        Some(pods) => Ok(pods),
+        None => list_pods(ctx, node).await,
+    }
+}
+
+/// The pods bound to `node`, in every namespace, listed from the API server.
 async fn list_pods(ctx: &RemediationContext, node: &str) -> Result<Vec<Pod>> {
     let lp = ListParams::default().fields(&format!("spec.nodeName={node}"));
     Ok(

@@ -16,7 +16,7 @@ use crate::pairing::{self, Context, FIELD_MANAGER, run_pairing_loop, run_twosite
 use crate::remediation::{RemediationContext, run_remediation_loop};
 use crate::witness_link::WitnessLink;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::{Api, Client};
 use node_health::agentd::witness_flags::{WitnessFlagError, WitnessFlags, WitnessSettings};
@@ -264,6 +264,7 @@ async fn run(args: RunArgs, witness: Option<WitnessSettings>) -> Result<()> {
         max_dead_share_pct: args.max_dead_share_pct,
         witness: None,
         vms: None,
+        pod_index: Some(crate::pod_index::PodIndex::default()),
         dry_run: args.dry_run,
     };
     if args.dry_run {
@@ -351,6 +352,16 @@ async fn run(args: RunArgs, witness: Option<WitnessSettings>) -> Result<()> {
         );
         Box::pin(async move { w.kubelet_leases(api, guard).await })
     });
+    if let Some(index) = remediation_ctx.pod_index.clone() {
+        let (api, guard) = (
+            Api::<Pod>::all(client.clone()),
+            health.register("pod watch", None),
+        );
+        spawn(
+            "pod watch",
+            Box::pin(crate::pod_index::run_pod_watch(api, index, guard)),
+        );
+    }
     spawn(
         "remediation",
         Box::pin(run_remediation_loop(

@@ -49,6 +49,7 @@ fn context(client: kube::Client, leadership: Leadership) -> RemediationContext {
         max_dead_share_pct: 50,
         witness: None,
         vms: None,
+        pod_index: None,
         dry_run: false,
     }
 }
@@ -593,6 +594,84 @@ async fn a_node_fenced_before_a_restart_has_its_pods_deleted_but_not_its_daemons
         rest.is_empty(),
         "no DaemonSet pod deleted, nothing else written: {rest:?}"
     );
+}
+
+/// a1 fenced and tainted before a restart, as in the test above.
+fn fenced_a1() -> Setup {
+    let a1: Node = serde_json::from_value(node(
+        "a1",
+        "east",
+        "40",
+        json!([{"key": OOS, "value": "nodeshutdown", "effect": "NoExecute"},
+               {"key": UNRESPONSIVE, "effect": "NoSchedule"}]),
+        json!({"twosite.dev/fenced-boot-id": "boot-a1"}),
+        json!({}),
+    ))
+    .expect("node");
+    Setup {
+        a1,
+        a1_agent: agent("a1", "1", "0", "enabled", true),
+        ..Setup::default()
+    }
+}
+
+/// With the pod index listed, a tainted node's passes read its pods from memory: the release
+/// deletes from the index (uid precondition kept), and the passes after it, every 500 ms for
+/// as long as the node stays tainted, make no request at all (they listed its pods each time).
+#[tokio::test]
+async fn with_the_pod_index_listed_a_tainted_node_costs_no_pod_list() {
+    let (client, mut api) = mock_client();
+    let leadership = leading(client.clone(), &mut api).await;
+    let index = controller::pod_index::PodIndex::from_pods(
+        [pod("agent-x", "DaemonSet"), pod("web-1", "ReplicaSet")]
+            .map(|p| serde_json::from_value(p).expect("pod")),
+    );
+    let ctx = RemediationContext {
+        pod_index: Some(index.clone()),
+        ..context(client, leadership)
+    };
+    let observed = observed(fenced_a1());
+    let run = passes(ctx.clone(), observed.clone(), vec![30_000]);
+    let (delete, _) = api
+        .expect_after_events(Method::DELETE, "/api/v1/namespaces/default/pods/web-1")
+        .await;
+    assert_eq!(delete.body["gracePeriodSeconds"], 0);
+    assert_eq!(delete.body["preconditions"]["uid"], "uid-web-1");
+    delete.respond(200, pod("web-1", "ReplicaSet"));
+    let r = run.await.expect("passes");
+    assert_eq!(r.phase("a1"), Some(Phase::Tainted));
+    // The watch reports the deletion; ten more passes (5 s) write and list nothing.
+    index.apply(W::Delete(
+        serde_json::from_value(pod("web-1", "ReplicaSet")).expect("pod"),
+    ));
+    let run = tokio::spawn(async move {
+        let mut r = r;
+        let p = pairing();
+        for ms in (30_500..=35_000).step_by(500) {
+            r.pass(&ctx, &observed, Some(&p), at(ms)).await;
+        }
+        r
+    });
+    let (rest, _) = api.drain().await;
+    assert!(rest.is_empty(), "no pod LIST, nothing written: {rest:?}");
+    assert_eq!(run.await.expect("passes").phase("a1"), Some(Phase::Tainted));
+}
+
+/// An index that has not listed yet is not trusted (it would read "no pods"): the pass lists.
+#[tokio::test]
+async fn an_unlisted_pod_index_falls_back_to_a_list() {
+    let (client, mut api) = mock_client();
+    let leadership = leading(client.clone(), &mut api).await;
+    let ctx = RemediationContext {
+        pod_index: Some(controller::pod_index::PodIndex::default()),
+        ..context(client, leadership)
+    };
+    let run = passes(ctx, observed(fenced_a1()), vec![30_000]);
+    let (list, _) = api.expect_after_events(Method::GET, PODS).await;
+    list.respond(200, pod_list(vec![pod("agent-x", "DaemonSet")]));
+    assert_eq!(run.await.expect("passes").phase("a1"), Some(Phase::Tainted));
+    let (rest, _) = api.drain().await;
+    assert!(rest.is_empty(), "{rest:?}");
 }
 
 fn launcher_of(vm: &str) -> Value {
