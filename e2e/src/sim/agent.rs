@@ -286,7 +286,8 @@ impl Cluster {
         }
     }
 
-    fn partner_in_status(&self, node: &str) -> Option<String> {
+    /// `node`'s partner in the controller's last status (what agents and the webhook read).
+    pub(super) fn partner_in_status(&self, node: &str) -> Option<String> {
         match self.api.get(&Key::Status) {
             Some(Stored {
                 obj: Obj::Status(s),

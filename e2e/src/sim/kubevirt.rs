@@ -496,21 +496,7 @@ impl Cluster {
     }
 
     fn partner_of(&self, node: &str) -> Option<String> {
-        match self.api.get(&Key::Status) {
-            Some(Stored {
-                obj: Obj::Status(s),
-                ..
-            }) => s.pairs.iter().find_map(|p| {
-                if p.a == node {
-                    Some(p.b.clone())
-                } else if p.b == node {
-                    Some(p.a.clone())
-                } else {
-                    None
-                }
-            }),
-            _ => None,
-        }
+        self.partner_in_status(node)
     }
 
     /// kube-scheduler for launcher pods: an ungated, unbound one is bound a watch delay after it
