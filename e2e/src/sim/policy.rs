@@ -18,17 +18,21 @@
 //! - [`Policy::NhcSnr`]: Medik8s NodeHealthCheck + Self Node Remediation with their defaults:
 //!   NHC's `unhealthyConditions` Ready=False/Unknown for 300 s, `minHealthy: 51%` (rounded up
 //!   over the selected nodes, so a whole room of a symmetric cluster blocks all remediation);
-//!   SNR's agent checks the API server every 15 s (`apiCheckInterval`) and after 3 failures
+//!   SNR's agent checks the API server every 5 s (`apiCheckInterval`; a check of an
+//!   unreachable one fails after `apiServerTimeout`, 15 s) and after 3 failures
 //!   (`maxApiErrorThreshold`) asks its peers, which answer from their own API access, whatever
 //!   their room: "unhealthy" (a remediation exists for you), "healthy", or "API error"; it
 //!   reboots when a peer says unhealthy or no peer answers, and runs on when all answer "API
 //!   error" (so a cut-off group of nodes keeps running); the manager puts the out-of-service
 //!   taint on after the safe time to assume the node rebooted (about 180 s with a softdog
 //!   watchdog) and removes it once the node is healthy again and NHC deleted the remediation.
-//!   Sources: medik8s/node-healthcheck-operator docs (NodeHealthCheck defaults),
-//!   medik8s/self-node-remediation docs (SelfNodeRemediationConfig defaults,
-//!   `safeTimeToAssumeNodeRebootedSeconds`, OutOfServiceTaint strategy), prior-art.md (~545 s
-//!   chain). Volume consumers as with Kubernetes alone.
+//!   Sources: the NodeHealthCheck sample of the OpenShift 4.9 docs, "Node Health Check
+//!   Operator" (`minHealthy: 51%`, Ready False and Unknown for `300s`); the
+//!   SelfNodeRemediationConfig defaults in Red Hat's "Workload Availability for Red Hat
+//!   OpenShift 25.1" (`safeTimeToAssumeNodeRebootedSeconds: 180`, `apiCheckInterval: 5s`,
+//!   `apiServerTimeout: 15s`, `maxApiErrorThreshold: 3`, peer timeouts 5 s);
+//!   `/work/shared/design/prior-art.md` (the ~545 s chain; peers' "API error" answers keep a
+//!   cut-off room running, an open upstream issue). Volume consumers as with Kubernetes alone.
 //! - [`Policy::ConfigMapLock`]: Kubernetes alone for the nodes; every volume consumer runs the
 //!   hand-made active/standby loop of the vendor white papers ([`super::lock_loop`]).
 
@@ -49,8 +53,12 @@ const NHC_UNHEALTHY_MS: u64 = 300_000;
 const NHC_MIN_HEALTHY_PERCENT: u64 = 51;
 /// SNR's `safeTimeToAssumeNodeRebootedSeconds` as computed with a softdog (about 180 s).
 const SNR_SAFE_TIME_MS: u64 = 180_000;
-/// SNR's `apiCheckInterval` (15 s) and `maxApiErrorThreshold` (3).
-const SNR_API_CHECK_MS: u64 = 15_000;
+/// SNR's `apiCheckInterval` (5 s), `apiServerTimeout` (15 s: a check of an unreachable API
+/// server fails only then) and `maxApiErrorThreshold` (3): SelfNodeRemediationConfig defaults
+/// (Red Hat, "Workload Availability for Red Hat OpenShift 25.1", Configuring the Self Node
+/// Remediation Operator).
+const SNR_API_CHECK_MS: u64 = 5_000;
+const SNR_API_TIMEOUT_MS: u64 = 15_000;
 const SNR_MAX_API_ERRORS: u64 = 3;
 
 /// Who keeps the HA workloads and volumes running.
@@ -299,11 +307,11 @@ impl Cluster {
         if self.now < next {
             return;
         }
-        self.alt
-            .snr_next
-            .insert(name.clone(), self.now + SNR_API_CHECK_MS);
+        let reach = self.node_reaches(i, Site::Api);
+        let period = SNR_API_CHECK_MS + if reach { 0 } else { SNR_API_TIMEOUT_MS };
+        self.alt.snr_next.insert(name.clone(), self.now + period);
         let mine = self.alt.remediations.contains_key(&name);
-        let reboot = if self.node_reaches(i, Site::Api) {
+        let reboot = if reach {
             self.alt.snr_errors.remove(&name);
             mine.then_some("it sees its own SelfNodeRemediation")
         } else {
