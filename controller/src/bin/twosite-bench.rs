@@ -374,6 +374,10 @@ fn proc_kib(key: &str) -> u64 {
         .unwrap_or(0)
 }
 
+fn decode<K: serde::de::DeserializeOwned>(v: Value) -> Result<K, String> {
+    serde_json::from_value(v).map_err(|e| e.to_string())
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -458,8 +462,8 @@ async fn bench(args: Args) -> Result<(), String> {
     }
     // Pods and VMs: the launcher pods are in both caches (the VM caches' launcher watch and the
     // pod index), as in the controller.
-    let mut vms = Vec::new();
-    let mut launchers = Vec::new();
+    let mut vms: Vec<controller::vm::types::VirtualMachine> = Vec::new();
+    let mut launchers: Vec<Pod> = Vec::new();
     pods.apply(W::Init);
     for i in 0..n {
         let node = node_name(i);
@@ -467,13 +471,13 @@ async fn bench(args: Args) -> Result<(), String> {
         for j in 0..args.pods_per_node {
             let json = if j < args.vms_per_node {
                 let vm = format!("vm-{node}-{j}");
-                vms.push(json!({
+                vms.push(decode(json!({
                     "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
                     "metadata": {"name": vm, "namespace": ns, "uid": format!("uid-{vm}")},
                     "spec": {"runStrategy": "Always", "template": {"spec": {"volumes": [
                         {"name": "root", "persistentVolumeClaim": {"claimName": format!("{vm}-root")}}]}}},
                     "status": {"printableStatus": "Running"},
-                }));
+                }))?);
                 let p = pod_json(
                     &node,
                     &ns,
@@ -481,7 +485,7 @@ async fn bench(args: Args) -> Result<(), String> {
                     ("VirtualMachineInstance", &vm),
                     true,
                 );
-                launchers.push(p.clone());
+                launchers.push(decode(p.clone())?);
                 p
             } else if j == args.vms_per_node {
                 pod_json(
@@ -505,12 +509,7 @@ async fn bench(args: Args) -> Result<(), String> {
         }
     }
     pods.apply(W::InitDone);
-    fn decode<K: serde::de::DeserializeOwned>(v: Vec<Value>) -> Result<Vec<K>, String> {
-        v.into_iter()
-            .map(|o| serde_json::from_value(o).map_err(|e| e.to_string()))
-            .collect()
-    }
-    let stores = VmStores::from_objects(decode(vms)?, decode(launchers)?, Vec::new(), Vec::new());
+    let stores = VmStores::from_objects(vms, launchers, Vec::new(), Vec::new());
     let rss_loaded = proc_kib("VmRSS:");
     let cpu_loaded = thread_cpu();
 
@@ -576,6 +575,10 @@ async fn bench(args: Args) -> Result<(), String> {
     let mut released_at: Option<u64> = None;
     let mut controller_cpu = Duration::ZERO;
     let mut calm_cpu = Duration::ZERO;
+    // The split of the controller's CPU: remediation passes, VM passes, watch events.
+    let mut remediation_cpu = Duration::ZERO;
+    let mut vm_cpu = Duration::ZERO;
+    let mut watch_cpu = Duration::ZERO;
     let mut pass_wall: Vec<f64> = Vec::new();
     let mut requests_calm = BTreeMap::new();
     let mut requests_failover = BTreeMap::new();
@@ -613,7 +616,9 @@ async fn bench(args: Args) -> Result<(), String> {
                         .lock()
                         .apply_agent_lease(W::Apply(lease), now, &timing);
                 }
-                controller_cpu += thread_cpu().saturating_sub(cpu_decode);
+                let spent = thread_cpu().saturating_sub(cpu_decode);
+                controller_cpu += spent;
+                watch_cpu += spent;
             }
         }
         // During the failover: when may each lost node be fenced (outside the measured CPU).
@@ -635,8 +640,12 @@ async fn bench(args: Args) -> Result<(), String> {
             let _ = lease.round().await;
         }
         pass_started.push((now, wall));
+        let cpu_r = thread_cpu();
         let view = remediator.pass(&ctx, &observed, Some(&pairing), now).await;
+        remediation_cpu += thread_cpu().saturating_sub(cpu_r);
+        let cpu_v = thread_cpu();
         let _ = vm_loop.pass(&vm_ctx, view.as_ref()).await;
+        vm_cpu += thread_cpu().saturating_sub(cpu_v);
         pass_wall.push(wall.elapsed().as_secs_f64() * 1000.0);
         let spent = thread_cpu().saturating_sub(cpu1);
         controller_cpu += spent;
@@ -724,6 +733,9 @@ async fn bench(args: Args) -> Result<(), String> {
         "load_cpu_s": cpu_loaded.saturating_sub(cpu_start).as_secs_f64(),
         "cluster_secs": cluster_secs,
         "controller_cpu_ms_per_cluster_s": controller_cpu.as_secs_f64() * 1000.0 / cluster_secs,
+        "remediation_cpu_ms_per_cluster_s": remediation_cpu.as_secs_f64() * 1000.0 / cluster_secs,
+        "vm_cpu_ms_per_cluster_s": vm_cpu.as_secs_f64() * 1000.0 / cluster_secs,
+        "watch_cpu_ms_per_cluster_s": watch_cpu.as_secs_f64() * 1000.0 / cluster_secs,
         "calm_cpu_ms_per_cluster_s": calm_cpu.as_secs_f64() * 1000.0 / (loss_at as f64 / 1000.0).max(0.5),
         "bench_cpu_s": cpu_end.saturating_sub(cpu_start).as_secs_f64(),
         "mock_server_wall_s": s.own.as_secs_f64(),
@@ -777,6 +789,12 @@ fn print_table(f: &Value) {
         "  CPU per cluster second           {:8.2} ms (calm: {:.2} ms)",
         num("controller_cpu_ms_per_cluster_s"),
         num("calm_cpu_ms_per_cluster_s")
+    );
+    println!(
+        "    remediation / VM loop / watches {:7.2} / {:.2} / {:.2} ms",
+        num("remediation_cpu_ms_per_cluster_s"),
+        num("vm_cpu_ms_per_cluster_s"),
+        num("watch_cpu_ms_per_cluster_s")
     );
     println!(
         "  pass wall time p50 / p99 / max   {:8.2} / {:.2} / {:.2} ms",
