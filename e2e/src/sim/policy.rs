@@ -121,10 +121,13 @@ pub(super) struct AltState {
 }
 
 impl Cluster {
-    /// A node without the twosite agent: its kubelet runs its pods whenever it is powered (and
-    /// SNR did not just reboot it).
+    /// A node without the twosite agent: its kubelet starts its pods once it reached the API
+    /// server after a boot (it keeps no pod specs across a reboot), and keeps them running
+    /// whatever happens to its links until the node goes down.
     pub(super) fn step_plain_node(&mut self, i: usize) {
-        self.nodes[i].workloads_running = true;
+        if !self.nodes[i].workloads_running && self.node_reaches(i, Site::Api) {
+            self.nodes[i].workloads_running = true;
+        }
         if self.cfg.policy == Policy::NhcSnr {
             self.step_snr_agent(i);
         }
