@@ -77,6 +77,10 @@ pub struct Metrics {
     pub vm_events: Family<ReasonLabels, Counter>,
     pub vm_failovers: Counter,
     pub vm_failover_duration: Histogram,
+    /// The phase last set for each node in `node_phase`: a pass sets every node's phase, and
+    /// writing the unchanged series again (one label set per phase, each with two new Strings)
+    /// cost ~8 % of a remediation pass at 1,000 nodes (`twosite-bench`).
+    node_phase_set: std::sync::Mutex<std::collections::HashMap<String, String>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -241,6 +245,7 @@ impl Metrics {
             vm_failover_duration.clone(),
         );
         Metrics {
+            node_phase_set: std::sync::Mutex::default(),
             vms_protected,
             vms_gated,
             vm_events,
@@ -302,6 +307,14 @@ impl Metrics {
 
     /// Sets `twosite_node_phase` for `node`: 1 for `phase`, 0 for every other phase.
     pub fn set_node_phase(&self, node: &str, phase: &str) {
+        let mut set = self
+            .node_phase_set
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if set.get(node).is_some_and(|p| p == phase) {
+            return;
+        }
+        set.insert(node.to_string(), phase.to_string());
         for p in NODE_PHASES {
             self.node_phase
                 .get_or_create(&NodePhaseLabels {
@@ -314,6 +327,10 @@ impl Metrics {
 
     /// Drops `twosite_node_phase` for a node that is gone.
     pub fn forget_node(&self, node: &str) {
+        self.node_phase_set
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(node);
         for p in NODE_PHASES {
             self.node_phase.remove(&NodePhaseLabels {
                 node: node.to_string(),
