@@ -158,6 +158,30 @@ fn last_heartbeat(view: &node_health::ClusterView, node: &str) -> Option<MonoTim
         .map(|h| h.seen_at)
 }
 
+/// The earliest moment the core's judge could let `input`'s node be fenced, as far as time
+/// alone decides: the latest of its self-fence deadline, its vouchers' clear time plus the
+/// settle time, and the scheduler's head start after the `NoSchedule` taint was seen. `None`
+/// when something other than time holds it (paused, no agent, a voucher not clear, no witness
+/// grant, the taint not seen yet): then a watch event changes it, and the next tick looks.
+/// This mirrors the core's conditions only to choose *when to look again*; the core still
+/// decides. A wrong time costs one extra pass, or leaves the node to the next tick.
+fn fence_possible_at(input: &node_health::RemediationInput, t: &HealthTiming) -> Option<MonoTime> {
+    let node_health::NodeVerdict::Dead {
+        fence_deadline: Some(deadline),
+    } = input.verdict
+    else {
+        return None;
+    };
+    if input.paused || input.excluded || !input.witness_ok {
+        return None;
+    }
+    let settle =
+        node_health::time::stretch(t.vouch_validity + t.watchdog + t.fence_margin, t.drift_ppm);
+    let clear = input.vouchers_clear_since? + settle;
+    let scheduled = input.unschedulable_since? + node_health::remediation::UNSCHEDULABLE_HEAD_START;
+    Some(deadline.max(clear).max(scheduled))
+}
+
 /// Per-node retry after a failed action: 1 s, 2 s, ... up to 30 s.
 fn retry_delay(failures: u32) -> Duration {
     Duration::from_secs(1 << failures.min(5)).min(Duration::from_secs(30))
@@ -178,9 +202,19 @@ pub struct Remediator {
     reported: BTreeSet<String>,
     /// `--dry-run`: the nodes whose "would fence" was logged in this spell.
     dry_run_logged: BTreeSet<String>,
+    /// The earliest moment after the last pass at which a node waiting for its fence may
+    /// become fenceable: the loop runs a pass then instead of at the next tick.
+    wake_at: Option<MonoTime>,
 }
 
 impl Remediator {
+    /// When the loop should run its next pass, if before the next tick: the earliest moment a
+    /// node waiting for its fence may become fenceable ([`fence_possible_at`]). Without it the
+    /// fence waited for the tick after its deadline: up to [`INTERVAL`] for nothing.
+    pub fn wake_at(&self) -> Option<MonoTime> {
+        self.wake_at
+    }
+
     /// The remediation phase of `node`, as this replica last stepped it.
     pub fn phase(&self, node: &str) -> Option<Phase> {
         self.states.get(node).map(|s| s.phase)
@@ -261,6 +295,18 @@ impl Remediator {
             self.reported.insert(node.name.clone());
             statuses.push(node_status(node, state));
         }
+        self.wake_at = assessment
+            .nodes
+            .iter()
+            .filter(|n| {
+                matches!(
+                    self.states.get(&n.name).map(|s| s.phase),
+                    Some(Phase::FenceWaiting(_))
+                )
+            })
+            .filter_map(|n| fence_possible_at(&n.input, &ctx.timing))
+            .filter(|at| *at > now)
+            .min();
         let (fenced, live) = node_health::volume::switch::node_sets(
             assessment.nodes.iter().map(|n| (&n.name, &n.input.verdict)),
             self.states.iter(),
@@ -531,7 +577,17 @@ pub async fn run_remediation_loop(
     let mut tick = tokio::time::interval(INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
+        // The next tick, or earlier when a node becomes fenceable before it.
+        let wake = remediator.wake_at().map(|at| at.since(clock.now()));
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = async {
+                match wake {
+                    Some(after) => tokio::time::sleep(after).await,
+                    None => std::future::pending().await,
+                }
+            } => {}
+        }
         guard.beat();
         if !health.is_ready() && observed.lock().synced() {
             tracing::info!("every watch synced");

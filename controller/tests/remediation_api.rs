@@ -596,6 +596,56 @@ async fn a_node_fenced_before_a_restart_has_its_pods_deleted_but_not_its_daemons
     );
 }
 
+/// A node judged dead before its self-fence deadline is fenced by a pass at the deadline,
+/// not at the first tick after it: the remediator says when to look again.
+#[tokio::test]
+async fn a_pass_is_asked_for_at_the_fence_deadline() {
+    let (client, mut api) = mock_client();
+    let leadership = leading(client.clone(), &mut api).await;
+    let ctx = context(client, leadership);
+    let observed = observed(Setup::default());
+    // When the core first judges a1 dead, and its self-fence deadline then.
+    let t = HealthTiming::default();
+    let (dead_at, deadline) = (0..30_000)
+        .step_by(100)
+        .find_map(|ms| {
+            let view = observed.lock().cluster_view(at(ms), &t);
+            let a = node_health::assess(&view, Some(&pairing()), at(ms), &t, 50);
+            a.nodes
+                .iter()
+                .find(|n| n.name == "a1")
+                .and_then(|n| match n.input.verdict {
+                    node_health::NodeVerdict::Dead {
+                        fence_deadline: Some(d),
+                    } => Some((ms, d)),
+                    _ => None,
+                })
+        })
+        .expect("a1 judged dead");
+    assert!(
+        at(dead_at) < deadline,
+        "dead at {dead_at} ms, deadline {deadline:?}"
+    );
+    let run = passes(ctx.clone(), observed.clone(), vec![dead_at]);
+    let (rest, reasons) = api.drain().await;
+    assert!(
+        rest.is_empty(),
+        "nothing written before the deadline: {rest:?}"
+    );
+    assert_eq!(reasons, ["NodeFenceWaiting"]);
+    let mut r = run.await.expect("passes");
+    assert_eq!(r.wake_at(), Some(deadline));
+    let run = tokio::spawn(async move {
+        r.pass(&ctx, &observed, Some(&pairing()), deadline).await;
+        r
+    });
+    let (get, reasons) = api.expect_after_events(Method::GET, AGENT_A1).await;
+    assert_eq!(reasons, ["NodeFenced"]);
+    get.respond_status(500, "InternalError", "stop here");
+    let r = run.await.expect("pass");
+    assert_eq!(r.wake_at(), None, "nobody waits for a time any more");
+}
+
 /// a1 fenced and tainted before a restart, as in the test above.
 fn fenced_a1() -> Setup {
     let a1: Node = serde_json::from_value(node(
