@@ -60,6 +60,10 @@ struct Args {
     /// Virtual seconds after the last node of room A was released (the room stays tainted).
     #[arg(long, default_value_t = 30)]
     tail_secs: u64,
+    /// Without the pod index (as before it existed): a LIST of the node's pods on every pass
+    /// for every fenced or tainted node. For comparison.
+    #[arg(long)]
+    no_pod_index: bool,
     /// Print the figures as JSON.
     #[arg(long)]
     json: bool,
@@ -546,7 +550,7 @@ async fn bench(args: Args) -> Result<(), String> {
         max_dead_share_pct: 50,
         witness: None,
         vms: Some(stores.clone()),
-        pod_index: Some(pods.clone()),
+        pod_index: (!args.no_pod_index).then(|| pods.clone()),
         dry_run: false,
     };
     let vm_ctx = VmContext {
