@@ -205,6 +205,9 @@ pub struct Remediator {
     /// The earliest moment after the last pass at which a node waiting for its fence may
     /// become fenceable: the loop runs a pass then instead of at the next tick.
     wake_at: Option<MonoTime>,
+    /// The follow-ups (taint, release) of the fences committed in this pass, with the pods
+    /// counted for them: run after every node was stepped.
+    deferred: Vec<(String, std::collections::VecDeque<Action>, Option<Vec<Pod>>)>,
 }
 
 impl Remediator {
@@ -272,19 +275,8 @@ impl Remediator {
             }
             let waiting = self.retry.get(&node.name).is_some_and(|(at, _)| now < *at);
             if !waiting {
-                match self.step_node(ctx, node, now).await {
-                    Ok(()) => {
-                        self.retry.remove(&node.name);
-                    }
-                    Err(err) => {
-                        ctx.metrics.remediation_failed(err.metric_label());
-                        let failures = self.retry.get(&node.name).map_or(0, |(_, f)| *f);
-                        let delay = retry_delay(failures);
-                        tracing::warn!(node = node.name, error = %report(&err), retry_in = ?delay, "remediation action failed");
-                        self.retry
-                            .insert(node.name.clone(), (now + delay, failures.saturating_add(1)));
-                    }
-                }
+                let outcome = self.step_node(ctx, node, now).await;
+                self.record(ctx, &node.name, now, outcome);
             }
             let state = self.states.entry(node.name.clone()).or_default();
             if state.phase == Phase::Healthy && !node.input.verdict.is_dead() {
@@ -307,6 +299,13 @@ impl Remediator {
             .filter_map(|n| fence_possible_at(&n.input, &ctx.timing))
             .filter(|at| *at > now)
             .min();
+        for (name, actions, pods) in std::mem::take(&mut self.deferred) {
+            let Some(node) = assessment.nodes.iter().find(|n| n.name == name) else {
+                continue;
+            };
+            let outcome = self.execute(ctx, node, actions, pods, now, false).await;
+            self.record(ctx, &name, now, outcome);
+        }
         let (fenced, live) = node_health::volume::switch::node_sets(
             assessment.nodes.iter().map(|n| (&n.name, &n.input.verdict)),
             self.states.iter(),
@@ -318,6 +317,23 @@ impl Remediator {
             fenced,
             live,
         })
+    }
+
+    /// Records how a node's actions went: a failure delays the node's next step.
+    fn record(&mut self, ctx: &RemediationContext, node: &str, now: MonoTime, outcome: Result<()>) {
+        match outcome {
+            Ok(()) => {
+                self.retry.remove(node);
+            }
+            Err(err) => {
+                ctx.metrics.remediation_failed(err.metric_label());
+                let failures = self.retry.get(node).map_or(0, |(_, f)| *f);
+                let delay = retry_delay(failures);
+                tracing::warn!(node, error = %report(&err), retry_in = ?delay, "remediation action failed");
+                self.retry
+                    .insert(node.to_string(), (now + delay, failures.saturating_add(1)));
+            }
+        }
     }
 
     fn forget_all(&mut self, ctx: &RemediationContext) {
@@ -361,12 +377,27 @@ impl Remediator {
                 "remediation phase changed"
             );
         }
-        // In order; the first failure ends the pass for this node (`?`): a failed taint write
-        // must delete nothing. A committed fence's follow-ups run in this same pass.
-        let mut actions: std::collections::VecDeque<Action> = actions.into();
         if state.phase == Phase::Healthy {
             self.dry_run_logged.remove(&node.name);
         }
+        self.execute(ctx, node, actions.into(), pods, now, true)
+            .await
+    }
+
+    /// Executes `actions` for `node`, in order; the first failure ends them (`?`): a failed
+    /// taint write must delete nothing. A committed fence's follow-ups (taint, release) run in
+    /// this same pass: right away, or with `defer_release`, once every node of the pass had its
+    /// fence committed ([`Remediator::deferred`]), so that when a room is lost the last node's
+    /// fence does not wait for every other node's taint and deletions.
+    async fn execute(
+        &mut self,
+        ctx: &RemediationContext,
+        node: &NodeAssessment,
+        mut actions: std::collections::VecDeque<Action>,
+        mut pods: Option<Vec<Pod>>,
+        now: MonoTime,
+        defer_release: bool,
+    ) -> Result<()> {
         while let Some(action) = actions.pop_front() {
             if !ctx.leadership.is_leader() {
                 return Ok(());
@@ -409,6 +440,10 @@ impl Remediator {
                     if ok {
                         ctx.metrics.remediations.inc();
                         tracing::info!(node = node.name, heartbeat, "fence committed");
+                        if defer_release {
+                            self.deferred.push((node.name.clone(), actions, pods));
+                            return Ok(());
+                        }
                     } else {
                         tracing::info!(
                             node = node.name,
