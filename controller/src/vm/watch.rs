@@ -51,25 +51,83 @@ impl VmStores {
         claims: Vec<PersistentVolumeClaim>,
         disk_leases: Vec<Lease>,
     ) -> VmStores {
-        fn fill<K>(mut w: reflector::store::Writer<K>, objs: Vec<K>) -> Store<K>
+        // Stripped as the watches strip them, so tests and the bench see what production keeps.
+        fn fill<K>(mut w: reflector::store::Writer<K>, objs: Vec<K>, strip: fn(&mut K)) -> Store<K>
         where
             K: kube::Resource + Clone + 'static,
             K::DynamicType: Eq + std::hash::Hash + Clone,
         {
             w.apply_watcher_event(&watcher::Event::Init);
-            for o in objs {
+            for mut o in objs {
+                strip(&mut o);
                 w.apply_watcher_event(&watcher::Event::InitApply(o));
             }
             w.apply_watcher_event(&watcher::Event::InitDone);
             w.as_reader()
         }
         VmStores {
-            vms: fill(reflector::store::Writer::new(vm_resource()), vms),
-            launchers: fill(reflector::store::Writer::default(), launchers),
-            claims: fill(reflector::store::Writer::default(), claims),
-            disk_leases: fill(reflector::store::Writer::default(), disk_leases),
+            vms: fill(reflector::store::Writer::new(vm_resource()), vms, strip_vm),
+            launchers: fill(
+                reflector::store::Writer::default(),
+                launchers,
+                strip_launcher,
+            ),
+            claims: fill(reflector::store::Writer::default(), claims, strip_claim),
+            disk_leases: fill(reflector::store::Writer::default(), disk_leases, |_| {}),
         }
     }
+}
+
+// The caches keep only what the VM loop and the webhook read (a launcher pod as stored by the
+// API server is several KiB: containers, volumes, managed fields; at 10,000 VMs the whole
+// objects were most of the controller's memory).
+
+fn strip_meta(m: &mut kube::api::ObjectMeta) {
+    m.managed_fields = None;
+    if let Some(a) = m.annotations.as_mut() {
+        a.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+}
+
+/// A VM keeps its metadata (annotations: the opt-in) and the partial spec it was read into.
+pub fn strip_vm(vm: &mut VirtualMachine) {
+    strip_meta(&mut vm.metadata);
+}
+
+/// A launcher pod keeps its name, uid, labels, owners, the gate annotation, creation and
+/// deletion times, node, scheduling gates and phase.
+pub fn strip_launcher(pod: &mut Pod) {
+    strip_meta(&mut pod.metadata);
+    if let Some(a) = pod.metadata.annotations.as_mut() {
+        a.retain(|k, _| k == super::types::GATED_ANNOTATION);
+    }
+    if let Some(spec) = pod.spec.take() {
+        pod.spec = Some(k8s_openapi::api::core::v1::PodSpec {
+            node_name: spec.node_name,
+            scheduling_gates: spec.scheduling_gates,
+            ..Default::default()
+        });
+    }
+    if let Some(status) = pod.status.take() {
+        pod.status = Some(k8s_openapi::api::core::v1::PodStatus {
+            phase: status.phase,
+            ..Default::default()
+        });
+    }
+}
+
+/// A claim keeps its access modes and volume mode.
+pub fn strip_claim(pvc: &mut PersistentVolumeClaim) {
+    strip_meta(&mut pvc.metadata);
+    pvc.metadata.annotations = None;
+    if let Some(spec) = pvc.spec.take() {
+        pvc.spec = Some(k8s_openapi::api::core::v1::PersistentVolumeClaimSpec {
+            access_modes: spec.access_modes,
+            volume_mode: spec.volume_mode,
+            ..Default::default()
+        });
+    }
+    pvc.status = None;
 }
 
 /// Starts the four watches; the returned future runs them (it ends only if one ends).
@@ -92,10 +150,13 @@ pub fn start(
     let streams = vec![
         drive(
             "VirtualMachine",
-            reflector::reflector(vm_writer, watcher(vms_api, watcher::Config::default()))
-                .default_backoff()
-                .map(|e| e.map(|_| ()))
-                .boxed(),
+            reflector::reflector(
+                vm_writer,
+                watcher(vms_api, watcher::Config::default()).modify(strip_vm),
+            )
+            .default_backoff()
+            .map(|e| e.map(|_| ()))
+            .boxed(),
         ),
         drive(
             "launcher pod",
@@ -104,7 +165,8 @@ pub fn start(
                 watcher(
                     pods_api,
                     watcher::Config::default().labels(&launcher_selector),
-                ),
+                )
+                .modify(strip_launcher),
             )
             .default_backoff()
             .map(|e| e.map(|_| ()))
@@ -114,7 +176,7 @@ pub fn start(
             "PersistentVolumeClaim",
             reflector::reflector(
                 claim_writer,
-                watcher(claims_api, watcher::Config::default()),
+                watcher(claims_api, watcher::Config::default()).modify(strip_claim),
             )
             .default_backoff()
             .map(|e| e.map(|_| ()))

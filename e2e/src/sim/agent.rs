@@ -235,7 +235,10 @@ impl Cluster {
                 self.nodes[i].workloads_running = false;
                 self.log(
                     &format!("agent/{name}"),
-                    "lost the right to run: HA workloads stopped, watchdog no longer fed".into(),
+                    format!(
+                        "lost the right to run ({:?}): HA workloads stopped, watchdog no longer fed",
+                        step.lost
+                    ),
                 );
             }
             self.check_no_storm(i);
