@@ -58,16 +58,8 @@ fn compare(args: &SimulateArgs) -> ExitCode {
         scenarios,
         schedules,
     };
-    if args.json {
-        match serde_json::to_string(&report) {
-            Ok(s) => println!("{s}"),
-            Err(e) => {
-                eprintln!("error: cannot encode the report: {e}");
-                return ExitCode::FAILURE;
-            }
-        }
-    } else {
-        print!("{}", report.render_text());
+    if let Err(code) = print_report(args.json, &report, || report.render_text()) {
+        return code;
     }
     let twosite_broke = report
         .scenarios
@@ -112,20 +104,33 @@ pub fn main(args: SimulateArgs) -> ExitCode {
             }
         },
     };
-    if args.json {
-        match serde_json::to_string(&report) {
-            Ok(s) => println!("{s}"),
-            Err(e) => {
-                eprintln!("error: cannot encode the report: {e}");
-                return ExitCode::FAILURE;
-            }
-        }
-    } else {
-        print!("{}", report.render_text());
+    if let Err(code) = print_report(args.json, &report, || report.render_text()) {
+        return code;
     }
     if report.ok() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// Prints `report` as one JSON object (`json`) or as its text; a report that cannot be encoded
+/// is an error (exit status 1).
+fn print_report(
+    json: bool,
+    report: &impl serde::Serialize,
+    text: impl FnOnce() -> String,
+) -> Result<(), ExitCode> {
+    if json {
+        match serde_json::to_string(report) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("error: cannot encode the report: {e}");
+                return Err(ExitCode::FAILURE);
+            }
+        }
+    } else {
+        print!("{}", text());
+    }
+    Ok(())
 }

@@ -58,9 +58,14 @@ impl GuardProc {
     /// A consumer process without the twosite guard at work (the alternative policies'
     /// consumers, [`super::lock_loop`]): only its app and its freeze are used.
     pub(super) fn bare(uid: String, timing: node_health::VolumeTiming) -> Self {
+        Self::started(VolumeGuard::new_unchecked(uid, timing), [0; 32])
+    }
+
+    /// A guard process just started, its app stopped.
+    fn started(guard: VolumeGuard, token: [u8; 32]) -> Self {
         GuardProc {
-            guard: VolumeGuard::new_unchecked(uid, timing),
-            token: [0; 32],
+            guard,
+            token,
             frozen_until: 0,
             app: App::Stopped,
             stopped_unreported: false,
@@ -133,19 +138,7 @@ impl Cluster {
         };
         let mut token = [0u8; 32];
         self.vol_rng.fill(&mut token[..]);
-        self.volumes[v].consumers[c].proc = Some(GuardProc {
-            guard,
-            token,
-            frozen_until: 0,
-            app: App::Stopped,
-            stopped_unreported: false,
-            armed: false,
-            watching: false,
-            watch: VecDeque::new(),
-            last_delivery: 0,
-            answers: VecDeque::new(),
-            reads: VecDeque::new(),
-        });
+        self.volumes[v].consumers[c].proc = Some(GuardProc::started(guard, token));
     }
 
     fn step_guard(&mut self, v: usize, c: usize) {
