@@ -339,15 +339,14 @@ impl AgentCore {
     }
 
     /// Whether the agent should claim its room's right at the witness now (and keep claiming,
-    /// to renew a grant, while it needs it).
+    /// to renew a grant, while it needs it), or, before it has heard from the other room since
+    /// boot, ask to join its room's grant ([`Self::witness_claim`] says which).
     pub fn needs_witness(&self, now: MonoTime) -> bool {
-        // Claim well before the contact timeout, so a grant is in hand when it is needed.
-        // A node that has not yet heard from the other room since boot (its partner and the other
-        // room's heartbeats not known yet) does not claim: a spurious grant would block the room
-        // that may need it. It still stops once the contact timeout passes without a grant.
+        // Ask well before the contact timeout, so a grant is in hand when it is needed.
         // With a partner, its probe answers arrive every probe interval (three missed: 1.5 s);
         // without one, only the other room's heartbeats read through the API server tell,
-        // every renew interval or two.
+        // every renew interval or two. Before the other room is first heard from, its silence
+        // counts from arming (the benefit of the doubt).
         let claim_after = if self.partner.is_some() {
             self.timing.probe_interval * 3
         } else {
@@ -355,23 +354,29 @@ impl AgentCore {
         };
         self.witness
             && self.armed
-            && self.other_room_heard
             && self.lost.is_none()
             && self
                 .other_room_seen
                 .is_none_or(|t| now.since(t) > claim_after)
     }
 
-    /// The claim to send to the witness now, if [`Self::needs_witness`]: a fresh claim
-    /// (`epoch: None`) for this room. The agent sends one every [`CLAIM_EVERY`] while it needs
-    /// the witness.
+    /// What to send the witness now, if [`Self::needs_witness`]. The agent sends one every
+    /// [`CLAIM_EVERY`] while it needs the witness.
+    ///
+    /// A node that has heard from the other room since boot claims its room's right (a fresh
+    /// claim, `epoch: None`). One that has not (its partner and the other room's heartbeats not
+    /// known yet: both may be booting) only asks to join the grant its room already holds
+    /// (`join`): a grant of its own could block the other room, which may be the one that needs
+    /// it, while a join never creates a grant. After both rooms' nodes were reset together,
+    /// that keeps a booting node running on its controller's grant instead of resetting again
+    /// at the contact timeout; without a live grant of its room it still stops then.
     ///
     /// The claim says the room reaches the API server (which wins a tie at the witness) only
     /// if a renewal sent *after* the other room was last heard from succeeded, recently. A
     /// renewal from before the silence proves nothing about the partition that caused it:
     /// right after a cut, the room that lost the API server still has a fresh renewal, and
     /// would outrank the room that kept it.
-    pub fn witness_claim(&self, now: MonoTime) -> Option<crate::witness::Claim> {
+    pub fn witness_claim(&self, now: MonoTime) -> Option<crate::witness::ClaimRequest> {
         if !self.needs_witness(now) {
             return None;
         }
@@ -379,14 +384,18 @@ impl AgentCore {
             now.since(r) <= self.timing.vouch_after_silence
                 && self.other_room_seen.is_none_or(|seen| r > seen)
         });
-        Some(crate::witness::Claim {
-            room: self.room.clone(),
-            epoch: None,
-            api_reachable,
+        Some(crate::witness::ClaimRequest {
+            claim: crate::witness::Claim {
+                room: self.room.clone(),
+                epoch: None,
+                api_reachable,
+            },
+            join: !self.other_room_heard,
         })
     }
 
-    /// The witness answered a claim sent at `sent_at`: granted for `valid_for` with `epoch`.
+    /// The witness answered a claim (or a join) sent at `sent_at`: granted for `valid_for` with
+    /// `epoch`. The grant counts from when it was sent, shrunk by the drift bound.
     pub fn witness_granted(
         &mut self,
         sent_at: MonoTime,
@@ -823,39 +832,86 @@ mod tests {
         let claim = a
             .witness_claim(MonoTime(3_600))
             .expect("silent for 1.6 s: claims");
-        assert_eq!(claim.room, "room-a");
-        assert_eq!(claim.epoch, None);
+        assert!(!claim.join, "heard from the other room: a claim of its own");
+        assert_eq!(claim.claim.room, "room-a");
+        assert_eq!(claim.claim.epoch, None);
         assert!(
             a.report(MonoTime(3_600)).api_reachable,
             "a vouch may still rely on it"
         );
         assert!(
-            !claim.api_reachable,
+            !claim.claim.api_reachable,
             "a renewal from before the silence proves nothing"
         );
         a.renewal_succeeded(MonoTime(3_900));
         assert_eq!(
-            a.witness_claim(MonoTime(4_000)).map(|c| c.api_reachable),
+            a.witness_claim(MonoTime(4_000))
+                .map(|c| c.claim.api_reachable),
             Some(true)
         );
         // That renewal, too, goes stale.
         assert_eq!(
-            a.witness_claim(MonoTime(8_901)).map(|c| c.api_reachable),
+            a.witness_claim(MonoTime(8_901))
+                .map(|c| c.claim.api_reachable),
             Some(false)
         );
     }
 
     #[test]
-    fn with_a_witness_a_node_that_never_heard_the_other_room_does_not_claim() {
+    fn with_a_witness_a_node_that_never_heard_the_other_room_only_joins() {
         let mut a = witness_agent();
-        assert!(
-            !a.needs_witness(MonoTime(7_000)),
-            "no spurious claim at boot"
-        );
+        assert_eq!(a.witness_claim(MonoTime(1_500)), None, "just armed");
+        let ask = a
+            .witness_claim(MonoTime(1_501))
+            .expect("asks before the timeout");
+        assert!(ask.join, "no claim of its own at boot: a join");
+        assert_eq!(ask.claim.room, "room-a");
+        assert_eq!(ask.claim.epoch, None);
+        // Refused (no live grant of its room): still stops at the contact timeout.
+        for t in (2_000..=8_000).step_by(1_000) {
+            a.renewal_succeeded(MonoTime(t));
+            assert!(a.tick(MonoTime(t)).lost.is_none());
+            assert!(a.witness_claim(MonoTime(t)).is_some_and(|c| c.join));
+        }
         assert_eq!(
             a.tick(MonoTime(8_001)).lost,
             Some(LossReason::NoWitnessGrant)
         );
+        assert_eq!(a.witness_claim(MonoTime(8_001)), None, "lost: asks no more");
+    }
+
+    #[test]
+    fn with_a_witness_a_booting_node_runs_on_its_rooms_grant_by_joining() {
+        let mut a = witness_agent();
+        let ask = a.witness_claim(MonoTime(6_000)).expect("asks");
+        assert!(ask.join);
+        // The witness shares the room's grant (its controller's): 5 s left of it, epoch 3.
+        a.witness_granted(MonoTime(6_000), 3, std::time::Duration::from_secs(5));
+        for t in (6_000..=10_000).step_by(1_000) {
+            a.renewal_succeeded(MonoTime(t));
+            assert!(a.tick(MonoTime(t)).lost.is_none(), "at {t}");
+        }
+        assert_eq!(
+            a.right_to_run(MonoTime(10_000)),
+            Some(RunBasis::Witness { epoch: 3 })
+        );
+        // Bounded by the witness's answer, shrunk by the drift bound: 5 s less 1% from 6 s.
+        assert!(a.tick(MonoTime(10_949)).lost.is_none());
+        a.witness_granted(MonoTime(10_500), 3, std::time::Duration::from_secs(4));
+        assert!(a.tick(MonoTime(14_459)).lost.is_none());
+        assert_eq!(
+            a.tick(MonoTime(14_460)).lost,
+            Some(LossReason::NoWitnessGrant)
+        );
+    }
+
+    #[test]
+    fn once_the_other_room_is_heard_from_the_agent_claims_instead_of_joining() {
+        let mut a = witness_agent();
+        assert!(a.witness_claim(MonoTime(2_000)).is_some_and(|c| c.join));
+        a.observe_other_room(MonoTime(2_100));
+        assert_eq!(a.witness_claim(MonoTime(3_000)), None, "in contact");
+        assert!(a.witness_claim(MonoTime(3_601)).is_some_and(|c| !c.join));
     }
 
     #[test]

@@ -70,6 +70,29 @@ pub struct Claim {
     pub api_reachable: bool,
 }
 
+/// What a node agent sends the witness: a [`Claim`], or, with `join`, a request to share the
+/// grant its room already holds. A join never creates a grant, never extends one and never
+/// counts in a tie: a node that has not heard from the other room since boot cannot tell a
+/// partition from the other room still booting, so it may only run on what its room already
+/// won (the room's controller claims for it).
+///
+/// On the wire it is the claim's JSON plus `"join": true`; `join` is left out when false, so an
+/// ordinary claim reads exactly as before (a witness that predates joins refuses a join as an
+/// unknown field: the agent then stops at its contact timeout, as it did before).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimRequest {
+    #[serde(flatten)]
+    pub claim: Claim,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub join: bool,
+}
+
+impl From<Claim> for ClaimRequest {
+    fn from(claim: Claim) -> Self {
+        ClaimRequest { claim, join: false }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum ClaimOutcome {
@@ -186,13 +209,25 @@ impl Arbiter {
             .collect()
     }
 
-    /// Handles one claim. When the returned record is `Some`, the caller must persist it (and
-    /// fsync) *before* sending the answer.
-    pub fn claim(
+    /// Handles one request: a claim ([`Self::claim`]) or a join ([`Self::join`]). When the
+    /// returned record is `Some`, the caller must persist it (and fsync) *before* sending the
+    /// answer.
+    pub fn request(
         &mut self,
-        c: &Claim,
+        r: &ClaimRequest,
         now: MonoTime,
     ) -> Result<(ClaimOutcome, Option<WitnessRecord>), ClaimError> {
+        if r.join {
+            // A join changes nothing the witness persists.
+            self.join(&r.claim, now).map(|outcome| (outcome, None))
+        } else {
+            self.claim(&r.claim, now)
+        }
+    }
+
+    /// Checks what every claim and join must satisfy: a valid room, one of at most two, and an
+    /// epoch that is the current one (when it names one).
+    fn check(&self, c: &Claim) -> Result<(), ClaimError> {
         if !valid_room(&c.room) {
             return Err(ClaimError::BadRoom);
         }
@@ -218,6 +253,48 @@ impl Arbiter {
                 });
             }
         }
+        Ok(())
+    }
+
+    /// Handles a join: `c.room` asks to share the grant it already holds. Granted, with the
+    /// holder's epoch, only while that grant is live; the answer is the time it has left, not a
+    /// renewal. Not extending it keeps a room's grant in the hands of the claims that won it
+    /// (its controller's and its agents' own claims): a room whose claimants are gone loses it
+    /// on schedule, and the other room may take over after the margin, even while a booting node
+    /// keeps joining. Otherwise `Held`, and nothing changes: no grant, no new epoch, and the
+    /// join is not recorded as a claim, so it neither starts a streak nor outranks the other
+    /// room in a tie (nor shows as presence).
+    pub fn join(&self, c: &Claim, now: MonoTime) -> Result<ClaimOutcome, ClaimError> {
+        self.check(c)?;
+        let handover = self.handover();
+        match &self.live {
+            Some(l) if l.room == c.room && now < l.expires_at => Ok(ClaimOutcome::Granted {
+                epoch: l.epoch,
+                valid_for_ms: ms(l.expires_at.since(now)),
+            }),
+            Some(l) if l.room != c.room && now < l.expires_at + handover => {
+                Ok(ClaimOutcome::Held {
+                    holder: Some(l.room.clone()),
+                    epoch: l.epoch,
+                    retry_after_ms: ms((l.expires_at + handover).since(now)).max(1),
+                })
+            }
+            _ => Ok(ClaimOutcome::Held {
+                holder: None,
+                epoch: self.record.epoch,
+                retry_after_ms: ms(self.cfg.tie_window).max(1),
+            }),
+        }
+    }
+
+    /// Handles one claim. When the returned record is `Some`, the caller must persist it (and
+    /// fsync) *before* sending the answer.
+    pub fn claim(
+        &mut self,
+        c: &Claim,
+        now: MonoTime,
+    ) -> Result<(ClaimOutcome, Option<WitnessRecord>), ClaimError> {
+        self.check(c)?;
         // Rank on a tie: reaching the API server first, then being the preferred room.
         let preferred = self.cfg.preferred_room.as_deref();
         let rank = u8::from(c.api_reachable) * 2 + u8::from(preferred.is_none_or(|p| p == c.room));
@@ -453,6 +530,145 @@ mod tests {
         assert_eq!(
             granted(&w.claim(&claim("east", None), MonoTime(4_100))),
             Some(1)
+        );
+    }
+
+    fn join(room: &str) -> ClaimRequest {
+        ClaimRequest {
+            claim: Claim {
+                api_reachable: false,
+                ..claim(room, None)
+            },
+            join: true,
+        }
+    }
+
+    #[test]
+    fn a_join_by_the_holder_room_shares_its_grant_without_extending_it() {
+        let mut w = arbiter(None);
+        assert_eq!(
+            granted(&w.claim(&claim("east", None), MonoTime(1_000))),
+            Some(1)
+        );
+        let (outcome, record) = w.request(&join("east"), MonoTime(4_000)).expect("ok");
+        assert_eq!(
+            outcome,
+            ClaimOutcome::Granted {
+                epoch: 1,
+                valid_for_ms: 7_000
+            },
+            "the holder's epoch, for what is left of its grant"
+        );
+        assert_eq!(record, None, "nothing to persist");
+        // Joins alone never keep the grant alive: it ends at 11 s, and west gets it after the
+        // margin as if nobody had joined.
+        assert_eq!(
+            w.request(&join("east"), MonoTime(10_999))
+                .map(|(o, _)| granted(&Ok((o, None)))),
+            Ok(Some(1))
+        );
+        assert!(matches!(
+            w.request(&join("east"), MonoTime(11_000)),
+            Ok((ClaimOutcome::Held { .. }, None))
+        ));
+        assert_eq!(
+            granted(&w.claim(&claim("west", None), MonoTime(18_071))),
+            Some(2)
+        );
+    }
+
+    #[test]
+    fn a_join_without_a_live_grant_of_its_room_is_refused_and_changes_nothing() {
+        let mut w = arbiter(None);
+        // Nobody holds the right: refused, no grant, no epoch.
+        assert_eq!(
+            w.request(&join("east"), MonoTime(1_000)).expect("ok"),
+            (
+                ClaimOutcome::Held {
+                    holder: None,
+                    epoch: 0,
+                    retry_after_ms: 3_000
+                },
+                None
+            )
+        );
+        assert_eq!(w.holder(MonoTime(1_000)), None);
+        assert_eq!(w.record(), &WitnessRecord::default());
+        assert!(w.presence(MonoTime(1_000)).is_empty(), "not a claim");
+        // West is not preferred (east is) and does not reach the API server: its first claim
+        // waits one tie window. East's joins, better ranked as a claim would be, do not make it
+        // wait longer or outrank it.
+        let mut w = arbiter(Some("east"));
+        let blind_west = Claim {
+            api_reachable: false,
+            ..claim("west", None)
+        };
+        let mut east_join = join("east");
+        east_join.claim.api_reachable = true;
+        assert_eq!(granted(&w.claim(&blind_west, MonoTime(1_000))), None);
+        for t in [1_500, 2_500, 3_500, 4_000] {
+            assert!(matches!(
+                w.request(&east_join, MonoTime(t)),
+                Ok((
+                    ClaimOutcome::Held {
+                        holder: None,
+                        epoch: 0,
+                        ..
+                    },
+                    None
+                ))
+            ));
+        }
+        assert_eq!(
+            granted(&w.claim(&blind_west, MonoTime(4_000))),
+            Some(1),
+            "west waited its tie window; east only joined"
+        );
+        // The other room holds the right: a join is held like a claim, and changes nothing.
+        assert!(matches!(
+            w.request(&east_join, MonoTime(5_000)),
+            Ok((ClaimOutcome::Held { holder: Some(h), epoch: 1, .. }, None)) if h == "west"
+        ));
+        assert_eq!(w.record().epoch, 1);
+        assert_eq!(w.holder(MonoTime(5_000)), Some(("west", 1)));
+    }
+
+    #[test]
+    fn a_join_is_checked_like_a_claim() {
+        let mut w = arbiter(None);
+        let mut bad = join("East Wing");
+        assert_eq!(
+            w.request(&bad, MonoTime(0)).map(|_| ()),
+            Err(ClaimError::BadRoom)
+        );
+        bad.claim.room = "east".into();
+        bad.claim.epoch = Some(3);
+        assert_eq!(
+            w.request(&bad, MonoTime(0)).map(|_| ()),
+            Err(ClaimError::UnknownEpoch {
+                claimed: 3,
+                current: 0
+            })
+        );
+    }
+
+    #[test]
+    fn a_join_is_a_claim_with_join_true_on_the_wire() {
+        let plain = ClaimRequest::from(claim("east", Some(2)));
+        let wire = serde_json::to_string(&plain).expect("encode");
+        assert_eq!(
+            wire,
+            serde_json::to_string(&plain.claim).expect("encode"),
+            "an ordinary claim reads as before"
+        );
+        let wire = serde_json::to_string(&join("east")).expect("encode");
+        assert_eq!(
+            wire,
+            r#"{"room":"east","epoch":null,"api_reachable":false,"join":true}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<ClaimRequest>(&wire).expect("decode"),
+            join("east")
         );
     }
 

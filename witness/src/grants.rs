@@ -4,7 +4,7 @@
 use crate::error::{Error, Result};
 use crate::state::{Records, StateFile};
 use node_health::MonoTime;
-use node_health::witness::{Arbiter, Claim, ClaimOutcome, WitnessConfig};
+use node_health::witness::{Arbiter, Claim, ClaimOutcome, ClaimRequest, WitnessConfig};
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -81,9 +81,21 @@ impl RoomGrants {
     /// returns; if that fails, the arbiter is put back as it was before the claim, which matches
     /// the last persisted record, and the claim fails: nothing was granted.
     pub fn claim(&mut self, cluster: &str, claim: &Claim, now: MonoTime) -> Result<ClaimOutcome> {
+        self.request(cluster, &ClaimRequest::from(claim.clone()), now)
+    }
+
+    /// Handles one claim or join as [`Self::claim`] does; the core decides (a join never has a
+    /// record to persist).
+    pub fn request(
+        &mut self,
+        cluster: &str,
+        request: &ClaimRequest,
+        now: MonoTime,
+    ) -> Result<ClaimOutcome> {
+        let claim = &request.claim;
         let arbiter = self.arbiters.get_mut(cluster).ok_or(Error::BadToken)?;
         let before = arbiter.clone();
-        let (outcome, record) = arbiter.claim(claim, now)?;
+        let (outcome, record) = arbiter.request(request, now)?;
         if record.is_none() {
             return Ok(outcome);
         }
@@ -190,6 +202,33 @@ mod tests {
             g.claim("retired", &claim("east"), MonoTime(10)),
             Err(Error::BadToken)
         ));
+    }
+
+    #[test]
+    fn a_join_shares_a_live_grant_and_writes_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state.json");
+        let store = StateFile::open(&path).expect("open");
+        let mut g = RoomGrants::load(store, &WitnessConfig::default(), ["factory"], MonoTime(0))
+            .expect("load");
+        let join = ClaimRequest {
+            claim: claim("east"),
+            join: true,
+        };
+        let out = g.request("factory", &join, MonoTime(10)).expect("ok");
+        assert_eq!(granted(&out), None, "no grant to join");
+        assert!(!path.exists(), "nothing persisted");
+        assert_eq!(g.records()["factory"].epoch, 0);
+        g.claim("factory", &claim("east"), MonoTime(20))
+            .expect("ok");
+        let out = g.request("factory", &join, MonoTime(1_020)).expect("ok");
+        assert_eq!(
+            out,
+            ClaimOutcome::Granted {
+                epoch: 1,
+                valid_for_ms: 9_000
+            }
+        );
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! - `POST /v1/clusters/{cluster}/claim`: a room asks for the right to run. Body: the JSON of
 //!   [`node_health::witness::Claim`] (`{"room": "east", "epoch": 3, "api_reachable": true}`,
 //!   `epoch` and `api_reachable` optional, nothing else), at most [`MAX_BODY`] bytes, with the
-//!   cluster's bearer token. Answer 200 with the [`ClaimOutcome`] (`granted` or `held`).
+//!   cluster's bearer token; `"join": true` (optional) asks only to share the grant the room
+//!   already holds ([`node_health::witness::ClaimRequest`]). Answer 200 with the
+//!   [`ClaimOutcome`] (`granted` or `held`).
 //! - `GET /v1/state`: every served cluster's epoch, holder and presence, for operators (any
 //!   valid token).
 //! - `GET /healthz`: `ok` (no token).
@@ -25,7 +27,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use node_health::Clock;
-use node_health::witness::{Claim, ClaimError, ClaimOutcome, valid_room};
+use node_health::witness::{Claim, ClaimError, ClaimOutcome, ClaimRequest, valid_room};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -102,18 +104,23 @@ struct ClaimBody {
     epoch: Option<u64>,
     #[serde(default)]
     api_reachable: bool,
+    #[serde(default)]
+    join: bool,
 }
 
-/// Decodes a claim's body; the error says what is wrong.
-pub fn decode_claim(body: &[u8]) -> Result<Claim> {
+/// Decodes a claim's (or a join's) body; the error says what is wrong.
+pub fn decode_claim(body: &[u8]) -> Result<ClaimRequest> {
     let b: ClaimBody = serde_json::from_slice(body).map_err(|e| Error::BadClaim(e.to_string()))?;
     if !valid_room(&b.room) {
         return Err(Error::Claim(ClaimError::BadRoom));
     }
-    Ok(Claim {
-        room: b.room,
-        epoch: b.epoch,
-        api_reachable: b.api_reachable,
+    Ok(ClaimRequest {
+        claim: Claim {
+            room: b.room,
+            epoch: b.epoch,
+            api_reachable: b.api_reachable,
+        },
+        join: b.join,
     })
 }
 
@@ -181,8 +188,8 @@ async fn handle_claim(
     let claim = decode_claim(&body_bytes(body)?)?;
     let cluster = cluster.to_string();
     w.with_grants(move |grants, clock| {
-        let outcome = grants.claim(&cluster, &claim, clock.now())?;
-        tracing::debug!(cluster, room = %claim.room, ?outcome, "claim answered");
+        let outcome = grants.request(&cluster, &claim, clock.now())?;
+        tracing::debug!(cluster, room = %claim.claim.room, join = claim.join, ?outcome, "claim answered");
         Ok(outcome)
     })
     .await
@@ -225,10 +232,20 @@ mod tests {
             api_reachable: true,
         };
         let wire = serde_json::to_vec(&c).expect("encode");
-        assert_eq!(decode_claim(&wire).expect("decode"), c);
+        assert_eq!(
+            decode_claim(&wire).expect("decode"),
+            ClaimRequest::from(c.clone())
+        );
+        let join = ClaimRequest {
+            claim: c,
+            join: true,
+        };
+        let wire = serde_json::to_vec(&join).expect("encode");
+        assert_eq!(decode_claim(&wire).expect("decode"), join);
         let minimal = decode_claim(br#"{"room":"west"}"#).expect("decode");
-        assert_eq!(minimal.epoch, None);
-        assert!(!minimal.api_reachable);
+        assert_eq!(minimal.claim.epoch, None);
+        assert!(!minimal.claim.api_reachable);
+        assert!(!minimal.join);
         for (body, what) in [
             (&br#"{"room":"east","epok":3}"#[..], "unknown field `epok`"),
             (br#"{"epoch":3}"#, "missing field `room`"),

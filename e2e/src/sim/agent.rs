@@ -187,8 +187,8 @@ impl Cluster {
             self.nodes[i].next_probe = local + timing.probe_interval;
             self.probe_partner(i, local);
         }
-        // Rooms out of contact: claim (or renew) the room's right at the witness, as the core
-        // says and as often as the shipped agent does.
+        // Rooms out of contact: claim (or renew) the room's right at the witness, or join the
+        // room's grant, as the core says and as often as the shipped agent does.
         if local >= self.nodes[i].next_claim {
             self.nodes[i].next_claim = local + CLAIM_EVERY;
             let claim = self.nodes[i]
@@ -199,7 +199,7 @@ impl Cluster {
                 && let Some(ClaimOutcome::Granted {
                     epoch,
                     valid_for_ms,
-                }) = self.claim_at_witness(
+                }) = self.request_at_witness(
                     self.node_reaches(i, Site::Witness),
                     &claim,
                     &format!("agent/{name}"),

@@ -2,6 +2,7 @@
 //! replicas make at it, and the check that no two rooms hold its grant at once.
 
 use super::cluster::{Cluster, SimClock, zone};
+use node_health::witness::ClaimRequest;
 use node_health::{Arbiter, Claim, ClaimOutcome, RunBasis, WitnessRecord};
 use std::collections::BTreeSet;
 
@@ -26,13 +27,24 @@ impl Cluster {
         claim: &Claim,
         actor: &str,
     ) -> Option<ClaimOutcome> {
+        self.request_at_witness(reaches, &ClaimRequest::from(claim.clone()), actor)
+    }
+
+    /// One claim or join ([`ClaimRequest`]) at the witness, as [`Self::claim_at_witness`].
+    pub(super) fn request_at_witness(
+        &mut self,
+        reaches: bool,
+        request: &ClaimRequest,
+        actor: &str,
+    ) -> Option<ClaimOutcome> {
         if !reaches {
             return None;
         }
+        let claim = &request.claim;
         let now = self.now;
         let w = self.witness.as_mut().filter(|w| w.up)?;
         let local = w.clock.read(now);
-        let (outcome, record) = w.arbiter.claim(claim, local).ok()?;
+        let (outcome, record) = w.arbiter.request(request, local).ok()?;
         let mut new_grant = None;
         if let Some(rec) = record {
             // Persisted before the answer.

@@ -1,19 +1,21 @@
 //! Claiming this room's right to run at the witness while the rooms are out of contact.
 //!
-//! Every [`CLAIM_EVERY`], while [`AgentCore::needs_witness`] says so, the agent sends a fresh
-//! claim for its room (`epoch: None`, `api_reachable` as its last renewal says). A grant counts
-//! from when the claim was *sent* ([`AgentCore::witness_granted`]); `held` and errors change
-//! nothing: the core stops the node once the rooms have been out of contact for its timeout
-//! without a valid grant.
+//! Every [`CLAIM_EVERY`], while [`AgentCore::needs_witness`] says so, the agent sends what
+//! [`AgentCore::witness_claim`] makes: a fresh claim for its room (`epoch: None`,
+//! `api_reachable` as its last renewal says), or, before it has heard from the other room since
+//! boot, a join of its room's live grant. A grant counts from when the claim was *sent*
+//! ([`AgentCore::witness_granted`]); `held` and errors change nothing: the core stops the node
+//! once the rooms have been out of contact for its timeout without a valid grant.
 //!
 //! [`AgentCore::needs_witness`]: crate::AgentCore::needs_witness
+//! [`AgentCore::witness_claim`]: crate::AgentCore::witness_claim
 //! [`AgentCore::witness_granted`]: crate::AgentCore::witness_granted
 
 use super::SharedCore;
 use super::error::report;
 use super::witness_client::{WitnessClient, WitnessError};
 use crate::time::Clock;
-use crate::witness::{Claim, ClaimOutcome};
+use crate::witness::{ClaimOutcome, ClaimRequest};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,13 +28,13 @@ const WARN_EVERY: Duration = Duration::from_secs(10);
 pub trait WitnessPort: Send + Sync {
     fn claim(
         &self,
-        claim: &Claim,
+        claim: &ClaimRequest,
     ) -> impl Future<Output = Result<ClaimOutcome, WitnessError>> + Send;
 }
 
 impl WitnessPort for WitnessClient {
-    async fn claim(&self, claim: &Claim) -> Result<ClaimOutcome, WitnessError> {
-        WitnessClient::claim(self, claim).await
+    async fn claim(&self, claim: &ClaimRequest) -> Result<ClaimOutcome, WitnessError> {
+        WitnessClient::request(self, claim).await
     }
 }
 

@@ -2,6 +2,7 @@
 //!
 //! - [`WitnessClient::claim`]: `POST {base}/v1/clusters/{cluster}/claim` with the cluster's
 //!   bearer token and the JSON of a [`Claim`]; a 200 answer is the JSON of a [`ClaimOutcome`].
+//!   [`WitnessClient::request`] sends a [`ClaimRequest`] (a claim, or a join) the same way.
 //! - [`WitnessClient::healthz`]: `GET {base}/healthz`.
 //!
 //! Every exchange (connect, TLS, request and answer) has one deadline, 1 s unless
@@ -15,7 +16,7 @@
 //! system's trusted roots. Plain `http://` is accepted for tests and for a witness behind a
 //! trusted tunnel.
 
-use crate::witness::{Claim, ClaimOutcome};
+use crate::witness::{Claim, ClaimOutcome, ClaimRequest};
 use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use http::{Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
@@ -289,6 +290,12 @@ impl WitnessClient {
     /// Asks the witness for the right to run. The caller records when it sent the claim: a
     /// grant is counted from then.
     pub async fn claim(&self, claim: &Claim) -> Result<ClaimOutcome, WitnessError> {
+        self.request(&ClaimRequest::from(claim.clone())).await
+    }
+
+    /// Sends a claim or a join ([`ClaimRequest`]) to the claim endpoint; an ordinary claim goes
+    /// out exactly as [`Self::claim`] sends it.
+    pub async fn request(&self, claim: &ClaimRequest) -> Result<ClaimOutcome, WitnessError> {
         let url = format!("{}/v1/clusters/{}/claim", self.base, self.cluster);
         let body = serde_json::to_vec(claim).map_err(|e| WitnessError::Malformed {
             what: format!("could not encode the claim: {e}"),
