@@ -65,6 +65,7 @@ pub struct Metrics {
     pub remediations: Counter,
     pub time_to_taint: Histogram,
     pub time_to_release: Histogram,
+    pub fence_decision: Histogram,
     pub remediation_paused: Gauge,
     pub remediation_errors: Family<ErrorLabels, Counter>,
     pub witness_reachable: Gauge,
@@ -111,6 +112,8 @@ impl Metrics {
         let time_to_taint = Histogram::new(exponential_buckets(1.0, 2.0, 9));
         // 1 s to 256 s.
         let time_to_release = Histogram::new(exponential_buckets(1.0, 2.0, 9));
+        // 1 ms to 4 s.
+        let fence_decision = Histogram::new(exponential_buckets(0.001, 2.0, 13));
         let remediation_paused = Gauge::default();
         let remediation_errors = Family::<ErrorLabels, Counter>::default();
         let witness_reachable = Gauge::default();
@@ -172,6 +175,13 @@ impl Metrics {
              (its kubelet Lease without an agent) to its pods released: fence committed, \
              out-of-service taint applied, pods deleted; on the controller's monotonic clock",
             time_to_release.clone(),
+        );
+        registry.register(
+            "fence_decision_seconds",
+            "Seconds from the moment a node could be fenced (its fence deadline, its vouchers' \
+             settle time and its unschedulable head start all passed) to the controller's fence \
+             commit request; on the controller's monotonic clock",
+            fence_decision.clone(),
         );
         registry.register(
             "remediation_paused",
@@ -253,6 +263,7 @@ impl Metrics {
             vm_failover_duration,
             registry,
             time_to_release,
+            fence_decision,
             remediation_paused,
             volume_held,
             witness_reachable,

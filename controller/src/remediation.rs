@@ -27,6 +27,7 @@ use crate::metrics::Metrics;
 use crate::status::RemediationView;
 use crate::taint::{TaintChange, TaintOutcome, change_taint};
 use crate::witness_link::WitnessLink;
+use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, ObjectReference, Pod};
 use kube::Api;
@@ -205,9 +206,6 @@ pub struct Remediator {
     /// The earliest moment after the last pass at which a node waiting for its fence may
     /// become fenceable: the loop runs a pass then instead of at the next tick.
     wake_at: Option<MonoTime>,
-    /// The follow-ups (taint, release) of the fences committed in this pass, with the pods
-    /// counted for them: run after every node was stepped.
-    deferred: Vec<(String, std::collections::VecDeque<Action>, Option<Vec<Pod>>)>,
 }
 
 impl Remediator {
@@ -265,7 +263,12 @@ impl Remediator {
         }
         self.reported.retain(|n| present.contains(n.as_str()));
 
-        let mut statuses = Vec::with_capacity(assessment.nodes.len());
+        // Each node's step and writes run concurrently with the other nodes' (each node's own
+        // actions stay in order): a lost room's last fence must not queue behind every other
+        // node's requests. Fences first; the follow-ups of the fences committed in this pass
+        // (taint, release) after all of them.
+        let started = std::time::Instant::now();
+        let mut jobs = Vec::new();
         for node in &assessment.nodes {
             if node.input.verdict.is_dead() && !self.dead_since.contains_key(&node.name) {
                 self.dead_since.insert(node.name.clone(), now);
@@ -275,9 +278,49 @@ impl Remediator {
             }
             let waiting = self.retry.get(&node.name).is_some_and(|(at, _)| now < *at);
             if !waiting {
-                let outcome = self.step_node(ctx, node, now).await;
-                self.record(ctx, &node.name, now, outcome);
+                jobs.push(self.take_job(ctx, node));
             }
+        }
+        // Futures pushed in a loop, not mapped by a closure: a closure here is not general
+        // enough over the jobs' lifetimes for the loop's `Send` future.
+        let mut steps = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            steps.push(step_node(ctx, job, now, started));
+        }
+        let done: Vec<(NodeJob<'_>, Result<()>)> = futures::stream::iter(steps)
+            .buffer_unordered(CONCURRENT_NODES)
+            .collect()
+            .await;
+        let mut deferred = Vec::new();
+        for (mut job, outcome) in done {
+            if let Some(follow_ups) = job.deferred.take() {
+                deferred.push((job.node, follow_ups));
+            }
+            let name = self.put_back(job);
+            self.record(ctx, &name, now, outcome);
+        }
+        let mut follow_ups = Vec::with_capacity(deferred.len());
+        for (node, (actions, pods)) in deferred {
+            follow_ups.push(follow_up(
+                ctx,
+                self.take_job(ctx, node),
+                actions,
+                pods,
+                now,
+                started,
+            ));
+        }
+        let done: Vec<(NodeJob<'_>, Result<()>)> = futures::stream::iter(follow_ups)
+            .buffer_unordered(CONCURRENT_NODES)
+            .collect()
+            .await;
+        for (job, outcome) in done {
+            let name = self.put_back(job);
+            self.record(ctx, &name, now, outcome);
+        }
+
+        let mut statuses = Vec::with_capacity(assessment.nodes.len());
+        for node in &assessment.nodes {
             let state = self.states.entry(node.name.clone()).or_default();
             if state.phase == Phase::Healthy && !node.input.verdict.is_dead() {
                 self.dead_since.remove(&node.name);
@@ -299,13 +342,6 @@ impl Remediator {
             .filter_map(|n| fence_possible_at(&n.input, &ctx.timing))
             .filter(|at| *at > now)
             .min();
-        for (name, actions, pods) in std::mem::take(&mut self.deferred) {
-            let Some(node) = assessment.nodes.iter().find(|n| n.name == name) else {
-                continue;
-            };
-            let outcome = self.execute(ctx, node, actions, pods, now, false).await;
-            self.record(ctx, &name, now, outcome);
-        }
         let (fenced, live) = node_health::volume::switch::node_sets(
             assessment.nodes.iter().map(|n| (&n.name, &n.input.verdict)),
             self.states.iter(),
@@ -350,176 +386,240 @@ impl Remediator {
         }
     }
 
-    /// Stages 2 and 3 for one node.
-    async fn step_node(
-        &mut self,
-        ctx: &RemediationContext,
-        node: &NodeAssessment,
-        now: MonoTime,
-    ) -> Result<()> {
-        let mut input = node.input.clone();
-        let state = self.states.entry(node.name.clone()).or_default();
-        let mut pods = None;
-        if needs_pod_count(state, &input) {
-            let listed = pods_on(ctx, &node.name).await?;
-            (input.pods, input.terminating_pods) =
-                pod_counts(&listed, &|k: &str| ctx.vm_opted_in(k));
-            pods = Some(listed);
+    /// Takes `node`'s state and bookkeeping out of the remediator for a concurrent step.
+    fn take_job<'a>(&mut self, ctx: &RemediationContext, node: &'a NodeAssessment) -> NodeJob<'a> {
+        NodeJob {
+            node,
+            state: self.states.remove(&node.name).unwrap_or_default(),
+            dry_run_logged: self.dry_run_logged.contains(&node.name),
+            dead_since: self.dead_since.get(&node.name).copied(),
+            silent_since: self.silent_since.remove(&node.name),
+            deferred: None,
+            possible_at: fence_possible_at(&node.input, &ctx.timing),
         }
-        let before = state.phase;
-        let actions = state.step(&input, now, &ctx.timing);
-        if state.phase != before {
-            tracing::info!(
-                node = node.name,
-                from = before.name(),
-                to = state.phase.name(),
-                verdict = input.verdict.name(),
-                "remediation phase changed"
-            );
-        }
-        if state.phase == Phase::Healthy {
-            self.dry_run_logged.remove(&node.name);
-        }
-        self.execute(ctx, node, actions.into(), pods, now, true)
-            .await
     }
 
-    /// Executes `actions` for `node`, in order; the first failure ends them (`?`): a failed
-    /// taint write must delete nothing. A committed fence's follow-ups (taint, release) run in
-    /// this same pass: right away, or with `defer_release`, once every node of the pass had its
-    /// fence committed ([`Remediator::deferred`]), so that when a room is lost the last node's
-    /// fence does not wait for every other node's taint and deletions.
-    async fn execute(
-        &mut self,
-        ctx: &RemediationContext,
-        node: &NodeAssessment,
-        mut actions: std::collections::VecDeque<Action>,
-        mut pods: Option<Vec<Pod>>,
-        now: MonoTime,
-        defer_release: bool,
-    ) -> Result<()> {
-        while let Some(action) = actions.pop_front() {
-            if !ctx.leadership.is_leader() {
-                return Ok(());
+    /// Puts a stepped node's state and bookkeeping back; returns its name.
+    fn put_back(&mut self, job: NodeJob<'_>) -> String {
+        let name = job.node.name.clone();
+        if job.dry_run_logged {
+            self.dry_run_logged.insert(name.clone());
+        } else {
+            self.dry_run_logged.remove(&name);
+        }
+        if let Some(at) = job.silent_since {
+            self.silent_since.insert(name.clone(), at);
+        }
+        self.states.insert(name.clone(), job.state);
+        name
+    }
+}
+
+/// How many nodes a pass steps and writes for at once. Each node's own actions stay in order.
+const CONCURRENT_NODES: usize = 32;
+
+/// One node's part of a pass: its state and bookkeeping, taken out of the [`Remediator`] so
+/// that the nodes of a pass run concurrently.
+struct NodeJob<'a> {
+    node: &'a NodeAssessment,
+    state: NodeRemediation,
+    /// `--dry-run`: its "would fence" was logged in this spell.
+    dry_run_logged: bool,
+    dead_since: Option<MonoTime>,
+    silent_since: Option<MonoTime>,
+    /// The follow-ups of a fence committed in this pass, with the pods counted for them.
+    deferred: Option<(std::collections::VecDeque<Action>, Option<Vec<Pod>>)>,
+    /// From when the node could be fenced, for `twosite_fence_decision_seconds`.
+    possible_at: Option<MonoTime>,
+}
+
+/// Stages 2 and 3 for one node.
+async fn step_node<'a>(
+    ctx: &RemediationContext,
+    mut job: NodeJob<'a>,
+    now: MonoTime,
+    started: std::time::Instant,
+) -> (NodeJob<'a>, Result<()>) {
+    let node = job.node;
+    let mut input = node.input.clone();
+    let mut pods = None;
+    if needs_pod_count(&job.state, &input) {
+        match pods_on(ctx, &node.name).await {
+            Ok(listed) => {
+                (input.pods, input.terminating_pods) =
+                    pod_counts(&listed, &|k: &str| ctx.vm_opted_in(k));
+                pods = Some(listed);
             }
-            if ctx.dry_run && dry_run_skips(&action) {
-                if matches!(action, Action::CommitFence { .. }) {
-                    if self.dry_run_logged.insert(node.name.clone()) {
-                        tracing::warn!(
-                            node = node.name,
-                            "dry-run: would commit the fence, apply the out-of-service taint and delete the node's pods"
-                        );
-                    }
-                    // As if the heartbeat had changed: the node is never shown fenced.
-                    if let Some(state) = self.states.get_mut(&node.name) {
-                        let _ = state.commit_result(false); // false: no follow-ups
+            Err(err) => return (job, Err(err)),
+        }
+    }
+    let before = job.state.phase;
+    let actions = job.state.step(&input, now, &ctx.timing);
+    if job.state.phase != before {
+        tracing::info!(
+            node = node.name,
+            from = before.name(),
+            to = job.state.phase.name(),
+            verdict = input.verdict.name(),
+            "remediation phase changed"
+        );
+    }
+    if job.state.phase == Phase::Healthy {
+        job.dry_run_logged = false;
+    }
+    let outcome = execute(ctx, &mut job, actions.into(), pods, now, true, started).await;
+    (job, outcome)
+}
+
+/// The deferred follow-ups of a fence committed in this pass.
+async fn follow_up<'a>(
+    ctx: &RemediationContext,
+    mut job: NodeJob<'a>,
+    actions: std::collections::VecDeque<Action>,
+    pods: Option<Vec<Pod>>,
+    now: MonoTime,
+    started: std::time::Instant,
+) -> (NodeJob<'a>, Result<()>) {
+    let outcome = execute(ctx, &mut job, actions, pods, now, false, started).await;
+    (job, outcome)
+}
+
+/// Executes `actions` for the node of `job`, in order; the first failure ends them (`?`): a
+/// failed taint write must delete nothing. A committed fence's follow-ups (taint, release) run
+/// in this same pass: right away, or with `defer_release`, once every node of the pass had its
+/// fence committed ([`NodeJob::deferred`]), so that when a room is lost the last node's fence
+/// does not wait for every other node's taint and deletions.
+async fn execute(
+    ctx: &RemediationContext,
+    job: &mut NodeJob<'_>,
+    mut actions: std::collections::VecDeque<Action>,
+    mut pods: Option<Vec<Pod>>,
+    now: MonoTime,
+    defer_release: bool,
+    started: std::time::Instant,
+) -> Result<()> {
+    let node = job.node;
+    while let Some(action) = actions.pop_front() {
+        if !ctx.leadership.is_leader() {
+            return Ok(());
+        }
+        if ctx.dry_run && dry_run_skips(&action) {
+            if matches!(action, Action::CommitFence { .. }) {
+                if !std::mem::replace(&mut job.dry_run_logged, true) {
+                    tracing::warn!(
+                        node = node.name,
+                        "dry-run: would commit the fence, apply the out-of-service taint and delete the node's pods"
+                    );
+                }
+                // As if the heartbeat had changed: the node is never shown fenced.
+                let _ = job.state.commit_result(false); // false: no follow-ups
+            } else {
+                tracing::info!(node = node.name, ?action, "dry-run: would write");
+            }
+            continue;
+        }
+        match action {
+            Action::CommitFence {
+                heartbeat,
+                fenced_boot_id,
+            } => {
+                if let Some(at) = job.possible_at {
+                    let waited = now.since(at) + started.elapsed();
+                    ctx.metrics.fence_decision.observe(waited.as_secs_f64());
+                }
+                let committed = commit_fence(
+                    &ctx.agent_leases,
+                    &ctx.leadership,
+                    &node.agent_lease,
+                    &heartbeat,
+                    fenced_boot_id.as_deref(),
+                    ctx.api_timeout,
+                )
+                .await;
+                let ok = matches!(committed, Ok(true));
+                actions.extend(job.state.commit_result(ok));
+                if ok {
+                    ctx.metrics.remediations.inc();
+                    tracing::info!(node = node.name, heartbeat, "fence committed");
+                    if defer_release {
+                        job.deferred = Some((actions, pods));
+                        return Ok(());
                     }
                 } else {
-                    tracing::info!(node = node.name, ?action, "dry-run: would write");
+                    tracing::info!(
+                        node = node.name,
+                        heartbeat,
+                        "fence not committed: the heartbeat Lease changed"
+                    );
                 }
-                continue;
+                committed?;
             }
-            match action {
-                Action::CommitFence {
-                    heartbeat,
-                    fenced_boot_id,
-                } => {
-                    let committed = commit_fence(
-                        &ctx.agent_leases,
-                        &ctx.leadership,
-                        &node.agent_lease,
-                        &heartbeat,
-                        fenced_boot_id.as_deref(),
-                        ctx.api_timeout,
-                    )
-                    .await;
-                    let ok = matches!(committed, Ok(true));
-                    if let Some(state) = self.states.get_mut(&node.name) {
-                        actions.extend(state.commit_result(ok));
-                    }
-                    if ok {
-                        ctx.metrics.remediations.inc();
-                        tracing::info!(node = node.name, heartbeat, "fence committed");
-                        if defer_release {
-                            self.deferred.push((node.name.clone(), actions, pods));
-                            return Ok(());
-                        }
-                    } else {
-                        tracing::info!(
-                            node = node.name,
-                            heartbeat,
-                            "fence not committed: the heartbeat Lease changed"
-                        );
-                    }
-                    committed?;
+            Action::ClearFence => {
+                clear_fence(
+                    &ctx.agent_leases,
+                    &ctx.leadership,
+                    &node.agent_lease,
+                    ctx.api_timeout,
+                )
+                .await?;
+            }
+            Action::DeletePods => {
+                let listed = match pods.take() {
+                    Some(p) => p,
+                    None => pods_on(ctx, &node.name).await?,
+                };
+                delete_pods(ctx, &node.name, &listed).await?;
+                // The fence, the taint and the deletions all succeeded: released. Measured
+                // once per spell.
+                if let Some(silent) = job.silent_since.take() {
+                    ctx.metrics
+                        .time_to_release
+                        .observe(now.since(silent).as_secs_f64());
                 }
-                Action::ClearFence => {
-                    clear_fence(
-                        &ctx.agent_leases,
-                        &ctx.leadership,
-                        &node.agent_lease,
-                        ctx.api_timeout,
-                    )
-                    .await?;
-                }
-                Action::DeletePods => {
-                    let listed = match pods.take() {
-                        Some(p) => p,
-                        None => pods_on(ctx, &node.name).await?,
-                    };
-                    delete_pods(ctx, &node.name, &listed).await?;
-                    // The fence, the taint and the deletions all succeeded: released. Measured
-                    // once per spell.
-                    if let Some(silent) = self.silent_since.remove(&node.name) {
+            }
+            Action::ApplyTaint { fenced_boot_id } => {
+                let change = TaintChange::Apply { fenced_boot_id };
+                let outcome = change_taint(
+                    &ctx.nodes,
+                    &ctx.leadership,
+                    &node.name,
+                    &change,
+                    ctx.api_timeout,
+                )
+                .await?;
+                if outcome == TaintOutcome::Written {
+                    tracing::info!(node = node.name, "out-of-service taint applied");
+                    if let Some(since) = job.dead_since {
                         ctx.metrics
-                            .time_to_release
-                            .observe(now.since(silent).as_secs_f64());
+                            .time_to_taint
+                            .observe(now.since(since).as_secs_f64());
                     }
                 }
-                Action::ApplyTaint { fenced_boot_id } => {
-                    let change = TaintChange::Apply { fenced_boot_id };
-                    let outcome = change_taint(
-                        &ctx.nodes,
-                        &ctx.leadership,
-                        &node.name,
-                        &change,
-                        ctx.api_timeout,
-                    )
-                    .await?;
-                    if outcome == TaintOutcome::Written {
-                        tracing::info!(node = node.name, "out-of-service taint applied");
-                        if let Some(since) = self.dead_since.get(&node.name) {
-                            ctx.metrics
-                                .time_to_taint
-                                .observe(now.since(*since).as_secs_f64());
-                        }
-                    }
+            }
+            Action::RemoveTaint | Action::MarkUnschedulable | Action::ClearUnschedulable => {
+                let change = match action {
+                    Action::RemoveTaint => TaintChange::Remove,
+                    Action::MarkUnschedulable => TaintChange::MarkUnschedulable,
+                    _ => TaintChange::ClearUnschedulable,
+                };
+                let outcome = change_taint(
+                    &ctx.nodes,
+                    &ctx.leadership,
+                    &node.name,
+                    &change,
+                    ctx.api_timeout,
+                )
+                .await?;
+                if outcome == TaintOutcome::Written {
+                    tracing::info!(node = node.name, change = change.what(), "taint written");
                 }
-                Action::RemoveTaint | Action::MarkUnschedulable | Action::ClearUnschedulable => {
-                    let change = match action {
-                        Action::RemoveTaint => TaintChange::Remove,
-                        Action::MarkUnschedulable => TaintChange::MarkUnschedulable,
-                        _ => TaintChange::ClearUnschedulable,
-                    };
-                    let outcome = change_taint(
-                        &ctx.nodes,
-                        &ctx.leadership,
-                        &node.name,
-                        &change,
-                        ctx.api_timeout,
-                    )
-                    .await?;
-                    if outcome == TaintOutcome::Written {
-                        tracing::info!(node = node.name, change = change.what(), "taint written");
-                    }
-                }
-                Action::Event { reason, message } => {
-                    publish_event(ctx, node, reason, message).await;
-                }
+            }
+            Action::Event { reason, message } => {
+                publish_event(ctx, node, reason, message).await;
             }
         }
-        Ok(())
     }
+    Ok(())
 }
 
 /// The pods bound to `node`, in every namespace: from the pod index once it has listed, else

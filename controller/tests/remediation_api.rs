@@ -534,7 +534,8 @@ async fn a_failed_taint_write_releases_no_pod() {
     // The next pass counts a1's pods (a read), then taints again: no deletion before it.
     let (list, _) = api.expect_after_events(Method::GET, PODS).await;
     list.respond(200, pod_list(vec![pod("web-0", "StatefulSet")]));
-    let get = api.expect(Method::GET, NODE_A1).await;
+    // Other nodes are stepped concurrently: their Events may come in between.
+    let (get, _) = api.expect_after_events(Method::GET, NODE_A1).await;
     get.respond(
         200,
         node("a1", "east", "32", json!([]), json!({}), json!({})),

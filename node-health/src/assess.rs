@@ -11,7 +11,7 @@ use crate::remediation::{NodeRemediation, Phase, RemediationInput, pause_reason}
 use crate::rooms::{NodeFacts, Pairing};
 use crate::time::MonoTime;
 use crate::verdict::{HealthTiming, NodeObservation, NodeVerdict, Readiness, judge};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 /// The prefix of an agent heartbeat Lease's name; the rest is the node's name.
 pub const AGENT_LEASE_PREFIX: &str = "twosite-agent-";
@@ -89,6 +89,7 @@ pub struct ClusterView {
 }
 
 impl ClusterView {
+    #[cfg(test)]
     fn node(&self, name: &str) -> Option<&NodeView> {
         self.nodes.iter().find(|n| n.record.facts.name == name)
     }
@@ -141,6 +142,37 @@ fn room_index(record: &NodeRecord, pairing: Option<&Pairing>) -> Option<usize> {
     }
 }
 
+/// Name lookups for one assessment: maps instead of a linear scan per node, which made
+/// [`assess`] quadratic (1,000 nodes: a million name comparisons per pass).
+struct Index<'a> {
+    nodes: HashMap<&'a str, &'a NodeView>,
+    partners: HashMap<&'a str, &'a str>,
+}
+
+impl<'a> Index<'a> {
+    fn new(view: &'a ClusterView, pairing: Option<&'a Pairing>) -> Index<'a> {
+        let nodes = view
+            .nodes
+            .iter()
+            .map(|n| (n.record.facts.name.as_str(), n))
+            .collect();
+        let partners = pairing
+            .map(|p| {
+                p.pairs
+                    .iter()
+                    .flat_map(|pair| {
+                        [
+                            (pair.a.as_str(), pair.b.as_str()),
+                            (pair.b.as_str(), pair.a.as_str()),
+                        ]
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Index { nodes, partners }
+    }
+}
+
 /// The nodes that may vouch for `record`'s node: its partner; for a worker without a partner,
 /// every worker of the other room (or, outside both rooms, every other worker). Control-plane
 /// nodes never vouch: they run no agent partnered with anybody.
@@ -149,9 +181,18 @@ pub fn vouchers<'a>(
     record: &NodeRecord,
     pairing: &'a Pairing,
 ) -> Vec<&'a str> {
+    vouchers_in(&Index::new(view, Some(pairing)), view, record, pairing)
+}
+
+fn vouchers_in<'a>(
+    index: &Index<'a>,
+    view: &'a ClusterView,
+    record: &NodeRecord,
+    pairing: &'a Pairing,
+) -> Vec<&'a str> {
     let name = record.facts.name.as_str();
-    match pairing.partner_of(name) {
-        Some(partner) => vec![partner],
+    match index.partners.get(name) {
+        Some(partner) => vec![*partner],
         None => {
             let own = room_index(record, Some(pairing));
             view.nodes
@@ -177,11 +218,22 @@ pub fn vouchers_clear_since(
     now: MonoTime,
     t: &HealthTiming,
 ) -> Option<MonoTime> {
+    vouchers_clear_since_in(&Index::new(view, pairing), view, record, pairing, now, t)
+}
+
+fn vouchers_clear_since_in(
+    index: &Index<'_>,
+    view: &ClusterView,
+    record: &NodeRecord,
+    pairing: Option<&Pairing>,
+    now: MonoTime,
+    t: &HealthTiming,
+) -> Option<MonoTime> {
     let pairing = pairing?;
-    vouchers(view, record, pairing)
+    vouchers_in(index, view, record, pairing)
         .into_iter()
         .try_fold(MonoTime::ZERO, |latest, v| {
-            let clear = view.node(v)?.heartbeats.clear_at(now, t)?;
+            let clear = index.nodes.get(v)?.heartbeats.clear_at(now, t)?;
             Some(latest.max(clear))
         })
 }
@@ -243,6 +295,7 @@ pub fn assess(
         })
     };
 
+    let index = Index::new(view, pairing);
     let nodes = view
         .nodes
         .iter()
@@ -263,12 +316,10 @@ pub fn assess(
             NodeAssessment {
                 uid: r.uid.clone(),
                 room: room_index(r, pairing).and(r.facts.zone.clone()),
-                partner: pairing
-                    .and_then(|p| p.partner_of(&name))
-                    .map(str::to_string),
+                partner: index.partners.get(name.as_str()).map(|p| p.to_string()),
                 input: RemediationInput {
                     verdict,
-                    vouchers_clear_since: vouchers_clear_since(view, r, pairing, now, t),
+                    vouchers_clear_since: vouchers_clear_since_in(&index, view, r, pairing, now, t),
                     excluded: r.excluded,
                     tainted: r.tainted,
                     // On without a time: just seen.

@@ -64,6 +64,10 @@ struct Args {
     /// for every fenced or tainted node. For comparison.
     #[arg(long)]
     no_pod_index: bool,
+    /// Round-trip time of every API request, in ms (0: the in-process server answers at once;
+    /// a real API server with etcd takes a few ms per write).
+    #[arg(long, default_value_t = 0.0)]
+    api_latency_ms: f64,
     /// Print the figures as JSON.
     #[arg(long)]
     json: bool,
@@ -171,10 +175,16 @@ impl Server {
         ct: &str,
         body: Value,
     ) -> (u16, Value) {
-        *self.requests.entry(kind_of(method, path)).or_default() += 1;
+        let mut kind = kind_of(method, path);
         if path.ends_with("/events") && *method == Method::POST {
+            // Events by reason: a repeated one shows.
+            if let Some(reason) = body["reason"].as_str() {
+                kind = format!("{kind} {reason}");
+            }
+            *self.requests.entry(kind).or_default() += 1;
             return (201, body);
         }
+        *self.requests.entry(kind).or_default() += 1;
         if *method == Method::GET && path == "/api/v1/pods" {
             let node = query
                 .split('&')
@@ -241,7 +251,9 @@ impl Server {
 }
 
 /// The `tower` service the controller's kube client talks to.
-fn client(server: Shared) -> kube::Client {
+/// A client of the in-process API server; every answer comes `latency` after the request was
+/// handled (a round trip to a real API server and etcd).
+fn client(server: Shared, latency: Duration) -> kube::Client {
     let service = tower::service_fn(move |req: Request<Body>| {
         let server = server.clone();
         async move {
@@ -255,16 +267,22 @@ fn client(server: Shared) -> kube::Client {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or_default()
                 .to_string();
-            let mut s = server.lock();
-            let (code, answer) = s.handle(
-                &parts.method,
-                parts.uri.path(),
-                parts.uri.query().unwrap_or_default(),
-                &ct,
-                body,
-            );
-            let bytes = serde_json::to_vec(&answer).unwrap_or_default();
-            s.own += started.elapsed();
+            let (code, bytes) = {
+                let mut s = server.lock();
+                let (code, answer) = s.handle(
+                    &parts.method,
+                    parts.uri.path(),
+                    parts.uri.query().unwrap_or_default(),
+                    &ct,
+                    body,
+                );
+                let bytes = serde_json::to_vec(&answer).unwrap_or_default();
+                s.own += started.elapsed();
+                (code, bytes)
+            };
+            if !latency.is_zero() {
+                tokio::time::sleep(latency).await;
+            }
             let response = Response::builder()
                 .status(StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
                 .header("content-type", "application/json")
@@ -303,6 +321,56 @@ fn node_json(i: usize) -> Value {
                          "architecture": "amd64"},
         },
     })
+}
+
+fn namespace_of(i: usize) -> String {
+    format!("ns-{}", i % 50)
+}
+
+fn vm_name(node: &str, j: usize) -> String {
+    format!("vm-{node}-{j}")
+}
+
+/// VM `j` of node `i`. Every other VM opts in (annotated, its template labelled as the
+/// controller labels it) and boots from a container disk; the others are plain VMs with a PVC.
+fn vm_json(i: usize, j: usize) -> Value {
+    let vm = vm_name(&node_name(i), j);
+    let ns = namespace_of(i);
+    if j.is_multiple_of(2) {
+        json!({
+            "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+            "metadata": {"name": vm, "namespace": ns, "uid": format!("uid-{vm}"),
+                         "annotations": {"twosite.dev/ha": "true"}},
+            "spec": {"runStrategy": "Always", "template": {
+                "metadata": {"labels": {"twosite.dev/ha": "true"}},
+                "spec": {"volumes": [{"name": "root", "containerDisk": {"image": "quay.io/containerdisks/fedora"}}]}}},
+            "status": {"printableStatus": "Running"},
+        })
+    } else {
+        json!({
+            "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+            "metadata": {"name": vm, "namespace": ns, "uid": format!("uid-{vm}")},
+            "spec": {"runStrategy": "Always", "template": {"spec": {"volumes": [
+                {"name": "root", "persistentVolumeClaim": {"claimName": format!("{vm}-root")}}]}}},
+            "status": {"printableStatus": "Running"},
+        })
+    }
+}
+
+fn launcher_json(node: &str, ns: &str, j: usize) -> Value {
+    let vm = vm_name(node, j);
+    let mut pod = pod_json(
+        node,
+        ns,
+        &format!("virt-launcher-{vm}"),
+        ("VirtualMachineInstance", &vm),
+        true,
+    );
+    if j.is_multiple_of(2) {
+        // KubeVirt copies the template's labels to the launcher pod.
+        pod["metadata"]["labels"]["twosite.dev/ha"] = json!("true");
+    }
+    pod
 }
 
 fn timestamp(ms: u64) -> String {
@@ -429,7 +497,10 @@ async fn bench(args: Args) -> Result<(), String> {
         commits: Vec::new(),
         own: Duration::ZERO,
     })));
-    let client = client(server.clone());
+    let client = client(
+        server.clone(),
+        Duration::from_micros((args.api_latency_ms * 1000.0) as u64),
+    );
     let cpu_start = thread_cpu();
 
     // The initial listings, through the watch handlers (objects decoded from JSON, as a watch
@@ -465,32 +536,16 @@ async fn bench(args: Args) -> Result<(), String> {
         o.apply_kubelet_lease(W::InitDone, now);
     }
     // Pods and VMs: the launcher pods are in both caches (the VM caches' launcher watch and the
-    // pod index), as in the controller.
-    let mut vms: Vec<controller::vm::types::VirtualMachine> = Vec::new();
-    let mut launchers: Vec<Pod> = Vec::new();
+    // pod index), as in the controller. Every object is made, decoded and handed over one at a
+    // time, as a watch delivers them: the bench keeps no list of its own that would count in
+    // the RSS.
     pods.apply(W::Init);
     for i in 0..n {
         let node = node_name(i);
-        let ns = format!("ns-{}", i % 50);
+        let ns = namespace_of(i);
         for j in 0..args.pods_per_node {
             let json = if j < args.vms_per_node {
-                let vm = format!("vm-{node}-{j}");
-                vms.push(decode(json!({
-                    "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
-                    "metadata": {"name": vm, "namespace": ns, "uid": format!("uid-{vm}")},
-                    "spec": {"runStrategy": "Always", "template": {"spec": {"volumes": [
-                        {"name": "root", "persistentVolumeClaim": {"claimName": format!("{vm}-root")}}]}}},
-                    "status": {"printableStatus": "Running"},
-                }))?);
-                let p = pod_json(
-                    &node,
-                    &ns,
-                    &format!("virt-launcher-{vm}"),
-                    ("VirtualMachineInstance", &vm),
-                    true,
-                );
-                launchers.push(decode(p.clone())?);
-                p
+                launcher_json(&node, &ns, j)
             } else if j == args.vms_per_node {
                 pod_json(
                     &node,
@@ -513,7 +568,14 @@ async fn bench(args: Args) -> Result<(), String> {
         }
     }
     pods.apply(W::InitDone);
-    let stores = VmStores::from_objects(vms, launchers, Vec::new(), Vec::new());
+    let per_node = args.vms_per_node;
+    let vm_objects =
+        (0..n).flat_map(|i| (0..per_node).filter_map(move |j| decode(vm_json(i, j)).ok()));
+    let launcher_objects = (0..n).flat_map(|i| {
+        (0..per_node)
+            .filter_map(move |j| decode(launcher_json(&node_name(i), &namespace_of(i), j)).ok())
+    });
+    let stores = VmStores::from_objects(vm_objects, launcher_objects, Vec::new(), Vec::new());
     let rss_loaded = proc_kib("VmRSS:");
     let cpu_loaded = thread_cpu();
 
@@ -740,6 +802,7 @@ async fn bench(args: Args) -> Result<(), String> {
     let cluster_secs = ms as f64 / 1000.0;
     let figures = json!({
         "nodes": n,
+        "api_latency_ms": args.api_latency_ms,
         "vms": n * args.vms_per_node,
         "pods": n * args.pods_per_node,
         "lost_nodes": lost.len(),

@@ -46,13 +46,18 @@ impl VmStores {
     /// Caches filled with these objects and marked listed: for tests and benches that drive
     /// the VM loop and the webhook without an API server.
     pub fn from_objects(
-        vms: Vec<VirtualMachine>,
-        launchers: Vec<Pod>,
-        claims: Vec<PersistentVolumeClaim>,
-        disk_leases: Vec<Lease>,
+        vms: impl IntoIterator<Item = VirtualMachine>,
+        launchers: impl IntoIterator<Item = Pod>,
+        claims: impl IntoIterator<Item = PersistentVolumeClaim>,
+        disk_leases: impl IntoIterator<Item = Lease>,
     ) -> VmStores {
         // Stripped as the watches strip them, so tests and the bench see what production keeps.
-        fn fill<K>(mut w: reflector::store::Writer<K>, objs: Vec<K>, strip: fn(&mut K)) -> Store<K>
+        // One object at a time, as a watch delivers them: a caller may pass a lazy iterator.
+        fn fill<K>(
+            mut w: reflector::store::Writer<K>,
+            objs: impl IntoIterator<Item = K>,
+            strip: fn(&mut K),
+        ) -> Store<K>
         where
             K: kube::Resource + Clone + 'static,
             K::DynamicType: Eq + std::hash::Hash + Clone,
