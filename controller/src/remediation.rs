@@ -189,7 +189,7 @@ fn retry_delay(failures: u32) -> Duration {
 }
 
 /// The loop's memory between passes.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Remediator {
     states: BTreeMap<String, NodeRemediation>,
     /// When each node was first judged dead in its current spell, for the time-to-taint metric.
@@ -203,9 +203,32 @@ pub struct Remediator {
     reported: BTreeSet<String>,
     /// `--dry-run`: the nodes whose "would fence" was logged in this spell.
     dry_run_logged: BTreeSet<String>,
+    /// Pod deletions of fenced and tainted nodes under way, by task, and their nodes: at most
+    /// one per node (the core asks again at its next step while the node has pods), at most
+    /// [`CONCURRENT_RELEASES`] deleting at once.
+    releases: tokio::task::JoinSet<(String, Result<()>, Option<MonoTime>)>,
+    releasing: BTreeMap<tokio::task::Id, String>,
+    release_slots: Arc<tokio::sync::Semaphore>,
     /// The earliest moment after the last pass at which a node waiting for its fence may
     /// become fenceable: the loop runs a pass then instead of at the next tick.
     wake_at: Option<MonoTime>,
+}
+
+impl Default for Remediator {
+    fn default() -> Self {
+        Remediator {
+            states: BTreeMap::new(),
+            dead_since: BTreeMap::new(),
+            silent_since: BTreeMap::new(),
+            retry: BTreeMap::new(),
+            reported: BTreeSet::new(),
+            dry_run_logged: BTreeSet::new(),
+            releases: tokio::task::JoinSet::new(),
+            releasing: BTreeMap::new(),
+            release_slots: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_RELEASES)),
+            wake_at: None,
+        }
+    }
 }
 
 impl Remediator {
@@ -234,6 +257,7 @@ impl Remediator {
             self.forget_all(ctx);
             return None;
         }
+        self.finish_releases(ctx, now);
         let view = observed.lock().cluster_view(now, &ctx.timing);
         let mut assessment = assess(&view, pairing, now, &ctx.timing, ctx.max_dead_share_pct);
         ctx.metrics
@@ -292,9 +316,13 @@ impl Remediator {
             .collect()
             .await;
         let mut deferred = Vec::new();
+        let mut releases = Vec::new();
         for (mut job, outcome) in done {
             if let Some(follow_ups) = job.deferred.take() {
                 deferred.push((job.node, follow_ups));
+            }
+            if let Some(pods) = job.release.take() {
+                releases.push((job.node.name.clone(), pods, job.silent_since.take()));
             }
             let name = self.put_back(job);
             self.record(ctx, &name, now, outcome);
@@ -314,10 +342,14 @@ impl Remediator {
             .buffer_unordered(CONCURRENT_NODES)
             .collect()
             .await;
-        for (job, outcome) in done {
+        for (mut job, outcome) in done {
+            if let Some(pods) = job.release.take() {
+                releases.push((job.node.name.clone(), pods, job.silent_since.take()));
+            }
             let name = self.put_back(job);
             self.record(ctx, &name, now, outcome);
         }
+        self.start_releases(ctx, releases, now, started);
 
         let mut statuses = Vec::with_capacity(assessment.nodes.len());
         for node in &assessment.nodes {
@@ -376,6 +408,9 @@ impl Remediator {
         if let Some(witness) = &ctx.witness {
             witness.forget_grants();
         }
+        // A former leader deletes nothing more (each deletion also checks the leadership).
+        self.releases.abort_all();
+        self.releasing.clear();
         self.states.clear();
         self.dead_since.clear();
         self.silent_since.clear();
@@ -383,6 +418,67 @@ impl Remediator {
         ctx.metrics.remediation_paused.set(0);
         for n in std::mem::take(&mut self.reported) {
             ctx.metrics.forget_node(&n);
+        }
+    }
+
+    /// Starts the deletion of the pods of each node in `releases` (with the last heartbeat
+    /// change seen before its verdict, for `time_to_release`), unless one is under way for it.
+    fn start_releases(
+        &mut self,
+        ctx: &RemediationContext,
+        releases: Vec<(String, Vec<Pod>, Option<MonoTime>)>,
+        now: MonoTime,
+        started: std::time::Instant,
+    ) {
+        for (node, pods, silent) in releases {
+            if self.releasing.values().any(|n| *n == node) {
+                // Asked again by the next step while the node has pods; measured then.
+                if let Some(at) = silent {
+                    self.silent_since.insert(node, at);
+                }
+                continue;
+            }
+            let pods = to_delete(ctx, &pods);
+            let ctx = ctx.clone();
+            let name = node.clone();
+            let slots = Arc::clone(&self.release_slots);
+            let handle = self.releases.spawn(async move {
+                // Never closed: a permit always comes.
+                let _slot = slots.acquire_owned().await;
+                let outcome = delete_pods(&ctx, &name, &pods).await;
+                // The fence, the taint and the deletions all succeeded: released. Measured
+                // once per spell; kept for the next attempt otherwise.
+                let silent = match (&outcome, silent) {
+                    (Ok(()), Some(at)) => {
+                        let spent = now.since(at) + started.elapsed();
+                        ctx.metrics.time_to_release.observe(spent.as_secs_f64());
+                        None
+                    }
+                    (_, s) => s,
+                };
+                (name, outcome, silent)
+            });
+            self.releasing.insert(handle.id(), node);
+        }
+    }
+
+    /// Takes in the pod deletions that ended since the last pass.
+    fn finish_releases(&mut self, ctx: &RemediationContext, now: MonoTime) {
+        while let Some(done) = self.releases.try_join_next_with_id() {
+            match done {
+                Ok((id, (node, outcome, silent))) => {
+                    self.releasing.remove(&id);
+                    if let Some(at) = silent {
+                        self.silent_since.entry(node.clone()).or_insert(at);
+                    }
+                    self.record(ctx, &node, now, outcome);
+                }
+                Err(err) => {
+                    if let Some(node) = self.releasing.remove(&err.id()) {
+                        tracing::warn!(node, error = %err, "pod deletion task ended abnormally");
+                    }
+                }
+            }
         }
     }
 
@@ -396,6 +492,7 @@ impl Remediator {
             silent_since: self.silent_since.remove(&node.name),
             deferred: None,
             possible_at: fence_possible_at(&node.input, &ctx.timing),
+            release: None,
         }
     }
 
@@ -418,6 +515,9 @@ impl Remediator {
 /// How many nodes a pass steps and writes for at once. Each node's own actions stay in order.
 const CONCURRENT_NODES: usize = 32;
 
+/// How many nodes' pods are being deleted at once (each node's one after another).
+const CONCURRENT_RELEASES: usize = 16;
+
 /// One node's part of a pass: its state and bookkeeping, taken out of the [`Remediator`] so
 /// that the nodes of a pass run concurrently.
 struct NodeJob<'a> {
@@ -431,6 +531,8 @@ struct NodeJob<'a> {
     deferred: Option<(std::collections::VecDeque<Action>, Option<Vec<Pod>>)>,
     /// From when the node could be fenced, for `twosite_fence_decision_seconds`.
     possible_at: Option<MonoTime>,
+    /// The pods to delete, once the node's fence and taint are written.
+    release: Option<Vec<Pod>>,
 }
 
 /// Stages 2 and 3 for one node.
@@ -568,14 +670,10 @@ async fn execute(
                     Some(p) => p,
                     None => pods_on(ctx, &node.name).await?,
                 };
-                delete_pods(ctx, &node.name, &listed).await?;
-                // The fence, the taint and the deletions all succeeded: released. Measured
-                // once per spell.
-                if let Some(silent) = job.silent_since.take() {
-                    ctx.metrics
-                        .time_to_release
-                        .observe(now.since(silent).as_secs_f64());
-                }
+                // Deleted in the background ([`Remediator::start_releases`]): when a room is
+                // lost, its thousands of pod deletions must not hold up the next pass's fences.
+                // The fence and the taint were written: the core orders the deletion last.
+                job.release = Some(listed);
             }
             Action::ApplyTaint { fenced_boot_id } => {
                 let change = TaintChange::Apply { fenced_boot_id };
@@ -641,24 +739,36 @@ async fn list_pods(ctx: &RemediationContext, node: &str) -> Result<Vec<Pod>> {
     )
 }
 
-/// Deletes every [`releasable`] pod of `pods` with grace period 0, each only if it is still the
-/// same pod (uid precondition: a StatefulSet pod recreated under the same name elsewhere is
-/// left alone). Safe only because the core proved the node fenced.
-async fn delete_pods(ctx: &RemediationContext, node: &str, pods: &[Pod]) -> Result<()> {
+/// A pod to delete: namespace, name, uid (a whole Pod per deletion waiting would cost a lost
+/// room's thousands of pods several KiB each).
+type PodToDelete = (String, String, Option<String>);
+
+/// The [`releasable`] pods of `pods`.
+fn to_delete(ctx: &RemediationContext, pods: &[Pod]) -> Vec<PodToDelete> {
     let opted_in = |k: &str| ctx.vm_opted_in(k);
-    for pod in pods.iter().filter(|p| releasable(p, &opted_in)) {
-        let (Some(name), Some(namespace)) = (
-            pod.metadata.name.as_deref(),
-            pod.metadata.namespace.as_deref(),
-        ) else {
-            continue;
-        };
+    pods.iter()
+        .filter(|p| releasable(p, &opted_in))
+        .filter_map(|p| {
+            Some((
+                p.metadata.namespace.clone()?,
+                p.metadata.name.clone()?,
+                p.metadata.uid.clone(),
+            ))
+        })
+        .collect()
+}
+
+/// Deletes `pods` (from [`to_delete`]) with grace period 0, each only if it is still the same
+/// pod (uid precondition: a StatefulSet pod recreated under the same name elsewhere is left
+/// alone). Safe only because the core proved the node fenced.
+async fn delete_pods(ctx: &RemediationContext, node: &str, pods: &[PodToDelete]) -> Result<()> {
+    for (namespace, name, uid) in pods {
         if !ctx.leadership.is_leader() {
             return Ok(());
         }
         let dp = DeleteParams {
             grace_period_seconds: Some(0),
-            preconditions: pod.metadata.uid.clone().map(|uid| Preconditions {
+            preconditions: uid.clone().map(|uid| Preconditions {
                 uid: Some(uid),
                 resource_version: None,
             }),

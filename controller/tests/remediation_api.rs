@@ -24,6 +24,7 @@ use node_health::witness::{Claim, ClaimOutcome};
 use node_health::{HealthTiming, LeaderConfig, MonoTime, NodeFacts, Pair, Pairing, Room};
 use serde_json::{Value, json};
 use std::sync::Arc;
+use std::time::Duration;
 
 const OOS: &str = "node.kubernetes.io/out-of-service";
 const UNRESPONSIVE: &str = "twosite.dev/unresponsive";
@@ -507,6 +508,69 @@ async fn a_dead_node_with_a_clear_partner_is_committed_then_its_pods_deleted_and
         text.contains(r#"twosite_node_phase{node="a1",phase="Fenced"} 1"#),
         "{text}"
     );
+}
+
+/// A lost room's pod deletions run beside the passes: a pass does not wait for a deletion under
+/// way (the next fences would), and does not ask for a node's pods twice while it is.
+#[tokio::test]
+async fn a_pass_does_not_wait_for_a_pod_deletion_under_way_nor_repeat_it() {
+    let (client, mut api) = mock_client();
+    let leadership = leading(client.clone(), &mut api).await;
+    let ctx = context(client, leadership);
+    let run = passes(ctx, observed(Setup::default()), vec![30_000, 30_500]);
+
+    let (get, _) = api.expect_after_events(Method::GET, AGENT_A1).await;
+    get.respond(200, agent("a1", "1", "0", "enabled", false));
+    api.expect(Method::PATCH, AGENT_A1)
+        .await
+        .respond(200, agent("a1", "2", "0", "enabled", true));
+    let node_a1 = || node("a1", "east", "30", json!([]), json!({}), json!({}));
+    api.expect(Method::GET, NODE_A1)
+        .await
+        .respond(200, node_a1());
+    api.expect(Method::PATCH, NODE_A1)
+        .await
+        .respond(200, node_a1());
+    api.expect(Method::GET, PODS)
+        .await
+        .respond(200, pod_list(vec![pod("web-0", "StatefulSet")]));
+    // The deletion is sent and left unanswered. Meanwhile the next pass (the watch still
+    // shows a1 untainted, web-0 still there) writes the taint again and asks for no second
+    // deletion. The deletion runs beside the pass: the two come in either order.
+    let mut held = Vec::new();
+    let mut patches = 0;
+    while patches < 1 || held.is_empty() {
+        let seen = api.next().await;
+        match (seen.method.clone(), seen.path.as_str()) {
+            (Method::DELETE, _) => held.push(seen),
+            (Method::POST, p) if p.ends_with("/events") => {
+                let body = seen.body.clone();
+                seen.respond(201, body);
+            }
+            (Method::GET, PODS) => seen.respond(200, pod_list(vec![pod("web-0", "StatefulSet")])),
+            (Method::GET, NODE_A1) => seen.respond(200, node_a1()),
+            (Method::PATCH, NODE_A1) => {
+                patches += 1;
+                seen.respond(200, node_a1());
+            }
+            (m, p) => panic!("unexpected {m} {p}"),
+        }
+    }
+    let r = tokio::time::timeout(Duration::from_secs(5), run)
+        .await
+        .expect("both passes ended while the deletion was under way")
+        .expect("passes");
+    assert_eq!(r.phase("a1"), Some(Phase::Fenced));
+    let (rest, _) = api.drain().await;
+    assert!(
+        rest.iter().all(|q| !q.starts_with("DELETE")),
+        "a second deletion: {rest:?}"
+    );
+    assert_eq!(held.len(), 1, "one deletion of web-0");
+    for h in held {
+        assert_eq!(h.path, "/api/v1/namespaces/default/pods/web-0");
+        h.respond(200, pod("web-0", "StatefulSet"));
+    }
 }
 
 /// A taint write that fails deletes nothing: no replacement may be scheduled while the dead
