@@ -240,7 +240,7 @@ async fn run(args: RunArgs, witness: Option<WitnessSettings>) -> Result<()> {
         volumes: volumes_rx,
         vms: vms_rx,
     };
-    let volume_ctx = crate::volumes::VolumeContext {
+    let mut volume_ctx = crate::volumes::VolumeContext {
         leases: Api::all(client.clone()),
         pods: Api::all(client.clone()),
         client: client.clone(),
@@ -251,6 +251,7 @@ async fn run(args: RunArgs, witness: Option<WitnessSettings>) -> Result<()> {
         timing: node_health::volume::VolumeTiming::default(),
         clock: Arc::clone(&clock),
         dry_run: args.dry_run,
+        stores: None,
     };
     let mut remediation_ctx = RemediationContext {
         nodes: Api::all(client.clone()),
@@ -374,8 +375,13 @@ async fn run(args: RunArgs, witness: Option<WitnessSettings>) -> Result<()> {
             health.register("remediation", remediation_silence),
         )),
     );
-    // A pass lists two kinds and makes a few writes per switching volume.
+    // A pass makes a few writes per switching volume (and lists two kinds until the watches
+    // have listed).
     let volume_silence = Some(api_timeout * 10 + Duration::from_secs(30));
+    let (volume_stores, volume_watches) =
+        crate::volumes::start_watches(&client, health.register("volume watches", None));
+    volume_ctx.stores = Some(volume_stores);
+    spawn("volume watches", volume_watches);
     spawn(
         "volumes",
         Box::pin(crate::volumes::run_volume_loop(

@@ -26,6 +26,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ObjectReference, Pod};
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::events::Recorder;
+use kube::runtime::reflector::Store;
 use kube::{Api, Resource};
 use node_health::time::Clock;
 use node_health::volume::VolumeTiming;
@@ -54,6 +55,75 @@ pub struct VolumeContext {
     pub clock: Arc<dyn Clock + Send + Sync>,
     /// `--dry-run`: decide and log what would be written, write nothing but Events.
     pub dry_run: bool,
+    /// The Leases and their consumers from watches ([`start_watches`]); `None`, or until both
+    /// have listed: listed on every pass.
+    pub stores: Option<VolumeStores>,
+}
+
+/// Watch-fed caches of the volume Leases and their consumer pods (both labelled
+/// `twosite.dev/volume`): a pass reads memory instead of listing both kinds every 500 ms, which
+/// on a real API server was most of a calm controller's requests (quorum reads of every Lease).
+#[derive(Clone)]
+pub struct VolumeStores {
+    pub leases: Store<Lease>,
+    pub pods: Store<Pod>,
+}
+
+impl VolumeStores {
+    /// Both caches have had their first full list.
+    pub fn ready(&self) -> bool {
+        crate::vm::watch::listed(&self.leases) && crate::vm::watch::listed(&self.pods)
+    }
+}
+
+/// Starts the two watches; the future drives them (and beats `guard`) until they end.
+pub fn start_watches(
+    client: &kube::Client,
+    guard: crate::admin::LoopGuard,
+) -> (
+    VolumeStores,
+    futures::future::BoxFuture<'static, Result<()>>,
+) {
+    use futures::StreamExt;
+    use kube::runtime::{WatchStreamExt, reflector, watcher};
+    let (leases, lease_writer) = reflector::store();
+    let (pods, pod_writer) = reflector::store();
+    let config = watcher::Config::default().labels(VOLUME_LABEL);
+    let strip_pod = |p: &mut Pod| p.metadata.managed_fields = None;
+    let streams = vec![
+        crate::vm::watch::drive(
+            "volume Lease",
+            reflector::reflector(
+                lease_writer,
+                watcher(Api::<Lease>::all(client.clone()), config.clone()),
+            )
+            .default_backoff()
+            .map(|e| e.map(|_| ()))
+            .boxed(),
+        ),
+        crate::vm::watch::drive(
+            "volume consumer pod",
+            reflector::reflector(
+                pod_writer,
+                watcher(Api::<Pod>::all(client.clone()), config).modify(strip_pod),
+            )
+            .default_backoff()
+            .map(|e| e.map(|_| ()))
+            .boxed(),
+        ),
+    ];
+    let run = Box::pin(async move {
+        let all = futures::future::join_all(streams);
+        tokio::pin!(all);
+        let mut beat = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = &mut all => return Ok(()),
+                _ = beat.tick() => guard.beat(),
+            }
+        }
+    });
+    (VolumeStores { leases, pods }, run)
 }
 
 fn uid(pod: &Pod) -> Option<&str> {
@@ -179,24 +249,43 @@ impl VolumeLoop {
             self.switches.clear();
             return Ok(Vec::new());
         }
-        let selector = ListParams::default().labels(VOLUME_LABEL);
-        let leases = with_timeout(
-            "list volume leases",
-            ctx.api_timeout,
-            ctx.leases.list(&selector),
-        )
-        .await?
-        .items;
-        let pods = if leases.is_empty() {
-            Vec::new()
-        } else {
-            with_timeout(
-                "list volume consumers",
-                ctx.api_timeout,
-                ctx.pods.list(&selector),
-            )
-            .await?
-            .items
+        let (leases, pods) = match ctx.stores.as_ref().filter(|s| s.ready()) {
+            Some(stores) => {
+                let leases: Vec<Lease> = stores
+                    .leases
+                    .state()
+                    .iter()
+                    .map(|l| (**l).clone())
+                    .collect();
+                let pods = if leases.is_empty() {
+                    Vec::new()
+                } else {
+                    stores.pods.state().iter().map(|p| (**p).clone()).collect()
+                };
+                (leases, pods)
+            }
+            None => {
+                let selector = ListParams::default().labels(VOLUME_LABEL);
+                let leases = with_timeout(
+                    "list volume leases",
+                    ctx.api_timeout,
+                    ctx.leases.list(&selector),
+                )
+                .await?
+                .items;
+                let pods = if leases.is_empty() {
+                    Vec::new()
+                } else {
+                    with_timeout(
+                        "list volume consumers",
+                        ctx.api_timeout,
+                        ctx.pods.list(&selector),
+                    )
+                    .await?
+                    .items
+                };
+                (leases, pods)
+            }
         };
         // The core's node sets, as the remediation loop computed them this pass.
         let (fenced, live) = view

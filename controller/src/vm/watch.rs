@@ -26,15 +26,6 @@ impl VmStores {
     /// Whether every cache has had its first full list (before that, an empty cache would read
     /// as "the old pod is gone").
     pub fn ready(&self) -> bool {
-        fn listed<K: kube::Resource + Clone + 'static>(s: &Store<K>) -> bool
-        where
-            K::DynamicType: Eq + std::hash::Hash + Clone,
-        {
-            use futures::FutureExt;
-            s.wait_until_ready()
-                .now_or_never()
-                .is_some_and(|r| r.is_ok())
-        }
         listed(&self.vms)
             && listed(&self.launchers)
             && listed(&self.claims)
@@ -218,9 +209,20 @@ pub fn start(
     (stores, run)
 }
 
+/// Whether a cache has had its first full list.
+pub(crate) fn listed<K: kube::Resource + Clone + 'static>(s: &Store<K>) -> bool
+where
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    use futures::FutureExt;
+    s.wait_until_ready()
+        .now_or_never()
+        .is_some_and(|r| r.is_ok())
+}
+
 /// Runs one watch to its end, logging its errors (a missing KubeVirt CRD shows up here, with
 /// backoff, until KubeVirt is installed).
-async fn drive(
+pub(crate) async fn drive(
     what: &'static str,
     mut stream: futures::stream::BoxStream<'static, std::result::Result<(), watcher::Error>>,
 ) {
