@@ -305,16 +305,22 @@ impl Remediator {
                 jobs.push(self.take_job(ctx, node));
             }
         }
-        // Futures pushed in a loop, not mapped by a closure: a closure here is not general
-        // enough over the jobs' lifetimes for the loop's `Send` future.
-        let mut steps = Vec::with_capacity(jobs.len());
-        for job in jobs {
-            steps.push(step_node(ctx, job, now, started));
+        // Each future is made when it starts (one per node made up front would hold several
+        // KiB each), in a loop rather than by a closure, which would not be general enough
+        // over the jobs' lifetimes for the loop's `Send` future.
+        let mut done: Vec<(NodeJob<'_>, Result<()>)> = Vec::with_capacity(jobs.len());
+        let mut pending = jobs.into_iter();
+        let mut running = futures::stream::FuturesUnordered::new();
+        loop {
+            while running.len() < CONCURRENT_NODES {
+                let Some(job) = pending.next() else { break };
+                running.push(step_node(ctx, job, now, started));
+            }
+            match running.next().await {
+                Some(d) => done.push(d),
+                None => break,
+            }
         }
-        let done: Vec<(NodeJob<'_>, Result<()>)> = futures::stream::iter(steps)
-            .buffer_unordered(CONCURRENT_NODES)
-            .collect()
-            .await;
         let mut deferred = Vec::new();
         let mut releases = Vec::new();
         for (mut job, outcome) in done {
@@ -327,21 +333,22 @@ impl Remediator {
             let name = self.put_back(job);
             self.record(ctx, &name, now, outcome);
         }
-        let mut follow_ups = Vec::with_capacity(deferred.len());
-        for (node, (actions, pods)) in deferred {
-            follow_ups.push(follow_up(
-                ctx,
-                self.take_job(ctx, node),
-                actions,
-                pods,
-                now,
-                started,
-            ));
+        let mut done: Vec<(NodeJob<'_>, Result<()>)> = Vec::with_capacity(deferred.len());
+        let mut pending = deferred.into_iter();
+        let mut running = futures::stream::FuturesUnordered::new();
+        loop {
+            while running.len() < CONCURRENT_NODES {
+                let Some((node, (actions, pods))) = pending.next() else {
+                    break;
+                };
+                let job = self.take_job(ctx, node);
+                running.push(follow_up(ctx, job, actions, pods, now, started));
+            }
+            match running.next().await {
+                Some(d) => done.push(d),
+                None => break,
+            }
         }
-        let done: Vec<(NodeJob<'_>, Result<()>)> = futures::stream::iter(follow_ups)
-            .buffer_unordered(CONCURRENT_NODES)
-            .collect()
-            .await;
         for (mut job, outcome) in done {
             if let Some(pods) = job.release.take() {
                 releases.push((job.node.name.clone(), pods, job.silent_since.take()));
@@ -426,7 +433,7 @@ impl Remediator {
     fn start_releases(
         &mut self,
         ctx: &RemediationContext,
-        releases: Vec<(String, Vec<Pod>, Option<MonoTime>)>,
+        releases: Vec<(String, Vec<PodToDelete>, Option<MonoTime>)>,
         now: MonoTime,
         started: std::time::Instant,
     ) {
@@ -438,7 +445,6 @@ impl Remediator {
                 }
                 continue;
             }
-            let pods = to_delete(ctx, &pods);
             let ctx = ctx.clone();
             let name = node.clone();
             let slots = Arc::clone(&self.release_slots);
@@ -528,11 +534,11 @@ struct NodeJob<'a> {
     dead_since: Option<MonoTime>,
     silent_since: Option<MonoTime>,
     /// The follow-ups of a fence committed in this pass, with the pods counted for them.
-    deferred: Option<(std::collections::VecDeque<Action>, Option<Vec<Pod>>)>,
+    deferred: Option<(std::collections::VecDeque<Action>, Option<Vec<PodToDelete>>)>,
     /// From when the node could be fenced, for `twosite_fence_decision_seconds`.
     possible_at: Option<MonoTime>,
     /// The pods to delete, once the node's fence and taint are written.
-    release: Option<Vec<Pod>>,
+    release: Option<Vec<PodToDelete>>,
 }
 
 /// Stages 2 and 3 for one node.
@@ -550,7 +556,9 @@ async fn step_node<'a>(
             Ok(listed) => {
                 (input.pods, input.terminating_pods) =
                     pod_counts(&listed, &|k: &str| ctx.vm_opted_in(k));
-                pods = Some(listed);
+                // Only what the deletion needs is kept: a lost room's pods, whole, would be
+                // tens of MiB at once.
+                pods = Some(to_delete(ctx, &listed));
             }
             Err(err) => return (job, Err(err)),
         }
@@ -578,7 +586,7 @@ async fn follow_up<'a>(
     ctx: &RemediationContext,
     mut job: NodeJob<'a>,
     actions: std::collections::VecDeque<Action>,
-    pods: Option<Vec<Pod>>,
+    pods: Option<Vec<PodToDelete>>,
     now: MonoTime,
     started: std::time::Instant,
 ) -> (NodeJob<'a>, Result<()>) {
@@ -595,7 +603,7 @@ async fn execute(
     ctx: &RemediationContext,
     job: &mut NodeJob<'_>,
     mut actions: std::collections::VecDeque<Action>,
-    mut pods: Option<Vec<Pod>>,
+    mut pods: Option<Vec<PodToDelete>>,
     now: MonoTime,
     defer_release: bool,
     started: std::time::Instant,
@@ -668,7 +676,7 @@ async fn execute(
             Action::DeletePods => {
                 let listed = match pods.take() {
                     Some(p) => p,
-                    None => pods_on(ctx, &node.name).await?,
+                    None => to_delete(ctx, &pods_on(ctx, &node.name).await?),
                 };
                 // Deleted in the background ([`Remediator::start_releases`]): when a room is
                 // lost, its thousands of pod deletions must not hold up the next pass's fences.

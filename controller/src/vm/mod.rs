@@ -195,7 +195,7 @@ impl VmLoop {
                 gated += 1;
             }
             if !actions.is_empty() {
-                writes.push(run_actions(ctx, vm, key, ns_leases, vm_pods, actions));
+                writes.push((vm, key, ns_leases, vm_pods, actions));
             }
             out.push(VmStatus {
                 namespace: ns,
@@ -212,10 +212,21 @@ impl VmLoop {
         }
         // Each VM's actions in order, several VMs at once: when a room is lost, the last VM's
         // gate must not wait behind every other VM's Events and writes.
-        futures::stream::iter(writes)
-            .buffer_unordered(CONCURRENT_VMS)
-            .collect::<Vec<()>>()
-            .await;
+        // Each future is made when it starts: one per VM made up front would hold several KiB
+        // each (16 MiB for a lost room of 2,500 VMs).
+        let mut pending = writes.into_iter();
+        let mut running = futures::stream::FuturesUnordered::new();
+        loop {
+            while running.len() < CONCURRENT_VMS {
+                let Some((vm, key, leases, pods, actions)) = pending.next() else {
+                    break;
+                };
+                running.push(run_actions(ctx, vm, key, leases, pods, actions));
+            }
+            if running.next().await.is_none() {
+                break;
+            }
+        }
         if !ctx.leadership.is_leader() {
             return Vec::new();
         }
