@@ -129,7 +129,7 @@ pub use node_health::report::report;
 /// Publishes one Event about `regarding`, best effort: a lost Event is logged, never an error
 /// (the remediation and the volume loops share it).
 pub async fn publish_event(
-    recorder: &kube::runtime::events::Recorder,
+    recorder: &crate::events::EventSink,
     api_timeout: std::time::Duration,
     regarding: &k8s_openapi::api::core::v1::ObjectReference,
     event: (&str, bool, &str),

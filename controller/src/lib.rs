@@ -18,6 +18,7 @@ pub mod admin;
 pub mod cli;
 pub mod crd;
 pub mod error;
+pub mod events;
 pub mod fence_marker;
 pub mod guard;
 pub mod heartbeats;

@@ -14,7 +14,7 @@ use crate::status::{RemediationView, StatusInput, desired_status, transitions};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::StreamExt;
 use kube::api::{Patch, PatchParams, PostParams};
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{Event, EventType};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Resource};
 use node_health::{NodeFacts, Pair, Pairing, Room};
@@ -33,7 +33,7 @@ pub const RESYNC: Duration = Duration::from_secs(30);
 #[derive(Clone)]
 pub struct Context {
     pub twosites: Api<TwoSite>,
-    pub recorder: Recorder,
+    pub recorder: crate::events::EventSink,
     pub leadership: Leadership,
     pub metrics: Arc<Metrics>,
     pub api_timeout: Duration,
@@ -51,7 +51,7 @@ impl Context {
     /// A context with fresh channels for the pairing and the remediation view.
     pub fn new(
         twosites: Api<TwoSite>,
-        recorder: Recorder,
+        recorder: crate::events::EventSink,
         leadership: Leadership,
         metrics: Arc<Metrics>,
         api_timeout: Duration,

@@ -32,7 +32,6 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, ObjectReference, Pod};
 use kube::Api;
 use kube::api::{DeleteParams, ListParams, Preconditions};
-use kube::runtime::events::Recorder;
 use node_health::assess::{NodeAssessment, apply_witness, assess, needs_pod_count, rooms_to_claim};
 use node_health::remediation::Phase;
 use node_health::{Action, HealthTiming, MonoTime, NodeRemediation, Pairing};
@@ -54,7 +53,7 @@ pub struct RemediationContext {
     pub agent_leases: Api<Lease>,
     /// Pods of every namespace.
     pub pods: Api<Pod>,
-    pub recorder: Recorder,
+    pub recorder: crate::events::EventSink,
     pub leadership: Leadership,
     pub metrics: Arc<Metrics>,
     pub api_timeout: Duration,

@@ -17,7 +17,7 @@ use crate::remediation::{RemediationContext, run_remediation_loop};
 use crate::witness_link::WitnessLink;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::Reporter;
 use kube::{Api, Client};
 use node_health::agentd::witness_flags::{WitnessFlagError, WitnessFlags, WitnessSettings};
 use node_health::{Clock, HealthTiming, LeaderConfig, SystemClock};
@@ -217,7 +217,7 @@ async fn run(args: RunArgs, witness: Option<WitnessSettings>) -> Result<()> {
         Arc::clone(&metrics),
         api_timeout,
     );
-    let recorder = Recorder::new(
+    let recorder = crate::events::EventSink::new(
         client.clone(),
         Reporter {
             controller: FIELD_MANAGER.to_string(),

@@ -25,7 +25,6 @@ use crate::status::RemediationView;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ObjectReference, Pod};
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
-use kube::runtime::events::Recorder;
 use kube::runtime::reflector::Store;
 use kube::{Api, Resource};
 use node_health::time::Clock;
@@ -47,7 +46,7 @@ pub struct VolumeContext {
     pub leases: Api<Lease>,
     pub pods: Api<Pod>,
     pub client: kube::Client,
-    pub recorder: Recorder,
+    pub recorder: crate::events::EventSink,
     pub leadership: Leadership,
     pub metrics: Arc<Metrics>,
     pub api_timeout: Duration,

@@ -27,7 +27,7 @@ use http::{Method, Request, Response, StatusCode};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::client::Body;
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::Reporter;
 use kube::runtime::watcher::Event as W;
 use node_health::{Clock, HealthTiming, LeaderConfig, MonoTime, NodeVerdict, Pairing};
 use serde_json::{Value, json};
@@ -594,7 +594,7 @@ async fn bench(args: Args) -> Result<(), String> {
         Arc::clone(&metrics),
         Duration::from_secs(5),
     );
-    let recorder = Recorder::new(
+    let recorder = controller::events::EventSink::new(
         client.clone(),
         Reporter {
             controller: "twosite-controller".into(),

@@ -34,7 +34,7 @@ pub const INTERVAL: Duration = Duration::from_millis(500);
 pub struct VmContext {
     pub client: kube::Client,
     pub stores: VmStores,
-    pub recorder: kube::runtime::events::Recorder,
+    pub recorder: crate::events::EventSink,
     pub leadership: Leadership,
     pub metrics: Arc<Metrics>,
     pub api_timeout: Duration,

@@ -9,7 +9,7 @@ use controller::pairing::{Context, Outcome, reconcile_pairing};
 use http::{Method, Request, Response, StatusCode};
 use kube::Client;
 use kube::client::Body;
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::Reporter;
 use node_health::{LeaderConfig, NodeFacts};
 use serde_json::{Value, json};
 use std::sync::Arc;
@@ -283,8 +283,8 @@ pub async fn lead(client: Client, api: &mut ApiServer, metrics: Arc<Metrics>) ->
 }
 
 /// The Event recorder of replica [`ME`].
-pub fn recorder(client: Client) -> Recorder {
-    Recorder::new(
+pub fn recorder(client: Client) -> controller::events::EventSink {
+    controller::events::EventSink::new(
         client,
         Reporter {
             controller: "twosite-controller".into(),
