@@ -111,18 +111,10 @@ pub fn start_watches(
             .boxed(),
         ),
     ];
-    let run = Box::pin(async move {
-        let all = futures::future::join_all(streams);
-        tokio::pin!(all);
-        let mut beat = tokio::time::interval(std::time::Duration::from_secs(5));
-        loop {
-            tokio::select! {
-                _ = &mut all => return Ok(()),
-                _ = beat.tick() => guard.beat(),
-            }
-        }
-    });
-    (VolumeStores { leases, pods }, run)
+    (
+        VolumeStores { leases, pods },
+        crate::vm::watch::drive_all(streams, guard),
+    )
 }
 
 fn uid(pod: &Pod) -> Option<&str> {

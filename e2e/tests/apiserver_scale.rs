@@ -216,6 +216,26 @@ struct Generator {
     renewals: Mutex<Vec<Renewal>>,
 }
 
+impl Generator {
+    /// A generator with a slot per node of `cluster`, sharing `permits`.
+    fn new(cluster: &[TestNode], permits: Arc<Semaphore>) -> Generator {
+        Generator {
+            slots: cluster
+                .iter()
+                .map(|n| Slot {
+                    node: n.name.clone(),
+                    room: usize::from(n.zone == ROOMS[1]),
+                    last: tokio::sync::Mutex::new(None),
+                })
+                .collect(),
+            alive: [AtomicBool::new(true), AtomicBool::new(true)],
+            stop: AtomicBool::new(false),
+            permits,
+            renewals: Mutex::new(Vec::new()),
+        }
+    }
+}
+
 /// The agent's heartbeat Lease as `heartbeat_lease` (node-health/src/agentd/heartbeat.rs)
 /// builds it on the last-read one; or the kubelet's node Lease.
 fn renewed_lease(kind: LeaseKind, node: &str, base: Option<&Lease>) -> Lease {
@@ -901,34 +921,11 @@ async fn apiserver_scale() {
     );
 
     // The load: every node's agent (but the real agents') and kubelet.
-    let generator = Arc::new(Generator {
-        slots: cluster
-            .iter()
-            .map(|n| Slot {
-                node: n.name.clone(),
-                room: usize::from(n.zone == ROOMS[1]),
-                last: tokio::sync::Mutex::new(None),
-            })
-            .collect(),
-        alive: [AtomicBool::new(true), AtomicBool::new(true)],
-        stop: AtomicBool::new(false),
-        permits: Arc::new(Semaphore::new(concurrency)),
-        renewals: Mutex::new(Vec::new()),
-    });
-    let kubelet_generator = Arc::new(Generator {
-        slots: cluster
-            .iter()
-            .map(|n| Slot {
-                node: n.name.clone(),
-                room: usize::from(n.zone == ROOMS[1]),
-                last: tokio::sync::Mutex::new(None),
-            })
-            .collect(),
-        alive: [AtomicBool::new(true), AtomicBool::new(true)],
-        stop: AtomicBool::new(false),
-        permits: Arc::clone(&generator.permits),
-        renewals: Mutex::new(Vec::new()),
-    });
+    let generator = Arc::new(Generator::new(
+        &cluster,
+        Arc::new(Semaphore::new(concurrency)),
+    ));
+    let kubelet_generator = Arc::new(Generator::new(&cluster, Arc::clone(&generator.permits)));
     let agent_leases: Api<Lease> = Api::namespaced(admin.clone(), NAMESPACE);
     let load_started_ms = now_ms();
     let agent_load = run_generator(

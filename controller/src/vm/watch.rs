@@ -195,8 +195,16 @@ pub fn start(
         claims,
         disk_leases,
     };
-    let run = Box::pin(async move {
-        let all = futures::future::join_all(streams);
+    (stores, drive_all(streams, guard))
+}
+
+/// Drives `watches` together until they all end, beating `guard` every 5 s meanwhile.
+pub(crate) fn drive_all(
+    watches: Vec<impl std::future::Future<Output = ()> + Send + 'static>,
+    guard: LoopGuard,
+) -> futures::future::BoxFuture<'static, Result<()>> {
+    Box::pin(async move {
+        let all = futures::future::join_all(watches);
         tokio::pin!(all);
         let mut beat = tokio::time::interval(std::time::Duration::from_secs(5));
         loop {
@@ -205,8 +213,7 @@ pub fn start(
                 _ = beat.tick() => guard.beat(),
             }
         }
-    });
-    (stores, run)
+    })
 }
 
 /// Whether a cache has had its first full list.
