@@ -59,7 +59,7 @@ pub struct GatedPod {
 pub fn gated_pods(pods: &[Pod], now: jiff::Timestamp) -> Vec<GatedPod> {
     let mut out: Vec<GatedPod> = pods
         .iter()
-        .filter(|p| crate::vm::types::has_gate(p))
+        .filter(crate::vm::types::has_gate)
         .map(|p| GatedPod {
             namespace: p.metadata.namespace.clone().unwrap_or_default(),
             name: p.metadata.name.clone().unwrap_or_default(),

@@ -1,11 +1,11 @@
 //! The VM loop's writes, one per core action.
 
 use super::VmContext;
-use super::types::{GATED_ANNOTATION, VirtualMachine, has_gate, vm_resource};
+use super::types::{GATED_ANNOTATION, LauncherPod, PodFields, VirtualMachine, has_gate};
 use crate::error::{Error, Result, publish_event, with_timeout};
 use crate::guard::lease_io::HANDOVER_ANNOTATION;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::api::core::v1::{ObjectReference, Pod};
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
@@ -26,7 +26,7 @@ fn vm_reference(vm: &VirtualMachine) -> ObjectReference {
 }
 
 /// An Event on a launcher pod (the VM is gone, so there is nothing else to put it on).
-pub(super) async fn pod_event(ctx: &VmContext, pod: &Pod, message: &str) {
+pub(super) async fn pod_event(ctx: &VmContext, pod: &LauncherPod, message: &str) {
     let reference = ObjectReference {
         api_version: Some("v1".into()),
         kind: Some("Pod".into()),
@@ -92,7 +92,7 @@ pub(super) async fn execute(
     ctx: &VmContext,
     vm: &VirtualMachine,
     leases: &[&Lease],
-    pods: &[Arc<Pod>],
+    pods: &[Arc<LauncherPod>],
     action: &VmAction,
 ) -> Result<()> {
     let ns = vm.namespace().unwrap_or_default();
@@ -112,8 +112,7 @@ pub(super) async fn execute(
     }
     match action {
         VmAction::SetTemplateLabel { on } => {
-            let api: Api<VirtualMachine> =
-                Api::namespaced_with(ctx.client.clone(), &ns, &vm_resource());
+            let api: Api<VirtualMachine> = Api::namespaced(ctx.client.clone(), &ns);
             let value = if *on { json!("true") } else { json!(null) };
             let patch = json!({"spec": {"template": {"metadata": {"labels": {HA_LABEL: value}}}}});
             with_timeout(
@@ -261,24 +260,19 @@ pub(super) async fn execute(
 /// The JSON patch that lifts the gate of `pod` as read: a uid test (a new pod of the same name
 /// is not touched), the gate's removal by index with a test of its name, the annotation's
 /// removal. `None` if there is nothing to lift.
-pub fn ungate_patch(pod: &Pod) -> Option<json_patch::Patch> {
+pub fn ungate_patch(pod: &impl PodFields) -> Option<json_patch::Patch> {
     if !has_gate(pod) {
         return None;
     }
-    let mut ops = vec![json!({"op": "test", "path": "/metadata/uid", "value": pod.metadata.uid})];
-    if let Some(i) = pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.scheduling_gates.as_ref())
-        .and_then(|g| g.iter().position(|g| g.name == GATE))
-    {
+    let meta = pod.pod_meta();
+    let mut ops = vec![json!({"op": "test", "path": "/metadata/uid", "value": meta.uid})];
+    if let Some(i) = pod.scheduling_gates().iter().position(|g| g.name == GATE) {
         ops.push(
             json!({"op": "test", "path": format!("/spec/schedulingGates/{i}/name"), "value": GATE}),
         );
         ops.push(json!({"op": "remove", "path": format!("/spec/schedulingGates/{i}")}));
     }
-    if pod
-        .metadata
+    if meta
         .annotations
         .as_ref()
         .is_some_and(|a| a.contains_key(GATED_ANNOTATION))
@@ -288,11 +282,13 @@ pub fn ungate_patch(pod: &Pod) -> Option<json_patch::Patch> {
     serde_json::from_value(serde_json::Value::Array(ops)).ok()
 }
 
-async fn ungate(ctx: &VmContext, pod: &Pod) -> Result<()> {
+async fn ungate(ctx: &VmContext, pod: &LauncherPod) -> Result<()> {
     let Some(patch) = ungate_patch(pod) else {
         return Ok(());
     };
-    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &pod.namespace().unwrap_or_default());
+    // Read back into the slim form too: the answer is the whole pod.
+    let api: Api<LauncherPod> =
+        Api::namespaced(ctx.client.clone(), &pod.namespace().unwrap_or_default());
     with_timeout(
         "lift scheduling gate",
         ctx.api_timeout,
@@ -309,6 +305,7 @@ async fn ungate(ctx: &VmContext, pod: &Pod) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::api::core::v1::Pod;
 
     #[test]
     fn the_ungate_patch_tests_the_uid_and_the_gate_and_drops_the_annotation() {

@@ -135,8 +135,7 @@ impl VmLoop {
                 .or_default()
                 .push(l);
         }
-        let mut launchers: HashMap<(&str, &str), Vec<Arc<k8s_openapi::api::core::v1::Pod>>> =
-            HashMap::new();
+        let mut launchers: HashMap<(&str, &str), Vec<Arc<types::LauncherPod>>> = HashMap::new();
         for p in &pods {
             if let Some(vm) = types::launcher_vm(p) {
                 let k = (ns_of(&p.metadata), vm);
@@ -173,8 +172,7 @@ impl VmLoop {
                 .get(&(ns_of(&vm.metadata), name_of(&vm.metadata)))
                 .cloned()
                 .unwrap_or_default();
-            let facts_launchers: Vec<_> =
-                vm_pods.iter().filter_map(|p| types::launcher(p)).collect();
+            let facts_launchers: Vec<_> = vm_pods.iter().filter_map(types::launcher).collect();
             let run = types::run_strategy(vm);
             let facts = VmFacts {
                 opt_in: &opt_in,
@@ -241,7 +239,7 @@ impl VmLoop {
     async fn report_orphans(
         &mut self,
         ctx: &VmContext,
-        pods: &[Arc<k8s_openapi::api::core::v1::Pod>],
+        pods: &[Arc<types::LauncherPod>],
         vms: &[Arc<types::VirtualMachine>],
     ) {
         // Built only when a gated pod is seen: gated pods are few, VMs many.
@@ -285,7 +283,7 @@ async fn run_actions(
     vm: &types::VirtualMachine,
     key: String,
     leases: Vec<&k8s_openapi::api::coordination::v1::Lease>,
-    pods: Vec<Arc<k8s_openapi::api::core::v1::Pod>>,
+    pods: Vec<Arc<types::LauncherPod>>,
     actions: Vec<node_health::vm::VmAction>,
 ) {
     for action in actions {
@@ -337,8 +335,8 @@ pub async fn run_vm_loop(
 /// fenced node's pods.
 pub fn opted_in(stores: &VmStores, key: &str) -> Option<bool> {
     let (ns, name) = key.split_once('/')?;
-    let vm = stores.vms.get(
-        &kube::runtime::reflector::ObjectRef::new_with(name, types::vm_resource()).within(ns),
-    )?;
+    let vm = stores
+        .vms
+        .get(&kube::runtime::reflector::ObjectRef::new(name).within(ns))?;
     Some(types::vm_opt_in(&vm).is_in())
 }

@@ -6,13 +6,14 @@
 
 use crate::guard::lease_io;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
-use kube::core::{ApiResource, NotUsed, Object};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, PodSchedulingGate};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use node_health::vm::{
     self, ClaimFacts, Disk, GATE, LAUNCHER_LABEL, Launcher, LauncherPhase, OptIn, PodOwner,
     RunStrategy,
 };
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 /// `spec` of a VirtualMachine, as far as twosite reads it.
@@ -81,17 +82,39 @@ pub struct VmStatus {
     pub printable_status: Option<String>,
 }
 
-pub type VirtualMachine = Object<VmSpec, VmStatus>;
-/// A VirtualMachineInstance: only its metadata is read (the launcher pod says where it runs).
-pub type VirtualMachineInstance = Object<NotUsed, NotUsed>;
+/// A VirtualMachine as the VM cache keeps it. A type of its own, not `Object<VmSpec, VmStatus>`:
+/// a dynamic type's cache key carries the whole `ApiResource` (five strings) for every VM.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct VirtualMachine {
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: VmSpec,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<VmStatus>,
+}
 
-pub fn vm_resource() -> ApiResource {
-    ApiResource {
-        group: "kubevirt.io".into(),
-        version: "v1".into(),
-        api_version: "kubevirt.io/v1".into(),
-        kind: "VirtualMachine".into(),
-        plural: "virtualmachines".into(),
+impl kube::Resource for VirtualMachine {
+    type DynamicType = ();
+    type Scope = k8s_openapi::NamespaceResourceScope;
+
+    fn kind(_: &()) -> Cow<'_, str> {
+        Cow::Borrowed("VirtualMachine")
+    }
+    fn group(_: &()) -> Cow<'_, str> {
+        Cow::Borrowed("kubevirt.io")
+    }
+    fn version(_: &()) -> Cow<'_, str> {
+        Cow::Borrowed("v1")
+    }
+    fn plural(_: &()) -> Cow<'_, str> {
+        Cow::Borrowed("virtualmachines")
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
     }
 }
 
@@ -173,22 +196,167 @@ pub fn disks(vm: &VirtualMachine, claims: &BTreeMap<String, ClaimFacts>) -> Vec<
         .collect()
 }
 
-fn label<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
-    pod.metadata
+/// A launcher pod as the VM caches keep it: its metadata, node, scheduling gates and phase,
+/// read straight from the watch into this type. A `Pod`, even with every other field emptied,
+/// is ~2 KiB inline (its spec's and status's many fields); at 10,000 VMs the launcher cache
+/// of whole `Pod` values was a quarter of the controller's memory.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LauncherPod {
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec: Option<LauncherSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<LauncherStatus>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LauncherSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduling_gates: Option<Vec<PodSchedulingGate>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LauncherStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+}
+
+impl kube::Resource for LauncherPod {
+    type DynamicType = ();
+    type Scope = k8s_openapi::NamespaceResourceScope;
+
+    fn kind(_: &()) -> Cow<'_, str> {
+        Cow::Borrowed("Pod")
+    }
+    fn group(_: &()) -> Cow<'_, str> {
+        Cow::Borrowed("")
+    }
+    fn version(_: &()) -> Cow<'_, str> {
+        Cow::Borrowed("v1")
+    }
+    fn plural(_: &()) -> Cow<'_, str> {
+        Cow::Borrowed("pods")
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+impl From<Pod> for LauncherPod {
+    fn from(pod: Pod) -> Self {
+        LauncherPod {
+            metadata: pod.metadata,
+            spec: pod.spec.map(|s| LauncherSpec {
+                node_name: s.node_name,
+                scheduling_gates: s.scheduling_gates,
+            }),
+            status: pod.status.map(|s| LauncherStatus { phase: s.phase }),
+        }
+    }
+}
+
+/// What twosite reads of a pod, whether a whole `Pod` (an admission request, a LIST, the pod
+/// index) or a [`LauncherPod`] from the VM caches.
+pub trait PodFields {
+    fn pod_meta(&self) -> &ObjectMeta;
+    fn node_name(&self) -> Option<&str>;
+    fn scheduling_gates(&self) -> &[PodSchedulingGate];
+    fn phase(&self) -> Option<&str>;
+}
+
+impl PodFields for Pod {
+    fn pod_meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn node_name(&self) -> Option<&str> {
+        self.spec.as_ref().and_then(|s| s.node_name.as_deref())
+    }
+    fn scheduling_gates(&self) -> &[PodSchedulingGate] {
+        self.spec
+            .as_ref()
+            .and_then(|s| s.scheduling_gates.as_deref())
+            .unwrap_or_default()
+    }
+    fn phase(&self) -> Option<&str> {
+        self.status.as_ref().and_then(|s| s.phase.as_deref())
+    }
+}
+
+impl PodFields for LauncherPod {
+    fn pod_meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn node_name(&self) -> Option<&str> {
+        self.spec.as_ref().and_then(|s| s.node_name.as_deref())
+    }
+    fn scheduling_gates(&self) -> &[PodSchedulingGate] {
+        self.spec
+            .as_ref()
+            .and_then(|s| s.scheduling_gates.as_deref())
+            .unwrap_or_default()
+    }
+    fn phase(&self) -> Option<&str> {
+        self.status.as_ref().and_then(|s| s.phase.as_deref())
+    }
+}
+
+/// Through a reference or an `Arc` (the caches hand out `Arc`s) as on the pod itself.
+impl<T: PodFields + ?Sized> PodFields for &T {
+    fn pod_meta(&self) -> &ObjectMeta {
+        (**self).pod_meta()
+    }
+    fn node_name(&self) -> Option<&str> {
+        (**self).node_name()
+    }
+    fn scheduling_gates(&self) -> &[PodSchedulingGate] {
+        (**self).scheduling_gates()
+    }
+    fn phase(&self) -> Option<&str> {
+        (**self).phase()
+    }
+}
+
+impl<T: PodFields + ?Sized> PodFields for std::sync::Arc<T> {
+    fn pod_meta(&self) -> &ObjectMeta {
+        (**self).pod_meta()
+    }
+    fn node_name(&self) -> Option<&str> {
+        (**self).node_name()
+    }
+    fn scheduling_gates(&self) -> &[PodSchedulingGate] {
+        (**self).scheduling_gates()
+    }
+    fn phase(&self) -> Option<&str> {
+        (**self).phase()
+    }
+}
+
+fn label<'a>(pod: &'a impl PodFields, key: &str) -> Option<&'a str> {
+    pod.pod_meta()
         .labels
         .as_ref()
         .and_then(|l| l.get(key))
         .map(String::as_str)
 }
 
-pub fn is_launcher(pod: &Pod) -> bool {
+pub fn is_launcher(pod: &impl PodFields) -> bool {
     label(pod, LAUNCHER_LABEL.0) == Some(LAUNCHER_LABEL.1)
 }
 
+/// KubeVirt's label on a launcher pod naming its VM.
+pub const VM_NAME_LABEL: &str = "vm.kubevirt.io/name";
+
 /// The VM a launcher pod runs: its VirtualMachineInstance owner's name (a VM's VMI has the VM's
 /// name), else the `vm.kubevirt.io/name` label.
-pub fn launcher_vm(pod: &Pod) -> Option<&str> {
-    pod.metadata
+pub fn launcher_vm(pod: &impl PodFields) -> Option<&str> {
+    pod.pod_meta()
         .owner_references
         .as_ref()
         .and_then(|os| {
@@ -196,17 +364,14 @@ pub fn launcher_vm(pod: &Pod) -> Option<&str> {
                 .find(|o| o.kind == "VirtualMachineInstance")
                 .map(|o| o.name.as_str())
         })
-        .or_else(|| label(pod, "vm.kubevirt.io/name"))
+        .or_else(|| label(pod, VM_NAME_LABEL))
         .filter(|n| !n.is_empty())
 }
 
-pub fn has_gate(pod: &Pod) -> bool {
-    pod.spec
-        .as_ref()
-        .and_then(|s| s.scheduling_gates.as_ref())
-        .is_some_and(|g| g.iter().any(|g| g.name == GATE))
+pub fn has_gate(pod: &impl PodFields) -> bool {
+    pod.scheduling_gates().iter().any(|g| g.name == GATE)
         || pod
-            .metadata
+            .pod_meta()
             .annotations
             .as_ref()
             .is_some_and(|a| a.contains_key(GATED_ANNOTATION))
@@ -216,25 +381,24 @@ pub fn has_gate(pod: &Pod) -> bool {
 /// visible on API servers older than 1.26, which drop `spec.schedulingGates`).
 pub const GATED_ANNOTATION: &str = "twosite.dev/gated";
 
-pub fn launcher(pod: &Pod) -> Option<Launcher> {
-    let phase = match pod.status.as_ref().and_then(|s| s.phase.as_deref()) {
+pub fn launcher(pod: &impl PodFields) -> Option<Launcher> {
+    let phase = match pod.phase() {
         Some("Running") => LauncherPhase::Running,
         Some("Succeeded") | Some("Failed") => LauncherPhase::Terminal,
         _ => LauncherPhase::Pending,
     };
+    let m = pod.pod_meta();
     Some(Launcher {
-        uid: pod.metadata.uid.clone()?,
-        name: pod.metadata.name.clone()?,
+        uid: m.uid.clone()?,
+        name: m.name.clone()?,
         node: pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.node_name.clone())
-            .filter(|n| !n.is_empty()),
+            .node_name()
+            .filter(|n| !n.is_empty())
+            .map(str::to_string),
         gated: has_gate(pod),
         phase,
-        deleting: pod.metadata.deletion_timestamp.is_some(),
-        created: pod
-            .metadata
+        deleting: m.deletion_timestamp.is_some(),
+        created: m
             .creation_timestamp
             .as_ref()
             .map(|t| t.0.to_string())
@@ -243,12 +407,12 @@ pub fn launcher(pod: &Pod) -> Option<Launcher> {
 }
 
 /// Whose pod this is, for the release after a fence. `opted_in` looks a VM up by key.
-pub fn pod_owner(pod: &Pod, opted_in: &dyn Fn(&str) -> Option<bool>) -> PodOwner {
+pub fn pod_owner(pod: &impl PodFields, opted_in: &dyn Fn(&str) -> Option<bool>) -> PodOwner {
     if !is_launcher(pod) {
         return PodOwner::Plain;
     }
     let vm = launcher_vm(pod)
-        .zip(pod.metadata.namespace.as_deref())
+        .zip(pod.pod_meta().namespace.as_deref())
         .and_then(|(name, ns)| opted_in(&key(ns, name)));
     PodOwner::Launcher(vm)
 }
@@ -333,5 +497,30 @@ mod tests {
         assert_eq!(pod_owner(&pod, &unknown), PodOwner::Launcher(None));
         let plain = Pod::default();
         assert_eq!(pod_owner(&plain, &unknown), PodOwner::Plain);
+        // The VM caches' slim form reads the same.
+        let slim = LauncherPod::from(pod.clone());
+        assert_eq!(launcher_vm(&slim), Some("db"));
+        assert_eq!(launcher(&slim), launcher(&pod));
+        assert_eq!(pod_owner(&slim, &opted), PodOwner::Launcher(Some(true)));
+    }
+
+    #[test]
+    fn a_launcher_pod_reads_from_a_watch_event_into_the_slim_form() {
+        let json = serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "virt-launcher-db-x", "namespace": "plant", "uid": "u2",
+                         "labels": {"kubevirt.io": "virt-launcher", "vm.kubevirt.io/name": "db"}},
+            "spec": {"nodeName": "b-1", "containers": [{"name": "compute", "image": "i"}],
+                     "schedulingGates": [{"name": GATE}]},
+            "status": {"phase": "Pending", "podIP": "10.0.0.2"}
+        });
+        let slim: LauncherPod = serde_json::from_value(json.clone()).expect("slim");
+        let pod: Pod = serde_json::from_value(json).expect("pod");
+        assert_eq!(launcher(&slim), launcher(&pod));
+        assert!(has_gate(&slim));
+        assert_eq!(
+            <LauncherPod as kube::Resource>::url_path(&(), Some("plant")),
+            "/api/v1/namespaces/plant/pods"
+        );
     }
 }

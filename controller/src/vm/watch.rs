@@ -2,7 +2,7 @@
 //! and disk Leases, all namespaces. Nothing is listed per pass: a room loss costs the writes it
 //! needs, not a LIST per VM.
 
-use super::types::{VirtualMachine, vm_resource};
+use super::types::{LauncherPod, VirtualMachine};
 use crate::admin::LoopGuard;
 use crate::error::Result;
 use futures::StreamExt;
@@ -17,7 +17,7 @@ use node_health::vm::{DISK_LABEL, LAUNCHER_LABEL};
 #[derive(Clone)]
 pub struct VmStores {
     pub vms: Store<VirtualMachine>,
-    pub launchers: Store<Pod>,
+    pub launchers: Store<LauncherPod>,
     pub claims: Store<PersistentVolumeClaim>,
     pub disk_leases: Store<Lease>,
 }
@@ -62,10 +62,10 @@ impl VmStores {
             w.as_reader()
         }
         VmStores {
-            vms: fill(reflector::store::Writer::new(vm_resource()), vms, strip_vm),
+            vms: fill(reflector::store::Writer::default(), vms, strip_vm),
             launchers: fill(
                 reflector::store::Writer::default(),
-                launchers,
+                launchers.into_iter().map(LauncherPod::from),
                 strip_launcher,
             ),
             claims: fill(reflector::store::Writer::default(), claims, strip_claim),
@@ -80,35 +80,38 @@ impl VmStores {
 
 fn strip_meta(m: &mut kube::api::ObjectMeta) {
     m.managed_fields = None;
+    m.finalizers = None;
     if let Some(a) = m.annotations.as_mut() {
         a.remove("kubectl.kubernetes.io/last-applied-configuration");
     }
 }
 
-/// A VM keeps its metadata (annotations: the opt-in) and the partial spec it was read into.
+/// A VM keeps its name, namespace, uid and twosite's annotations (the opt-in), and the partial
+/// spec it was read into. KubeVirt and users put many labels and annotations on a VM; none is
+/// read here.
 pub fn strip_vm(vm: &mut VirtualMachine) {
     strip_meta(&mut vm.metadata);
+    vm.metadata.labels = None;
+    vm.metadata.owner_references = None;
+    if let Some(a) = vm.metadata.annotations.as_mut() {
+        a.retain(|k, _| k.starts_with("twosite.dev/"));
+    }
 }
 
-/// A launcher pod keeps its name, uid, labels, owners, the gate annotation, creation and
-/// deletion times, node, scheduling gates and phase.
-pub fn strip_launcher(pod: &mut Pod) {
+/// A launcher pod (read into [`LauncherPod`]: node, scheduling gates, phase) keeps of its
+/// labels the two KubeVirt ones that name it a launcher and its VM, of its owners the
+/// VirtualMachineInstance, of its annotations only the gate's.
+pub fn strip_launcher(pod: &mut LauncherPod) {
     strip_meta(&mut pod.metadata);
-    if let Some(a) = pod.metadata.annotations.as_mut() {
+    let m = &mut pod.metadata;
+    if let Some(a) = m.annotations.as_mut() {
         a.retain(|k, _| k == super::types::GATED_ANNOTATION);
     }
-    if let Some(spec) = pod.spec.take() {
-        pod.spec = Some(k8s_openapi::api::core::v1::PodSpec {
-            node_name: spec.node_name,
-            scheduling_gates: spec.scheduling_gates,
-            ..Default::default()
-        });
+    if let Some(l) = m.labels.as_mut() {
+        l.retain(|k, _| k == LAUNCHER_LABEL.0 || k == super::types::VM_NAME_LABEL);
     }
-    if let Some(status) = pod.status.take() {
-        pod.status = Some(k8s_openapi::api::core::v1::PodStatus {
-            phase: status.phase,
-            ..Default::default()
-        });
+    if let Some(o) = m.owner_references.as_mut() {
+        o.retain(|o| o.kind == "VirtualMachineInstance");
     }
 }
 
@@ -131,12 +134,12 @@ pub fn start(
     client: &Client,
     guard: LoopGuard,
 ) -> (VmStores, futures::future::BoxFuture<'static, Result<()>>) {
-    let vms_api: Api<VirtualMachine> = Api::all_with(client.clone(), &vm_resource());
-    let pods_api: Api<Pod> = Api::all(client.clone());
+    let vms_api: Api<VirtualMachine> = Api::all(client.clone());
+    let pods_api: Api<LauncherPod> = Api::all(client.clone());
     let claims_api: Api<PersistentVolumeClaim> = Api::all(client.clone());
     let leases_api: Api<Lease> = Api::all(client.clone());
 
-    let vm_writer = reflector::store::Writer::new(vm_resource());
+    let vm_writer = reflector::store::Writer::default();
     let vms = vm_writer.as_reader();
     let (launchers, launcher_writer) = reflector::store();
     let (claims, claim_writer) = reflector::store();
@@ -249,5 +252,59 @@ pub(crate) async fn drive(
                 failing = true;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vm::types;
+    use serde_json::json;
+
+    #[test]
+    fn a_cut_down_launcher_pod_and_vm_read_as_the_whole_ones() {
+        // As KubeVirt makes them: many labels, annotations, owners and finalizers.
+        let pod = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "virt-launcher-db-x", "namespace": "plant", "uid": "u1",
+                "labels": {"kubevirt.io": "virt-launcher", "vm.kubevirt.io/name": "db",
+                           "kubevirt.io/created-by": "vmi-uid", "kubevirt.io/nodeName": "a-1",
+                           "twosite.dev/ha": "true", "app": "db"},
+                "annotations": {types::GATED_ANNOTATION: "x", "kubevirt.io/domain": "db",
+                                "kubectl.kubernetes.io/last-applied-configuration": "{}"},
+                "finalizers": ["foregroundDeleteVirtualMachine"],
+                "ownerReferences": [{"apiVersion": "kubevirt.io/v1", "kind": "VirtualMachineInstance",
+                                     "name": "db", "uid": "vmi-uid"}]},
+            "spec": {"nodeName": "a-1", "containers": [{"name": "compute", "image": "i"}],
+                     "schedulingGates": [{"name": node_health::vm::GATE}]},
+            "status": {"phase": "Pending"}
+        });
+        let whole: Pod = serde_json::from_value(pod.clone()).expect("pod");
+        let mut slim: LauncherPod = serde_json::from_value(pod).expect("slim");
+        strip_launcher(&mut slim);
+        assert_eq!(types::launcher(&slim), types::launcher(&whole));
+        assert_eq!(types::launcher_vm(&slim), Some("db"));
+        assert!(types::is_launcher(&slim) && types::has_gate(&slim));
+        let labels = slim.metadata.labels.as_ref().expect("labels");
+        assert_eq!(labels.len(), 2, "{labels:?}");
+        assert!(slim.metadata.finalizers.is_none());
+        assert_eq!(
+            crate::vm::io::ungate_patch(&slim).map(|p| serde_json::to_value(p).ok()),
+            crate::vm::io::ungate_patch(&whole).map(|p| serde_json::to_value(p).ok())
+        );
+
+        let mut vm: VirtualMachine = serde_json::from_value(json!({
+            "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
+            "metadata": {"name": "db", "namespace": "plant", "uid": "vm-uid",
+                "labels": {"app": "db"},
+                "annotations": {"twosite.dev/ha": "true", "kubevirt.io/latest-observed-api-version": "v1"}},
+            "spec": {"runStrategy": "Always"}
+        }))
+        .expect("vm");
+        strip_vm(&mut vm);
+        assert_eq!(types::vm_opt_in(&vm), node_health::vm::OptIn::In);
+        assert_eq!(types::vm_key(&vm), "plant/db");
+        assert!(vm.metadata.labels.is_none());
+        assert_eq!(vm.metadata.annotations.as_ref().map(|a| a.len()), Some(1));
     }
 }

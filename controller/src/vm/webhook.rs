@@ -145,10 +145,10 @@ fn with_warning(mut r: AdmissionResponse, warning: Option<String>) -> AdmissionR
 fn decide(state: &WebhookState, pod: &Pod, namespace: &str) -> Admission {
     let vm_name = types::launcher_vm(pod);
     let vm = vm_name.and_then(|n| {
-        state.stores.vms.get(
-            &kube::runtime::reflector::ObjectRef::new_with(n, types::vm_resource())
-                .within(namespace),
-        )
+        state
+            .stores
+            .vms
+            .get(&kube::runtime::reflector::ObjectRef::new(n).within(namespace))
     });
     let opt_in = vm.as_ref().map(|v| types::vm_opt_in(v));
     // The node the VM last ran on: what its disk Leases are held for.

@@ -155,8 +155,7 @@ fn unreadable_input_is_refused_not_admitted_ungated() {
 #[test]
 fn before_the_caches_are_filled_pods_are_refused() {
     let (_w, vms) = {
-        let w =
-            kube::runtime::reflector::store::Writer::<VirtualMachine>::new(types::vm_resource());
+        let w = kube::runtime::reflector::store::Writer::<VirtualMachine>::default();
         let r = w.as_reader();
         (w, r)
     };
