@@ -272,11 +272,7 @@ pub fn ungate_patch(pod: &impl PodFields) -> Option<json_patch::Patch> {
         );
         ops.push(json!({"op": "remove", "path": format!("/spec/schedulingGates/{i}")}));
     }
-    if meta
-        .annotations
-        .as_ref()
-        .is_some_and(|a| a.contains_key(GATED_ANNOTATION))
-    {
+    if pod.gated_annotation() {
         ops.push(json!({"op": "remove", "path": format!("/metadata/annotations/{}", GATED_ANNOTATION.replace('/', "~1"))}));
     }
     serde_json::from_value(serde_json::Value::Array(ops)).ok()

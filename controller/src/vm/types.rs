@@ -12,37 +12,54 @@ use node_health::vm::{
     self, ClaimFacts, Disk, GATE, LAUNCHER_LABEL, Launcher, LauncherPhase, OptIn, PodOwner,
     RunStrategy,
 };
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 /// `spec` of a VirtualMachine, as far as twosite reads it.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct VmSpec {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub run_strategy: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub running: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub template: Option<VmTemplate>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 pub struct VmTemplate {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub metadata: Option<TemplateMeta>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub spec: Option<VmiSpec>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// The template's metadata: of its labels only twosite's, the one the VM loop sets and reads
+/// (a map per VM, even of one entry, is half a KiB).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(from = "RawTemplateMeta")]
 pub struct TemplateMeta {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub labels: Option<BTreeMap<String, String>>,
+    /// The value of the `twosite.dev/ha` label.
+    pub ha_label: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Deserialize)]
+struct RawTemplateMeta {
+    #[serde(default)]
+    labels: Option<BTreeMap<String, String>>,
+}
+
+impl From<RawTemplateMeta> for TemplateMeta {
+    fn from(raw: RawTemplateMeta) -> Self {
+        TemplateMeta {
+            ha_label: raw.labels.and_then(|mut l| l.remove(vm::HA_LABEL)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 pub struct VmiSpec {
     #[serde(default)]
     pub volumes: Vec<VmVolume>,
@@ -50,48 +67,90 @@ pub struct VmiSpec {
 
 /// One volume of the VM's template: only PVCs and DataVolumes (whose PVC has the same name)
 /// are disks on shared storage.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct VmVolume {
     #[serde(default)]
     pub name: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub persistent_volume_claim: Option<ClaimRef>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub data_volume: Option<DataVolumeRef>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ClaimRef {
     #[serde(default)]
     pub claim_name: String,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 pub struct DataVolumeRef {
     #[serde(default)]
     pub name: String,
 }
 
 /// `status` of a VirtualMachine: what `twosite status` repeats.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct VmStatus {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub printable_status: Option<String>,
 }
 
 /// A VirtualMachine as the VM cache keeps it. A type of its own, not `Object<VmSpec, VmStatus>`:
-/// a dynamic type's cache key carries the whole `ApiResource` (five strings) for every VM.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// a dynamic type's cache key carries the whole `ApiResource` (five strings) for every VM. Its
+/// metadata is cut to [`compact_meta`] on reading, and of its annotations only the opt-in is
+/// kept, in a field: at 10,000 VMs each map of labels or annotations was 5 MiB.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(from = "RawVm")]
 pub struct VirtualMachine {
-    #[serde(default)]
     pub metadata: ObjectMeta,
-    #[serde(default)]
+    /// The `twosite.dev/ha` annotation.
+    pub ha_annotation: Option<String>,
     pub spec: VmSpec,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<VmStatus>,
+}
+
+#[derive(Deserialize)]
+struct RawVm {
+    #[serde(default)]
+    metadata: ObjectMeta,
+    #[serde(default)]
+    spec: VmSpec,
+    #[serde(default)]
+    status: Option<VmStatus>,
+}
+
+impl From<RawVm> for VirtualMachine {
+    fn from(mut raw: RawVm) -> Self {
+        let ha_annotation = raw
+            .metadata
+            .annotations
+            .as_mut()
+            .and_then(|a| a.remove(vm::HA_ANNOTATION));
+        VirtualMachine {
+            metadata: compact_meta(raw.metadata),
+            ha_annotation,
+            spec: raw.spec,
+            status: raw.status,
+        }
+    }
+}
+
+/// What the VM caches keep of an object's metadata: its identity and times. Labels,
+/// annotations and owners that are read are kept in fields of their own by the caller.
+pub fn compact_meta(m: ObjectMeta) -> ObjectMeta {
+    ObjectMeta {
+        name: m.name,
+        namespace: m.namespace,
+        uid: m.uid,
+        resource_version: m.resource_version,
+        creation_timestamp: m.creation_timestamp,
+        deletion_timestamp: m.deletion_timestamp,
+        ..ObjectMeta::default()
+    }
 }
 
 impl kube::Resource for VirtualMachine {
@@ -131,13 +190,7 @@ pub fn vm_key(vm: &VirtualMachine) -> String {
 }
 
 pub fn vm_opt_in(vm: &VirtualMachine) -> OptIn {
-    vm::opt_in(
-        vm.metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(vm::HA_ANNOTATION))
-            .map(String::as_str),
-    )
+    vm::opt_in(vm.ha_annotation.as_deref())
 }
 
 pub fn run_strategy(vm: &VirtualMachine) -> RunStrategy {
@@ -149,8 +202,7 @@ pub fn template_labelled(vm: &VirtualMachine) -> bool {
         .template
         .as_ref()
         .and_then(|t| t.metadata.as_ref())
-        .and_then(|m| m.labels.as_ref())
-        .and_then(|l| l.get(vm::HA_LABEL))
+        .and_then(|m| m.ha_label.as_deref())
         .is_some_and(|v| v == "true")
 }
 
@@ -196,32 +248,68 @@ pub fn disks(vm: &VirtualMachine, claims: &BTreeMap<String, ClaimFacts>) -> Vec<
         .collect()
 }
 
-/// A launcher pod as the VM caches keep it: its metadata, node, scheduling gates and phase,
-/// read straight from the watch into this type. A `Pod`, even with every other field emptied,
-/// is ~2 KiB inline (its spec's and status's many fields); at 10,000 VMs the launcher cache
-/// of whole `Pod` values was a quarter of the controller's memory.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// A launcher pod as the VM caches keep it: identity, node, scheduling gates and phase, and of
+/// its labels, owners and annotations the three facts read from them. A `Pod`, even with every
+/// other field emptied, is ~2 KiB inline (its spec's and status's many fields), and each map
+/// of labels another half KiB: at 10,000 VMs the launcher cache of `Pod` values was a quarter
+/// of the controller's memory.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(from = "RawLauncherPod")]
 pub struct LauncherPod {
-    #[serde(default)]
+    /// Cut to [`compact_meta`].
     pub metadata: ObjectMeta,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Labelled `kubevirt.io=virt-launcher`.
+    pub is_launcher: bool,
+    /// The VM it runs (see [`launcher_vm`]).
+    pub vm: Option<String>,
+    /// Carries the [`GATED_ANNOTATION`].
+    pub gated_annotation: bool,
     pub spec: Option<LauncherSpec>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<LauncherStatus>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Deserialize)]
+struct RawLauncherPod {
+    #[serde(default)]
+    metadata: ObjectMeta,
+    #[serde(default)]
+    spec: Option<LauncherSpec>,
+    #[serde(default)]
+    status: Option<LauncherStatus>,
+}
+
+impl From<RawLauncherPod> for LauncherPod {
+    fn from(raw: RawLauncherPod) -> Self {
+        let m = &raw.metadata;
+        let is_launcher = meta_label(m, LAUNCHER_LABEL.0) == Some(LAUNCHER_LABEL.1);
+        let vm = meta_launcher_vm(m).map(str::to_string);
+        let gated_annotation = m
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key(GATED_ANNOTATION));
+        LauncherPod {
+            metadata: compact_meta(raw.metadata),
+            is_launcher,
+            vm,
+            gated_annotation,
+            spec: raw.spec,
+            status: raw.status,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct LauncherSpec {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub node_name: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub scheduling_gates: Option<Vec<PodSchedulingGate>>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 pub struct LauncherStatus {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub phase: Option<String>,
 }
 
@@ -251,7 +339,7 @@ impl kube::Resource for LauncherPod {
 
 impl From<Pod> for LauncherPod {
     fn from(pod: Pod) -> Self {
-        LauncherPod {
+        RawLauncherPod {
             metadata: pod.metadata,
             spec: pod.spec.map(|s| LauncherSpec {
                 node_name: s.node_name,
@@ -259,6 +347,7 @@ impl From<Pod> for LauncherPod {
             }),
             status: pod.status.map(|s| LauncherStatus { phase: s.phase }),
         }
+        .into()
     }
 }
 
@@ -269,6 +358,33 @@ pub trait PodFields {
     fn node_name(&self) -> Option<&str>;
     fn scheduling_gates(&self) -> &[PodSchedulingGate];
     fn phase(&self) -> Option<&str>;
+    /// Labelled `kubevirt.io=virt-launcher`.
+    fn is_launcher(&self) -> bool;
+    /// The VM a launcher pod runs (see [`launcher_vm`]).
+    fn launcher_vm(&self) -> Option<&str>;
+    /// Carries the [`GATED_ANNOTATION`].
+    fn gated_annotation(&self) -> bool;
+}
+
+fn meta_label<'a>(m: &'a ObjectMeta, key: &str) -> Option<&'a str> {
+    m.labels
+        .as_ref()
+        .and_then(|l| l.get(key))
+        .map(String::as_str)
+}
+
+/// A VM's VMI has the VM's name: the VirtualMachineInstance owner's name, else the
+/// `vm.kubevirt.io/name` label.
+fn meta_launcher_vm(m: &ObjectMeta) -> Option<&str> {
+    m.owner_references
+        .as_ref()
+        .and_then(|os| {
+            os.iter()
+                .find(|o| o.kind == "VirtualMachineInstance")
+                .map(|o| o.name.as_str())
+        })
+        .or_else(|| meta_label(m, VM_NAME_LABEL))
+        .filter(|n| !n.is_empty())
 }
 
 impl PodFields for Pod {
@@ -286,6 +402,18 @@ impl PodFields for Pod {
     }
     fn phase(&self) -> Option<&str> {
         self.status.as_ref().and_then(|s| s.phase.as_deref())
+    }
+    fn is_launcher(&self) -> bool {
+        meta_label(&self.metadata, LAUNCHER_LABEL.0) == Some(LAUNCHER_LABEL.1)
+    }
+    fn launcher_vm(&self) -> Option<&str> {
+        meta_launcher_vm(&self.metadata)
+    }
+    fn gated_annotation(&self) -> bool {
+        self.metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key(GATED_ANNOTATION))
     }
 }
 
@@ -305,6 +433,15 @@ impl PodFields for LauncherPod {
     fn phase(&self) -> Option<&str> {
         self.status.as_ref().and_then(|s| s.phase.as_deref())
     }
+    fn is_launcher(&self) -> bool {
+        self.is_launcher
+    }
+    fn launcher_vm(&self) -> Option<&str> {
+        self.vm.as_deref()
+    }
+    fn gated_annotation(&self) -> bool {
+        self.gated_annotation
+    }
 }
 
 /// Through a reference or an `Arc` (the caches hand out `Arc`s) as on the pod itself.
@@ -321,6 +458,15 @@ impl<T: PodFields + ?Sized> PodFields for &T {
     fn phase(&self) -> Option<&str> {
         (**self).phase()
     }
+    fn is_launcher(&self) -> bool {
+        (**self).is_launcher()
+    }
+    fn launcher_vm(&self) -> Option<&str> {
+        (**self).launcher_vm()
+    }
+    fn gated_annotation(&self) -> bool {
+        (**self).gated_annotation()
+    }
 }
 
 impl<T: PodFields + ?Sized> PodFields for std::sync::Arc<T> {
@@ -336,18 +482,19 @@ impl<T: PodFields + ?Sized> PodFields for std::sync::Arc<T> {
     fn phase(&self) -> Option<&str> {
         (**self).phase()
     }
-}
-
-fn label<'a>(pod: &'a impl PodFields, key: &str) -> Option<&'a str> {
-    pod.pod_meta()
-        .labels
-        .as_ref()
-        .and_then(|l| l.get(key))
-        .map(String::as_str)
+    fn is_launcher(&self) -> bool {
+        (**self).is_launcher()
+    }
+    fn launcher_vm(&self) -> Option<&str> {
+        (**self).launcher_vm()
+    }
+    fn gated_annotation(&self) -> bool {
+        (**self).gated_annotation()
+    }
 }
 
 pub fn is_launcher(pod: &impl PodFields) -> bool {
-    label(pod, LAUNCHER_LABEL.0) == Some(LAUNCHER_LABEL.1)
+    pod.is_launcher()
 }
 
 /// KubeVirt's label on a launcher pod naming its VM.
@@ -356,25 +503,11 @@ pub const VM_NAME_LABEL: &str = "vm.kubevirt.io/name";
 /// The VM a launcher pod runs: its VirtualMachineInstance owner's name (a VM's VMI has the VM's
 /// name), else the `vm.kubevirt.io/name` label.
 pub fn launcher_vm(pod: &impl PodFields) -> Option<&str> {
-    pod.pod_meta()
-        .owner_references
-        .as_ref()
-        .and_then(|os| {
-            os.iter()
-                .find(|o| o.kind == "VirtualMachineInstance")
-                .map(|o| o.name.as_str())
-        })
-        .or_else(|| label(pod, VM_NAME_LABEL))
-        .filter(|n| !n.is_empty())
+    pod.launcher_vm()
 }
 
 pub fn has_gate(pod: &impl PodFields) -> bool {
-    pod.scheduling_gates().iter().any(|g| g.name == GATE)
-        || pod
-            .pod_meta()
-            .annotations
-            .as_ref()
-            .is_some_and(|a| a.contains_key(GATED_ANNOTATION))
+    pod.scheduling_gates().iter().any(|g| g.name == GATE) || pod.gated_annotation()
 }
 
 /// Set with the gate by the webhook, so a user sees why the pod waits (and so the gate is

@@ -62,11 +62,12 @@ impl VmStores {
             w.as_reader()
         }
         VmStores {
-            vms: fill(reflector::store::Writer::default(), vms, strip_vm),
+            // VMs and launcher pods are cut down as they are read (their `Deserialize`).
+            vms: fill(reflector::store::Writer::default(), vms, |_| {}),
             launchers: fill(
                 reflector::store::Writer::default(),
                 launchers.into_iter().map(LauncherPod::from),
-                strip_launcher,
+                |_| {},
             ),
             claims: fill(reflector::store::Writer::default(), claims, strip_claim),
             disk_leases: fill(reflector::store::Writer::default(), disk_leases, |_| {}),
@@ -83,35 +84,6 @@ fn strip_meta(m: &mut kube::api::ObjectMeta) {
     m.finalizers = None;
     if let Some(a) = m.annotations.as_mut() {
         a.remove("kubectl.kubernetes.io/last-applied-configuration");
-    }
-}
-
-/// A VM keeps its name, namespace, uid and twosite's annotations (the opt-in), and the partial
-/// spec it was read into. KubeVirt and users put many labels and annotations on a VM; none is
-/// read here.
-pub fn strip_vm(vm: &mut VirtualMachine) {
-    strip_meta(&mut vm.metadata);
-    vm.metadata.labels = None;
-    vm.metadata.owner_references = None;
-    if let Some(a) = vm.metadata.annotations.as_mut() {
-        a.retain(|k, _| k.starts_with("twosite.dev/"));
-    }
-}
-
-/// A launcher pod (read into [`LauncherPod`]: node, scheduling gates, phase) keeps of its
-/// labels the two KubeVirt ones that name it a launcher and its VM, of its owners the
-/// VirtualMachineInstance, of its annotations only the gate's.
-pub fn strip_launcher(pod: &mut LauncherPod) {
-    strip_meta(&mut pod.metadata);
-    let m = &mut pod.metadata;
-    if let Some(a) = m.annotations.as_mut() {
-        a.retain(|k, _| k == super::types::GATED_ANNOTATION);
-    }
-    if let Some(l) = m.labels.as_mut() {
-        l.retain(|k, _| k == LAUNCHER_LABEL.0 || k == super::types::VM_NAME_LABEL);
-    }
-    if let Some(o) = m.owner_references.as_mut() {
-        o.retain(|o| o.kind == "VirtualMachineInstance");
     }
 }
 
@@ -149,13 +121,10 @@ pub fn start(
     let streams = vec![
         drive(
             "VirtualMachine",
-            reflector::reflector(
-                vm_writer,
-                watcher(vms_api, watcher::Config::default()).modify(strip_vm),
-            )
-            .default_backoff()
-            .map(|e| e.map(|_| ()))
-            .boxed(),
+            reflector::reflector(vm_writer, watcher(vms_api, watcher::Config::default()))
+                .default_backoff()
+                .map(|e| e.map(|_| ()))
+                .boxed(),
         ),
         drive(
             "launcher pod",
@@ -164,8 +133,7 @@ pub fn start(
                 watcher(
                     pods_api,
                     watcher::Config::default().labels(&launcher_selector),
-                )
-                .modify(strip_launcher),
+                ),
             )
             .default_backoff()
             .map(|e| e.map(|_| ()))
@@ -280,31 +248,38 @@ mod tests {
             "status": {"phase": "Pending"}
         });
         let whole: Pod = serde_json::from_value(pod.clone()).expect("pod");
-        let mut slim: LauncherPod = serde_json::from_value(pod).expect("slim");
-        strip_launcher(&mut slim);
+        let slim: LauncherPod = serde_json::from_value(pod).expect("slim");
         assert_eq!(types::launcher(&slim), types::launcher(&whole));
         assert_eq!(types::launcher_vm(&slim), Some("db"));
         assert!(types::is_launcher(&slim) && types::has_gate(&slim));
-        let labels = slim.metadata.labels.as_ref().expect("labels");
-        assert_eq!(labels.len(), 2, "{labels:?}");
-        assert!(slim.metadata.finalizers.is_none());
+        let m = &slim.metadata;
+        assert!(m.labels.is_none() && m.annotations.is_none() && m.owner_references.is_none());
+        assert!(m.finalizers.is_none() && m.managed_fields.is_none());
         assert_eq!(
             crate::vm::io::ungate_patch(&slim).map(|p| serde_json::to_value(p).ok()),
             crate::vm::io::ungate_patch(&whole).map(|p| serde_json::to_value(p).ok())
         );
+        // Not a launcher, no VM, no gate: read as such.
+        let plain: LauncherPod = serde_json::from_value(json!({
+            "metadata": {"name": "web", "labels": {"kubevirt.io": "virt-handler"}},
+            "spec": {"containers": []}
+        }))
+        .expect("plain");
+        assert!(!types::is_launcher(&plain) && !types::has_gate(&plain));
+        assert_eq!(types::launcher_vm(&plain), None);
 
-        let mut vm: VirtualMachine = serde_json::from_value(json!({
+        let vm: VirtualMachine = serde_json::from_value(json!({
             "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
             "metadata": {"name": "db", "namespace": "plant", "uid": "vm-uid",
                 "labels": {"app": "db"},
                 "annotations": {"twosite.dev/ha": "true", "kubevirt.io/latest-observed-api-version": "v1"}},
-            "spec": {"runStrategy": "Always"}
+            "spec": {"runStrategy": "Always", "template": {"metadata": {"labels":
+                {"twosite.dev/ha": "true", "kubevirt.io/domain": "db"}}}}
         }))
         .expect("vm");
-        strip_vm(&mut vm);
         assert_eq!(types::vm_opt_in(&vm), node_health::vm::OptIn::In);
+        assert!(types::template_labelled(&vm));
         assert_eq!(types::vm_key(&vm), "plant/db");
-        assert!(vm.metadata.labels.is_none());
-        assert_eq!(vm.metadata.annotations.as_ref().map(|a| a.len()), Some(1));
+        assert!(vm.metadata.labels.is_none() && vm.metadata.annotations.is_none());
     }
 }
