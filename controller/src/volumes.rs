@@ -96,8 +96,7 @@ pub fn start_watches(
                 lease_writer,
                 watcher(Api::<Lease>::all(client.clone()), config.clone()),
             )
-            .default_backoff()
-            .map(|e| e.map(|_| ()))
+            .map(crate::vm::watch::progress)
             .boxed(),
         ),
         crate::vm::watch::drive(
@@ -106,8 +105,7 @@ pub fn start_watches(
                 pod_writer,
                 watcher(Api::<Pod>::all(client.clone()), config).modify(strip_pod),
             )
-            .default_backoff()
-            .map(|e| e.map(|_| ()))
+            .map(crate::vm::watch::progress)
             .boxed(),
         ),
     ];

@@ -122,8 +122,7 @@ pub fn start(
         drive(
             "VirtualMachine",
             reflector::reflector(vm_writer, watcher(vms_api, watcher::Config::default()))
-                .default_backoff()
-                .map(|e| e.map(|_| ()))
+                .map(progress)
                 .boxed(),
         ),
         drive(
@@ -135,8 +134,7 @@ pub fn start(
                     watcher::Config::default().labels(&launcher_selector),
                 ),
             )
-            .default_backoff()
-            .map(|e| e.map(|_| ()))
+            .map(crate::vm::watch::progress)
             .boxed(),
         ),
         drive(
@@ -145,8 +143,7 @@ pub fn start(
                 claim_writer,
                 watcher(claims_api, watcher::Config::default()).modify(strip_claim),
             )
-            .default_backoff()
-            .map(|e| e.map(|_| ()))
+            .map(crate::vm::watch::progress)
             .boxed(),
         ),
         drive(
@@ -155,8 +152,7 @@ pub fn start(
                 lease_writer,
                 watcher(leases_api, watcher::Config::default().labels(DISK_LABEL)),
             )
-            .default_backoff()
-            .map(|e| e.map(|_| ()))
+            .map(crate::vm::watch::progress)
             .boxed(),
         ),
     ];
@@ -198,19 +194,33 @@ where
         .is_some_and(|r| r.is_ok())
 }
 
-/// Runs one watch to its end, logging its errors (a missing KubeVirt CRD shows up here, with
-/// backoff, until KubeVirt is installed).
+/// A watch event as [`drive`] reads it: `Ok(true)` when the watch made progress (a listed or
+/// changed object, the end of a listing), `Ok(false)` for the start of a listing.
+pub(crate) fn progress<K>(
+    event: std::result::Result<watcher::Event<K>, watcher::Error>,
+) -> std::result::Result<bool, watcher::Error> {
+    event.map(|e| !matches!(e, watcher::Event::Init))
+}
+
+/// Runs one watch to its end, logging its errors (a missing KubeVirt CRD shows up here until
+/// KubeVirt is installed) and waiting between retries: 0.5 s doubling to 10 s, reset only when
+/// the watch makes progress. Not kube's `default_backoff`: it resets on any event, and the
+/// watcher announces every listing it starts (`Init`) before the LIST fails, so a missing CRD
+/// was retried every 0.8 s, most of a calm controller's requests.
 pub(crate) async fn drive(
     what: &'static str,
-    mut stream: futures::stream::BoxStream<'static, std::result::Result<(), watcher::Error>>,
+    mut stream: futures::stream::BoxStream<'static, std::result::Result<bool, watcher::Error>>,
 ) {
     let mut failing = false;
+    let mut backoff = crate::heartbeats::restart_backoff();
     while let Some(event) = stream.next().await {
         match event {
-            Ok(()) => {
+            Ok(false) => {}
+            Ok(true) => {
                 if failing {
                     tracing::info!(watch = what, "watch recovered");
                     failing = false;
+                    backoff = crate::heartbeats::restart_backoff();
                 }
             }
             Err(err) => {
@@ -218,6 +228,8 @@ pub(crate) async fn drive(
                     tracing::warn!(watch = what, error = %err, "watch failing; retrying with backoff");
                 }
                 failing = true;
+                let delay = backoff.next().unwrap_or(std::time::Duration::from_secs(10));
+                tokio::time::sleep(delay).await;
             }
         }
     }
@@ -281,5 +293,46 @@ mod tests {
         assert!(types::template_labelled(&vm));
         assert_eq!(types::vm_key(&vm), "plant/db");
         assert!(vm.metadata.labels.is_none() && vm.metadata.annotations.is_none());
+    }
+
+    /// A watch whose resource does not exist (KubeVirt not installed) is retried with backoff:
+    /// over two minutes about a dozen LISTs, not the ~150 of a backoff that every listing's
+    /// start resets.
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_of_a_missing_resource_backs_off() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let lists = std::sync::Arc::new(AtomicUsize::new(0));
+        let counted = std::sync::Arc::clone(&lists);
+        let service = tower::service_fn(move |_req: http::Request<kube::client::Body>| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                    "status": "Failure", "reason": "NotFound", "code": 404,
+                    "message": "the server could not find the requested resource"});
+                let body = serde_json::to_vec(&status).expect("json");
+                Ok::<_, std::convert::Infallible>(
+                    http::Response::builder()
+                        .status(404)
+                        .header("content-type", "application/json")
+                        .body(kube::client::Body::from(body))
+                        .expect("response"),
+                )
+            }
+        });
+        let api: Api<VirtualMachine> = Api::all(kube::Client::new(service, "default"));
+        let stream = reflector::reflector(
+            reflector::store::Writer::default(),
+            watcher(api, watcher::Config::default()),
+        )
+        .map(progress)
+        .boxed();
+        let ended = tokio::time::timeout(
+            std::time::Duration::from_secs(120),
+            drive("VirtualMachine", stream),
+        )
+        .await;
+        assert!(ended.is_err(), "the watch keeps retrying");
+        let n = lists.load(Ordering::SeqCst);
+        assert!((3..=25).contains(&n), "{n} LISTs in 120 s");
     }
 }
