@@ -73,6 +73,48 @@ pub struct RemediationContext {
     /// early `twosite.dev/unresponsive:NoSchedule` taint (which evicts nothing) and Events are
     /// written, so that the log shows what a real run would do and when.
     pub dry_run: bool,
+    /// The fence commits in flight, which pod deletions give way to.
+    pub fence_commits: FenceCommits,
+}
+
+/// The fence commits in flight. A fenced node's pod deletions wait while there are any (up to
+/// the API timeout): when a room is lost each commit unblocks a node's release, and on a loaded
+/// API server the next nodes' commits otherwise queue behind the earlier nodes' deletions, 19
+/// per node. Waiting only delays deletions that come after a fence: never unsafe.
+#[derive(Clone, Default)]
+pub struct FenceCommits(Arc<(std::sync::atomic::AtomicUsize, tokio::sync::Notify)>);
+
+impl FenceCommits {
+    /// Counts a commit as in flight until the returned guard drops.
+    fn start(&self) -> CommitInFlight {
+        self.0.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        CommitInFlight(self.clone())
+    }
+
+    /// Returns once no commit is in flight.
+    async fn idle(&self) {
+        loop {
+            let notified = self.0.1.notified();
+            tokio::pin!(notified);
+            // Registered before the count is read: a commit ending in between still wakes it.
+            notified.as_mut().enable();
+            if self.0.0.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+struct CommitInFlight(FenceCommits);
+
+impl Drop for CommitInFlight {
+    fn drop(&mut self) {
+        let (count, idle) = &*self.0.0;
+        if count.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+            idle.notify_waiters();
+        }
+    }
 }
 
 impl RemediationContext {
@@ -636,6 +678,7 @@ async fn execute(
                     let waited = now.since(at) + started.elapsed();
                     ctx.metrics.fence_decision.observe(waited.as_secs_f64());
                 }
+                let in_flight = ctx.fence_commits.start();
                 let committed = commit_fence(
                     &ctx.agent_leases,
                     &ctx.leadership,
@@ -645,6 +688,7 @@ async fn execute(
                     ctx.api_timeout,
                 )
                 .await;
+                drop(in_flight);
                 let ok = matches!(committed, Ok(true));
                 actions.extend(job.state.commit_result(ok));
                 if ok {
@@ -770,6 +814,7 @@ fn to_delete(ctx: &RemediationContext, pods: &[Pod]) -> Vec<PodToDelete> {
 /// alone). Safe only because the core proved the node fenced.
 async fn delete_pods(ctx: &RemediationContext, node: &str, pods: &[PodToDelete]) -> Result<()> {
     for (namespace, name, uid) in pods {
+        let _ = tokio::time::timeout(ctx.api_timeout, ctx.fence_commits.idle()).await;
         if !ctx.leadership.is_leader() {
             return Ok(());
         }

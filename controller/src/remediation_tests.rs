@@ -303,3 +303,29 @@ fn pods_are_counted_without_daemonsets() {
         (2, 1)
     );
 }
+
+/// Pod deletions give way to fence commits: `idle` waits while a commit is in flight and
+/// returns once it ends (also when it ends between the count's read and the wait).
+#[tokio::test(start_paused = true)]
+async fn pod_deletions_wait_while_a_fence_commit_is_in_flight() {
+    let commits = FenceCommits::default();
+    tokio::time::timeout(Duration::from_millis(1), commits.idle())
+        .await
+        .expect("idle when nothing is in flight");
+    let first = commits.start();
+    let second = commits.start();
+    let waiting = tokio::spawn({
+        let commits = commits.clone();
+        async move { commits.idle().await }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!waiting.is_finished(), "a deletion waits for the commits");
+    drop(first);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!waiting.is_finished(), "one commit is still in flight");
+    drop(second);
+    tokio::time::timeout(Duration::from_millis(1), waiting)
+        .await
+        .expect("idle once the last commit ends")
+        .expect("task");
+}

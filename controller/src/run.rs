@@ -267,6 +267,7 @@ async fn run(args: RunArgs, witness: Option<WitnessSettings>) -> Result<()> {
         vms: None,
         pod_index: Some(crate::pod_index::PodIndex::default()),
         dry_run: args.dry_run,
+        fence_commits: Default::default(),
     };
     if args.dry_run {
         tracing::warn!(

@@ -52,6 +52,7 @@ fn context(client: kube::Client, leadership: Leadership) -> RemediationContext {
         vms: None,
         pod_index: None,
         dry_run: false,
+        fence_commits: Default::default(),
     }
 }
 

@@ -640,6 +640,7 @@ async fn bench(args: Args) -> Result<(), String> {
         vms: Some(stores.clone()),
         pod_index: (!args.no_pod_index).then(|| pods.clone()),
         dry_run: false,
+        fence_commits: Default::default(),
     };
     let vm_ctx = VmContext {
         client: client.clone(),
