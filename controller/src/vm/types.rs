@@ -16,6 +16,36 @@ use serde::Deserialize;
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 
+/// `kube::Resource` for a namespaced type of ours with `metadata: ObjectMeta` and version v1:
+/// static (`DynamicType = ()`), so a cache key is the name and namespace only.
+macro_rules! static_resource {
+    ($ty:ty, $kind:literal, $group:literal, $plural:literal) => {
+        impl kube::Resource for $ty {
+            type DynamicType = ();
+            type Scope = k8s_openapi::NamespaceResourceScope;
+
+            fn kind(_: &()) -> Cow<'_, str> {
+                Cow::Borrowed($kind)
+            }
+            fn group(_: &()) -> Cow<'_, str> {
+                Cow::Borrowed($group)
+            }
+            fn version(_: &()) -> Cow<'_, str> {
+                Cow::Borrowed("v1")
+            }
+            fn plural(_: &()) -> Cow<'_, str> {
+                Cow::Borrowed($plural)
+            }
+            fn meta(&self) -> &ObjectMeta {
+                &self.metadata
+            }
+            fn meta_mut(&mut self) -> &mut ObjectMeta {
+                &mut self.metadata
+            }
+        }
+    };
+}
+
 /// `spec` of a VirtualMachine, as far as twosite reads it.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -153,29 +183,12 @@ pub fn compact_meta(m: ObjectMeta) -> ObjectMeta {
     }
 }
 
-impl kube::Resource for VirtualMachine {
-    type DynamicType = ();
-    type Scope = k8s_openapi::NamespaceResourceScope;
-
-    fn kind(_: &()) -> Cow<'_, str> {
-        Cow::Borrowed("VirtualMachine")
-    }
-    fn group(_: &()) -> Cow<'_, str> {
-        Cow::Borrowed("kubevirt.io")
-    }
-    fn version(_: &()) -> Cow<'_, str> {
-        Cow::Borrowed("v1")
-    }
-    fn plural(_: &()) -> Cow<'_, str> {
-        Cow::Borrowed("virtualmachines")
-    }
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+static_resource!(
+    VirtualMachine,
+    "VirtualMachine",
+    "kubevirt.io",
+    "virtualmachines"
+);
 
 /// A VM's key: `namespace/name`.
 pub fn key(namespace: &str, name: &str) -> String {
@@ -313,29 +326,7 @@ pub struct LauncherStatus {
     pub phase: Option<String>,
 }
 
-impl kube::Resource for LauncherPod {
-    type DynamicType = ();
-    type Scope = k8s_openapi::NamespaceResourceScope;
-
-    fn kind(_: &()) -> Cow<'_, str> {
-        Cow::Borrowed("Pod")
-    }
-    fn group(_: &()) -> Cow<'_, str> {
-        Cow::Borrowed("")
-    }
-    fn version(_: &()) -> Cow<'_, str> {
-        Cow::Borrowed("v1")
-    }
-    fn plural(_: &()) -> Cow<'_, str> {
-        Cow::Borrowed("pods")
-    }
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+static_resource!(LauncherPod, "Pod", "", "pods");
 
 impl From<Pod> for LauncherPod {
     fn from(pod: Pod) -> Self {
@@ -387,22 +378,29 @@ fn meta_launcher_vm(m: &ObjectMeta) -> Option<&str> {
         .filter(|n| !n.is_empty())
 }
 
+/// The accessors a `Pod` and a [`LauncherPod`] share: the same fields, of different types.
+macro_rules! pod_accessors {
+    () => {
+        fn pod_meta(&self) -> &ObjectMeta {
+            &self.metadata
+        }
+        fn node_name(&self) -> Option<&str> {
+            self.spec.as_ref().and_then(|s| s.node_name.as_deref())
+        }
+        fn scheduling_gates(&self) -> &[PodSchedulingGate] {
+            self.spec
+                .as_ref()
+                .and_then(|s| s.scheduling_gates.as_deref())
+                .unwrap_or_default()
+        }
+        fn phase(&self) -> Option<&str> {
+            self.status.as_ref().and_then(|s| s.phase.as_deref())
+        }
+    };
+}
+
 impl PodFields for Pod {
-    fn pod_meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-    fn node_name(&self) -> Option<&str> {
-        self.spec.as_ref().and_then(|s| s.node_name.as_deref())
-    }
-    fn scheduling_gates(&self) -> &[PodSchedulingGate] {
-        self.spec
-            .as_ref()
-            .and_then(|s| s.scheduling_gates.as_deref())
-            .unwrap_or_default()
-    }
-    fn phase(&self) -> Option<&str> {
-        self.status.as_ref().and_then(|s| s.phase.as_deref())
-    }
+    pod_accessors!();
     fn is_launcher(&self) -> bool {
         meta_label(&self.metadata, LAUNCHER_LABEL.0) == Some(LAUNCHER_LABEL.1)
     }
@@ -418,21 +416,7 @@ impl PodFields for Pod {
 }
 
 impl PodFields for LauncherPod {
-    fn pod_meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-    fn node_name(&self) -> Option<&str> {
-        self.spec.as_ref().and_then(|s| s.node_name.as_deref())
-    }
-    fn scheduling_gates(&self) -> &[PodSchedulingGate] {
-        self.spec
-            .as_ref()
-            .and_then(|s| s.scheduling_gates.as_deref())
-            .unwrap_or_default()
-    }
-    fn phase(&self) -> Option<&str> {
-        self.status.as_ref().and_then(|s| s.phase.as_deref())
-    }
+    pod_accessors!();
     fn is_launcher(&self) -> bool {
         self.is_launcher
     }
@@ -445,53 +429,34 @@ impl PodFields for LauncherPod {
 }
 
 /// Through a reference or an `Arc` (the caches hand out `Arc`s) as on the pod itself.
-impl<T: PodFields + ?Sized> PodFields for &T {
-    fn pod_meta(&self) -> &ObjectMeta {
-        (**self).pod_meta()
-    }
-    fn node_name(&self) -> Option<&str> {
-        (**self).node_name()
-    }
-    fn scheduling_gates(&self) -> &[PodSchedulingGate] {
-        (**self).scheduling_gates()
-    }
-    fn phase(&self) -> Option<&str> {
-        (**self).phase()
-    }
-    fn is_launcher(&self) -> bool {
-        (**self).is_launcher()
-    }
-    fn launcher_vm(&self) -> Option<&str> {
-        (**self).launcher_vm()
-    }
-    fn gated_annotation(&self) -> bool {
-        (**self).gated_annotation()
-    }
+macro_rules! forward_pod_fields {
+    ($($ptr:ty),*) => {$(
+        impl<T: PodFields + ?Sized> PodFields for $ptr {
+            fn pod_meta(&self) -> &ObjectMeta {
+                (**self).pod_meta()
+            }
+            fn node_name(&self) -> Option<&str> {
+                (**self).node_name()
+            }
+            fn scheduling_gates(&self) -> &[PodSchedulingGate] {
+                (**self).scheduling_gates()
+            }
+            fn phase(&self) -> Option<&str> {
+                (**self).phase()
+            }
+            fn is_launcher(&self) -> bool {
+                (**self).is_launcher()
+            }
+            fn launcher_vm(&self) -> Option<&str> {
+                (**self).launcher_vm()
+            }
+            fn gated_annotation(&self) -> bool {
+                (**self).gated_annotation()
+            }
+        }
+    )*};
 }
-
-impl<T: PodFields + ?Sized> PodFields for std::sync::Arc<T> {
-    fn pod_meta(&self) -> &ObjectMeta {
-        (**self).pod_meta()
-    }
-    fn node_name(&self) -> Option<&str> {
-        (**self).node_name()
-    }
-    fn scheduling_gates(&self) -> &[PodSchedulingGate] {
-        (**self).scheduling_gates()
-    }
-    fn phase(&self) -> Option<&str> {
-        (**self).phase()
-    }
-    fn is_launcher(&self) -> bool {
-        (**self).is_launcher()
-    }
-    fn launcher_vm(&self) -> Option<&str> {
-        (**self).launcher_vm()
-    }
-    fn gated_annotation(&self) -> bool {
-        (**self).gated_annotation()
-    }
-}
+forward_pod_fields!(&T, std::sync::Arc<T>);
 
 pub fn is_launcher(pod: &impl PodFields) -> bool {
     pod.is_launcher()
