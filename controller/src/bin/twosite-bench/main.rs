@@ -16,31 +16,34 @@
 //! commit request, and the API requests of the failover. Figures, not assertions: nothing here
 //! fails on a slow machine.
 
+mod cluster;
+mod server;
+
 use clap::Parser;
-use controller::heartbeats::{AGENT_HEARTBEAT_LABEL, Observed, SharedObserved};
+use cluster::{
+    agent_json, launcher_json, namespace_of, node_json, node_name, pod_json, timestamp, vm_json,
+};
+use controller::heartbeats::{Observed, SharedObserved};
 use controller::leader_lease::{LeaderLease, Leadership};
 use controller::metrics::Metrics;
 use controller::pod_index::PodIndex;
 use controller::remediation::{RemediationContext, Remediator};
 use controller::vm::watch::VmStores;
 use controller::vm::{VmContext, VmLoop};
-use http::{Method, Request, Response, StatusCode};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::client::Body;
 use kube::runtime::events::Reporter;
 use kube::runtime::watcher::Event as W;
-use node_health::{Clock, HealthTiming, LeaderConfig, MonoTime, NodeVerdict, Pairing};
+use node_health::{HealthTiming, LeaderConfig, MonoTime, NodeVerdict, Pairing};
 use serde_json::{Value, json};
+use server::{Objects, Server, Shared, client};
 use std::collections::{BTreeMap, HashMap};
-use std::convert::Infallible;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const NAMESPACE: &str = "twosite-system";
-const ZONE: &str = "topology.kubernetes.io/zone";
+pub(crate) const NAMESPACE: &str = "twosite-system";
 const TICK_MS: u64 = 500;
 
 #[derive(Parser, Debug)]
@@ -81,365 +84,12 @@ struct Args {
 
 /// The bench's virtual clock, shared with leader election and the VM loop.
 #[derive(Debug, Default)]
-struct VirtualClock(AtomicU64);
+pub(crate) struct VirtualClock(pub(crate) AtomicU64);
 
 impl node_health::Clock for VirtualClock {
     fn now(&self) -> MonoTime {
         MonoTime(self.0.load(Ordering::Relaxed))
     }
-}
-
-/// The in-process API server: objects by path, and what it was asked.
-struct Server {
-    /// Kept serialized: as `Value`s the bench's own store was ~8 MiB of the RSS at 1,000 nodes,
-    /// which is not the controller's.
-    objects: Objects,
-    rv: u64,
-    observed: SharedObserved,
-    pods: PodIndex,
-    clock: Arc<VirtualClock>,
-    timing: HealthTiming,
-    /// Requests by kind (`METHOD resource`), since the last reset.
-    requests: BTreeMap<String, u64>,
-    /// Fence commits: node, virtual time, wall-clock time.
-    commits: Vec<(String, MonoTime, Instant)>,
-    /// Wall-clock time spent in this server (not the controller's work).
-    own: Duration,
-}
-
-/// Objects by path, each as its JSON bytes.
-#[derive(Default)]
-struct Objects(HashMap<String, Box<[u8]>>);
-
-impl Objects {
-    fn insert(&mut self, path: String, obj: &Value) {
-        self.0
-            .insert(path, serde_json::to_vec(obj).unwrap_or_default().into());
-    }
-    fn get(&self, path: &str) -> Option<Value> {
-        self.0
-            .get(path)
-            .and_then(|b| serde_json::from_slice(b).ok())
-    }
-    fn contains_key(&self, path: &str) -> bool {
-        self.0.contains_key(path)
-    }
-}
-
-#[derive(Clone)]
-struct Shared(Arc<Mutex<Server>>);
-
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Server> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-fn status(code: u16, reason: &str) -> (u16, Value) {
-    (
-        code,
-        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-               "reason": reason, "message": reason, "code": code}),
-    )
-}
-
-/// What kind of request this is, for the counts: the method and the resource.
-fn kind_of(method: &Method, path: &str) -> String {
-    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    let resource = parts
-        .iter()
-        .rev()
-        .find(|p| {
-            matches!(
-                **p,
-                "pods" | "nodes" | "leases" | "events" | "virtualmachines" | "status"
-            )
-        })
-        .copied()
-        .unwrap_or("other");
-    let resource = if resource == "leases" && path.contains("/twosite-agent-") {
-        "agent lease"
-    } else if resource == "leases" {
-        "leader lease"
-    } else {
-        resource
-    };
-    let method = if *method == Method::GET && path.ends_with("/pods") {
-        "LIST"
-    } else {
-        method.as_str()
-    };
-    format!("{method} {resource}")
-}
-
-impl Server {
-    fn store(&mut self, path: &str, mut obj: Value) -> Value {
-        self.rv += 1;
-        obj["metadata"]["resourceVersion"] = json!(self.rv.to_string());
-        self.objects.insert(path.to_string(), &obj);
-        let now = self.clock.now();
-        // The watches deliver the change at once.
-        if path.starts_with("/api/v1/nodes/") {
-            if let Ok(node) = serde_json::from_value::<Node>(obj.clone()) {
-                self.observed.lock().apply_node(W::Apply(node), now);
-            }
-        } else if path.contains("/leases/twosite-agent-")
-            && let Ok(lease) = serde_json::from_value::<Lease>(obj.clone())
-        {
-            let t = self.timing;
-            self.observed
-                .lock()
-                .apply_agent_lease(W::Apply(lease), now, &t);
-        }
-        obj
-    }
-
-    fn handle(
-        &mut self,
-        method: &Method,
-        path: &str,
-        query: &str,
-        ct: &str,
-        body: Value,
-    ) -> (u16, Value) {
-        let mut kind = kind_of(method, path);
-        if path.ends_with("/events") && *method == Method::POST {
-            // Events by reason: a repeated one shows.
-            if let Some(reason) = body["reason"].as_str() {
-                kind = format!("{kind} {reason}");
-            }
-            *self.requests.entry(kind).or_default() += 1;
-            return (201, body);
-        }
-        *self.requests.entry(kind).or_default() += 1;
-        if *method == Method::GET && path == "/api/v1/pods" {
-            let node = query
-                .split('&')
-                .find_map(|kv| kv.strip_prefix("fieldSelector=spec.nodeName%3D"))
-                .unwrap_or_default();
-            let items = self.pods.pods_on(node).unwrap_or_default();
-            return (
-                200,
-                json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "1"},
-                       "items": items}),
-            );
-        }
-        if *method == Method::DELETE && path.contains("/pods/") {
-            let mut parts = path.rsplit('/');
-            let (name, _, ns) = (parts.next(), parts.next(), parts.next());
-            let pod: Pod =
-                serde_json::from_value(json!({"metadata": {"name": name, "namespace": ns}}))
-                    .unwrap_or_default();
-            self.pods.apply(W::Delete(pod.clone()));
-            return (200, serde_json::to_value(pod).unwrap_or_default());
-        }
-        match *method {
-            Method::GET => match self.objects.get(path) {
-                Some(o) => (200, o),
-                None => status(404, "NotFound"),
-            },
-            Method::POST => {
-                let name = body["metadata"]["name"].as_str().unwrap_or("x").to_string();
-                let at = format!("{path}/{name}");
-                if self.objects.contains_key(&at) {
-                    return status(409, "AlreadyExists");
-                }
-                (201, self.store(&at, body))
-            }
-            Method::PUT => (200, self.store(path, body)),
-            Method::PATCH => {
-                let Some(mut obj) = self.objects.get(path) else {
-                    return status(404, "NotFound");
-                };
-                if ct.contains("json-patch") {
-                    let Ok(patch) = serde_json::from_value::<json_patch::Patch>(body) else {
-                        return status(400, "BadRequest");
-                    };
-                    if json_patch::patch(&mut obj, &patch).is_err() {
-                        return status(409, "Conflict");
-                    }
-                } else {
-                    json_patch::merge(&mut obj, &body);
-                }
-                if path.contains("/leases/twosite-agent-")
-                    && obj["metadata"]["annotations"]
-                        .get("twosite.dev/fenced-boot-id")
-                        .is_some()
-                {
-                    let node = path.rsplit("twosite-agent-").next().unwrap_or_default();
-                    self.commits
-                        .push((node.to_string(), self.clock.now(), Instant::now()));
-                }
-                (200, self.store(path, obj))
-            }
-            _ => status(405, "MethodNotAllowed"),
-        }
-    }
-}
-
-/// The `tower` service the controller's kube client talks to.
-/// A client of the in-process API server; every answer comes `latency` after the request was
-/// handled (a round trip to a real API server and etcd).
-fn client(server: Shared, latency: Duration) -> kube::Client {
-    let service = tower::service_fn(move |req: Request<Body>| {
-        let server = server.clone();
-        async move {
-            let (parts, body) = req.into_parts();
-            let bytes = body.collect_bytes().await.unwrap_or_default();
-            let started = Instant::now();
-            let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-            let ct = parts
-                .headers
-                .get("content-type")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_string();
-            let (code, bytes) = {
-                let mut s = server.lock();
-                let (code, answer) = s.handle(
-                    &parts.method,
-                    parts.uri.path(),
-                    parts.uri.query().unwrap_or_default(),
-                    &ct,
-                    body,
-                );
-                let bytes = serde_json::to_vec(&answer).unwrap_or_default();
-                s.own += started.elapsed();
-                (code, bytes)
-            };
-            if !latency.is_zero() {
-                tokio::time::sleep(latency).await;
-            }
-            let response = Response::builder()
-                .status(StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
-                .header("content-type", "application/json")
-                .body(Body::from(bytes))
-                .unwrap_or_else(|_| Response::new(Body::empty()));
-            Ok::<_, Infallible>(response)
-        }
-    });
-    kube::Client::new(service, "default")
-}
-
-fn room_of(i: usize) -> &'static str {
-    if i.is_multiple_of(2) {
-        "room-a"
-    } else {
-        "room-b"
-    }
-}
-
-fn node_name(i: usize) -> String {
-    format!("{}-{}", if i.is_multiple_of(2) { "a" } else { "b" }, i / 2)
-}
-
-fn node_json(i: usize) -> Value {
-    let name = node_name(i);
-    json!({
-        "apiVersion": "v1", "kind": "Node",
-        "metadata": {"name": name, "uid": format!("uid-{name}"),
-                     "labels": {ZONE: room_of(i), "kubernetes.io/hostname": name}},
-        "spec": {"taints": []},
-        "status": {
-            "conditions": [{"type": "Ready", "status": "True"}],
-            "nodeInfo": {"bootID": format!("boot-{name}"), "machineID": "", "systemUUID": "",
-                         "kernelVersion": "", "osImage": "", "containerRuntimeVersion": "",
-                         "kubeletVersion": "", "kubeProxyVersion": "", "operatingSystem": "linux",
-                         "architecture": "amd64"},
-        },
-    })
-}
-
-fn namespace_of(i: usize) -> String {
-    format!("ns-{}", i % 50)
-}
-
-fn vm_name(node: &str, j: usize) -> String {
-    format!("vm-{node}-{j}")
-}
-
-/// VM `j` of node `i`. Every other VM opts in (annotated, its template labelled as the
-/// controller labels it) and boots from a container disk; the others are plain VMs with a PVC.
-fn vm_json(i: usize, j: usize) -> Value {
-    let vm = vm_name(&node_name(i), j);
-    let ns = namespace_of(i);
-    if j.is_multiple_of(2) {
-        json!({
-            "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
-            "metadata": {"name": vm, "namespace": ns, "uid": format!("uid-{vm}"),
-                         "annotations": {"twosite.dev/ha": "true"}},
-            "spec": {"runStrategy": "Always", "template": {
-                "metadata": {"labels": {"twosite.dev/ha": "true"}},
-                "spec": {"volumes": [{"name": "root", "containerDisk": {"image": "quay.io/containerdisks/fedora"}}]}}},
-            "status": {"printableStatus": "Running"},
-        })
-    } else {
-        json!({
-            "apiVersion": "kubevirt.io/v1", "kind": "VirtualMachine",
-            "metadata": {"name": vm, "namespace": ns, "uid": format!("uid-{vm}")},
-            "spec": {"runStrategy": "Always", "template": {"spec": {"volumes": [
-                {"name": "root", "persistentVolumeClaim": {"claimName": format!("{vm}-root")}}]}}},
-            "status": {"printableStatus": "Running"},
-        })
-    }
-}
-
-fn launcher_json(node: &str, ns: &str, j: usize) -> Value {
-    let vm = vm_name(node, j);
-    let mut pod = pod_json(
-        node,
-        ns,
-        &format!("virt-launcher-{vm}"),
-        ("VirtualMachineInstance", &vm),
-        true,
-    );
-    if j.is_multiple_of(2) {
-        // KubeVirt copies the template's labels to the launcher pod.
-        pod["metadata"]["labels"]["twosite.dev/ha"] = json!("true");
-    }
-    pod
-}
-
-fn timestamp(ms: u64) -> String {
-    // Virtual time as a wall-clock-looking renewTime: each renewal a distinct one.
-    let ms = i64::try_from(ms).unwrap_or(i64::MAX / 2);
-    jiff::Timestamp::from_millisecond(1_800_000_000_000 + ms)
-        .unwrap_or_default()
-        .to_string()
-}
-
-fn agent_json(name: &str, ms: u64) -> Value {
-    json!({
-        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-        "metadata": {"name": format!("twosite-agent-{name}"), "namespace": NAMESPACE,
-                     "labels": {AGENT_HEARTBEAT_LABEL: "true"},
-                     "annotations": {"twosite.dev/renew-failures": "0",
-                                     "twosite.dev/watchdog": "enabled",
-                                     "twosite.dev/boot-id": format!("boot-{name}")}},
-        "spec": {"holderIdentity": name, "leaseDurationSeconds": 8,
-                 "renewTime": timestamp(ms)},
-    })
-}
-
-/// A pod as the API server returns it (containers, status: what a pod watch carries).
-fn pod_json(node: &str, ns: &str, name: &str, owner: (&str, &str), launcher: bool) -> Value {
-    let mut labels = json!({"app": name});
-    if launcher {
-        labels["kubevirt.io"] = json!("virt-launcher");
-        labels["vm.kubevirt.io/name"] = json!(owner.1);
-    }
-    json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": ns, "uid": format!("uid-{ns}-{name}"),
-                     "resourceVersion": "1", "labels": labels,
-                     "annotations": {"kubectl.kubernetes.io/restartedAt": "2026-01-01T00:00:00Z"},
-                     "ownerReferences": [{"apiVersion": "apps/v1", "kind": owner.0,
-                                          "name": owner.1, "uid": "u", "controller": true}]},
-        "spec": {"nodeName": node, "containers": [{"name": "main", "image": "registry.example/app:1.0",
-                 "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}}}]},
-        "status": {"phase": "Running", "podIP": "10.0.0.1",
-                   "conditions": [{"type": "Ready", "status": "True"}]},
-    })
 }
 
 /// Per-thread CPU time: the controller's work runs on this thread (a current-thread runtime).
